@@ -1,0 +1,7 @@
+"""Curvature blocks, one module per layer kind."""
+
+from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.conv2d import Conv2DBlock
+from keras_kfac.blocks.dense import DenseBlock
+
+__all__ = ["Conv2DBlock", "DenseBlock", "KroneckerBlock"]

@@ -1,0 +1,119 @@
+"""A Kronecker-factored curvature block for one layer's weights [KFAC §3].
+
+A block owns a layer's kernel and bias as one matrix W̄ in *homogeneous* form: the
+bias is the last row, multiplying the constant 1 appended to each input row ā.
+Its Fisher block is approximated as ``Ā ⊗ G``:
+
+    Ā = (1/N) Σ_rows ā ā,ᵀ        G = (1/B) Σ_rows ĝ ĝᵀ
+
+over the rows of one batch — examples, and for convolutions and inputs of rank
+above 2 also the |T| locations of each example [KFC §3] (and the several calls of
+a layer used more than once, treated like more locations). N is the number of
+rows and B the number of examples, so ``G`` carries the |T| factor of KFC. Subclasses
+say how a layer's input becomes rows ā and its weights become W̄.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import keras
+import tensorflow as tf
+
+from keras_kfac import curvature
+
+
+class KroneckerBlock(abc.ABC):
+    """Curvature block ``Ā ⊗ G`` of one layer, with its factors' state."""
+
+    def __init__(self, layer: keras.layers.Layer):
+        self.layer = layer
+        self.input_factor: curvature.KroneckerFactor | None = None
+        self.output_factor: curvature.KroneckerFactor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.layer, "bias", None) is not None
+
+    @property
+    def variables(self) -> list:
+        """The layer variables this block preconditions, kernel first."""
+        return [self.layer.kernel] + ([self.layer.bias] if self.has_bias else [])
+
+    @property
+    def input_dim(self) -> int:
+        """dim Ā: the kernel's input size, plus one for the bias."""
+        return self.kernel_matrix_rows + int(self.has_bias)
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.layer.kernel.shape[-1])
+
+    @property
+    def kernel_matrix_rows(self) -> int:
+        """Rows of the kernel seen as a (inputs, outputs) matrix."""
+        shape = self.layer.kernel.shape
+        rows = 1
+        for size in shape[:-1]:
+            rows *= int(size)
+        return rows
+
+    def create_state(self, optimizer: keras.optimizers.Optimizer) -> None:
+        """Creates the factor variables (called from ``optimizer.build``)."""
+        prefix = self.layer.path.replace("/", "_") if hasattr(self.layer, "path") else self.name
+        self.input_factor = curvature.KroneckerFactor(optimizer, self.input_dim, f"{prefix}_A")
+        self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
+
+    @abc.abstractmethod
+    def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The layer input as rows of length ``kernel_matrix_rows``."""
+
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Rows ā: input patches with the homogeneous 1 appended when there is a bias."""
+        rows = tf.cast(self.input_patches(inputs), tf.float32)
+        if self.has_bias:
+            rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
+        return rows
+
+    def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
+        """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
+        return tf.reshape(tf.cast(output_gradient, tf.float32), [-1, self.output_dim])
+
+    def input_statistics(self, inputs: list[tf.Tensor]) -> tf.Tensor:
+        """Batch estimate of Ā from the recorded inputs of each call."""
+        rows = tf.concat([self.input_rows(x) for x in inputs], axis=0)
+        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.shape(rows)[0], tf.float32)
+
+    def output_statistics(self, output_gradients: list[tf.Tensor], batch_size: tf.Tensor) -> tf.Tensor:
+        """Batch estimate of G from back-propagated vectors (all calls, all vectors)."""
+        rows = tf.concat([self.output_rows(g) for g in output_gradients], axis=0)
+        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(batch_size, tf.float32)
+
+    def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
+        """∇W̄ of shape (input_dim, output_dim) from the variables' gradients."""
+        kernel_grad = tf.reshape(tf.cast(gradients[0], tf.float32), [-1, self.output_dim])
+        if not self.has_bias:
+            return kernel_grad
+        bias_grad = tf.reshape(tf.cast(gradients[1], tf.float32), [1, self.output_dim])
+        return tf.concat([kernel_grad, bias_grad], axis=0)
+
+    def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        """Inverse of ``gradient_matrix``: per-variable tensors of W̄-shaped ``matrix``."""
+        parts = [tf.reshape(matrix[: self.kernel_matrix_rows], self.layer.kernel.shape)]
+        if self.has_bias:
+            parts.append(matrix[self.kernel_matrix_rows])
+        return parts
+
+    def precondition(self, gradients: list[tf.Tensor], gamma: tf.Tensor) -> list[tf.Tensor]:
+        """(Ā + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹, split back per variable [KFAC §6.3]."""
+        update = curvature.damped_kronecker_solve(
+            self.input_factor, self.output_factor, self.gradient_matrix(gradients), gamma
+        )
+        return self.split_matrix(update)
+
+    def factors(self) -> list[curvature.KroneckerFactor]:
+        return [self.input_factor, self.output_factor]

@@ -1,0 +1,48 @@
+"""Conv2D block: Kronecker factors for convolution (KFC, Grosse & Martens 2016).
+
+A convolution applies W̄ to the patch ā_t around each output location t, so it is
+a Dense layer shared over the |T| locations. Assuming spatial homogeneity and
+spatially uncorrelated derivatives [KFC §3.1-3.2],
+``F ≈ |T| · E_{x,t}[ā_t ā_tᵀ] ⊗ E_{x,t}[ds_t ds_tᵀ]``: the rows of the block are
+the patches of every location of every example.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_kfac.blocks.base import KroneckerBlock
+
+
+class Conv2DBlock(KroneckerBlock):
+    """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``."""
+
+    def __init__(self, layer: keras.layers.Layer):
+        if not isinstance(layer, keras.layers.Conv2D):
+            raise TypeError(f"register_conv2d takes a keras.layers.Conv2D; got {layer!r}.")
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"Conv2D layer '{layer.name}' uses data_format='{layer.data_format}'; "
+                "KFAC supports channels_last convolutions only."
+            )
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(
+                f"Conv2D layer '{layer.name}' has groups={layer.groups}; KFAC supports "
+                "groups=1 only."
+            )
+        super().__init__(layer)
+
+    def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Patches in the kernel's (kh, kw, c_in) row-major order, one row a location."""
+        kh, kw = self.layer.kernel_size
+        sh, sw = self.layer.strides
+        dh, dw = self.layer.dilation_rate
+        patches = tf.image.extract_patches(
+            inputs,
+            sizes=[1, kh, kw, 1],
+            strides=[1, sh, sw, 1],
+            rates=[1, dh, dw, 1],
+            padding=self.layer.padding.upper(),
+        )
+        return tf.reshape(patches, [-1, self.kernel_matrix_rows])

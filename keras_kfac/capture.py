@@ -1,0 +1,147 @@
+"""Recording the tensors of the traced training step that K-FAC's statistics need.
+
+With the TensorFlow backend, Keras traces the forward pass, the loss and
+``optimizer.apply`` into one graph. The hooks here record, while that graph is
+traced, each registered layer's input ā and pre-activation s [KFAC §3] and the
+loss's ``y``, ``y_pred`` and ``sample_weight``. The optimizer then takes the
+records of the graph it is itself being traced into, so tensors of one trace
+never leak into another (a retrace, ``evaluate``, ``predict``), and calls outside
+training never reach the statistics: only the training step calls the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import weakref
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One call of a registered layer: its input and its pre-activation output."""
+
+    inputs: tf.Tensor
+    preactivation: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCall:
+    """One evaluation of the compiled loss in a training step."""
+
+    y_true: Any
+    y_pred: Any
+    sample_weight: Any
+
+
+def _graph_of(tensor: Any) -> tf.Graph | None:
+    """The graph a symbolic TF tensor lives in; None for eager or Keras tensors."""
+    if isinstance(tensor, tf.Tensor) and not isinstance(tensor, tf.__internal__.EagerTensor):
+        return tensor.graph
+    return None
+
+
+class Recorder:
+    """Per-graph store of recorded calls, keyed by the object that made them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_graph: "weakref.WeakKeyDictionary[tf.Graph, dict[int, list]]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def record(self, owner: object, graph: tf.Graph, call: object) -> None:
+        """Adds ``call`` to ``graph``'s records, dropping those of unrelated graphs.
+
+        Records of a graph that is neither ``graph`` nor one it is nested in can
+        never be taken any more (that trace is over): keeping them would keep the
+        graph alive.
+        """
+        live = set()
+        enclosing = graph
+        while enclosing is not None:
+            live.add(enclosing)
+            enclosing = getattr(enclosing, "outer_graph", None)
+        with self._lock:
+            for stale in [g for g in self._by_graph if g not in live]:
+                del self._by_graph[stale]
+            calls = self._by_graph.setdefault(graph, {})
+            calls.setdefault(id(owner), []).append(call)
+
+    def pop(self, owner: object) -> list:
+        """Removes and returns ``owner``'s calls recorded in the current graph."""
+        graph = tf.compat.v1.get_default_graph()
+        with self._lock:
+            return self._by_graph.get(graph, {}).pop(id(owner), [])
+
+
+RECORDER = Recorder()
+
+
+def hook_layer(layer: keras.layers.Layer) -> None:
+    """Makes ``layer`` record (input, pre-activation) each time it is traced.
+
+    The layer's activation is split off its ``call``: the wrapped call runs the
+    original one with the activation switched off, records the pre-activation s,
+    then applies the activation. The layer's configuration is untouched.
+    """
+    if getattr(layer, "_kfac_hooked", False):
+        return
+    original_call = layer.call
+
+    @functools.wraps(original_call)
+    def call(inputs, *args, **kwargs):
+        activation = layer.activation
+        object.__setattr__(layer, "activation", None)
+        try:
+            preactivation = original_call(inputs, *args, **kwargs)
+        finally:
+            object.__setattr__(layer, "activation", activation)
+        graph = _graph_of(preactivation)
+        if graph is not None:
+            RECORDER.record(layer, graph, LayerCall(inputs, preactivation))
+        return preactivation if activation is None else activation(preactivation)
+
+    object.__setattr__(layer, "call", call)
+    object.__setattr__(layer, "_kfac_hooked", True)
+
+
+def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
+    """Makes ``model`` record its training loss's inputs, and prepare its layers.
+
+    ``before_forward`` runs at the start of every call of the model, before its
+    layers run: with no distribution strategy Keras builds the optimizer only
+    inside the first traced step, after the forward pass, which is too late to
+    hook the layers of that step.
+
+    Keras's ``train_step`` evaluates the compiled loss through
+    ``model._compute_loss``; wrapping it on the instance reaches subclassed
+    models that override ``compute_loss`` too.
+    """
+    if getattr(model, "_kfac_hooked", False):
+        return
+    original_call = model.call
+    original_compute_loss = model._compute_loss
+
+    @functools.wraps(original_call)
+    def call(*args, **kwargs):
+        before_forward()
+        return original_call(*args, **kwargs)
+
+    @functools.wraps(original_compute_loss)
+    def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = original_compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        graph = _graph_of(loss)
+        if training and graph is not None:
+            RECORDER.record(model, graph, LossCall(y, y_pred, sample_weight))
+        return loss
+
+    object.__setattr__(model, "call", call)
+    object.__setattr__(model, "_compute_loss", compute_loss)
+    object.__setattr__(model, "_kfac_hooked", True)

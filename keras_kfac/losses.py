@@ -1,0 +1,289 @@
+"""Predictive distributions behind the losses Keras users compile with.
+
+K-FAC's curvature is the Fisher of the model's predictive distribution
+[KFAC §2, §5]. Each supported compiled loss is, per example and up to a constant,
+``c · NLL(y | z)`` for a distribution on the network output ``z``:
+
+========================================  ==========================  =======
+compiled loss                             distribution on z           c
+========================================  ==========================  =======
+(sparse_)categorical_crossentropy         Categorical(softmax(z))     1
+binary_crossentropy                       Bernoulli(sigmoid(z)) / unit 1/K
+mean_squared_error                        Normal(z, ½ I)              1/K
+========================================  ==========================  =======
+
+(K output units: Keras averages binary cross-entropy and squared error over the
+last axis.) With the batch reduction ``L = Σ_n w_n · c · NLL_n`` the Fisher of L is
+``Σ_n w_n c J_nᵀ H_n J_n`` with ``H_n`` the NLL's Hessian in z. K-FAC needs it as
+an average over the batch of outer products of *output vectors* back-propagated
+to each layer: ``v_n = sqrt(B w_n c) · u_n`` where ``u_n`` is
+
+- ``sampled``: ``∇_z NLL(ŷ_n | z_n)`` with ŷ_n drawn from the model, whose
+  outer product has expectation H_n (the true Fisher; the paper's choice);
+- ``empirical``: ``∇_z NLL(y_n | z_n)`` at the data's labels;
+- ``exact``: each column of a symmetric factor C_n with ``C_n C_nᵀ = H_n``
+  (K vectors, so K backward passes).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+ESTIMATION_MODES = ("sampled", "empirical", "exact")
+
+
+class PredictiveDistribution(abc.ABC):
+    """A distribution on the network output z whose NLL is the compiled loss."""
+
+    #: Whether Keras averages the loss over the last axis (c = 1/K) or not (c = 1).
+    averages_over_units: bool = False
+
+    @abc.abstractmethod
+    def nll_gradient(self, z: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """∇_z NLL(y | z), per example."""
+
+    @abc.abstractmethod
+    def sample(self, z: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Targets drawn from the model's predictive distribution at z."""
+
+    @abc.abstractmethod
+    def hessian_factor(self, z: tf.Tensor) -> list[tf.Tensor]:
+        """Columns of C with C Cᵀ = ∇²_z NLL, each shaped like z."""
+
+    def labels(self, y_true: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """The data's targets in the form ``nll_gradient`` takes."""
+        return tf.cast(y_true, z.dtype)
+
+
+class CategoricalLogits(PredictiveDistribution):
+    """Categorical(softmax(z)); ``sparse`` labels are class indices."""
+
+    def __init__(self, sparse: bool):
+        self.sparse = sparse
+
+    def nll_gradient(self, z, y):
+        return tf.nn.softmax(z) - y
+
+    def sample(self, z, seed):
+        flat = tf.reshape(z, [-1, tf.shape(z)[-1]])
+        classes = tf.random.stateless_categorical(flat, 1, seed=seed)[:, 0]
+        return tf.reshape(tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype), tf.shape(z))
+
+    def hessian_factor(self, z):
+        # H = diag(p) − p pᵀ = Σ_j p_j (e_j − p)(e_j − p)ᵀ, as Σ p = 1.
+        p = tf.nn.softmax(z)
+        num_classes = z.shape[-1]
+        return [
+            tf.sqrt(p[..., j : j + 1]) * (tf.one_hot(j, num_classes, dtype=z.dtype) - p)
+            for j in range(num_classes)
+        ]
+
+    def labels(self, y_true, z):
+        if self.sparse:
+            classes = tf.cast(tf.reshape(y_true, tf.shape(z)[:-1]), tf.int32)
+            return tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype)
+        return tf.cast(y_true, z.dtype)
+
+
+class BernoulliLogits(PredictiveDistribution):
+    """Independent Bernoulli(sigmoid(z)) per output unit."""
+
+    averages_over_units = True
+
+    def nll_gradient(self, z, y):
+        return tf.sigmoid(z) - y
+
+    def sample(self, z, seed):
+        uniform = tf.random.stateless_uniform(tf.shape(z), seed=seed, dtype=z.dtype)
+        return tf.cast(uniform < tf.sigmoid(z), z.dtype)
+
+    def hessian_factor(self, z):
+        p = tf.sigmoid(z)
+        scale = tf.sqrt(p * (1.0 - p))
+        num_units = z.shape[-1]
+        return [scale * tf.one_hot(j, num_units, dtype=z.dtype) for j in range(num_units)]
+
+
+class NormalMean(PredictiveDistribution):
+    """Normal(z, ½ I): its NLL is Σ_k (y_k − z_k)² up to a constant."""
+
+    averages_over_units = True
+
+    def nll_gradient(self, z, y):
+        return 2.0 * (z - y)
+
+    def sample(self, z, seed):
+        noise = tf.random.stateless_normal(tf.shape(z), seed=seed, dtype=z.dtype)
+        return z + noise * (0.5**0.5)
+
+    def hessian_factor(self, z):
+        num_units = z.shape[-1]
+        return [
+            (2.0**0.5) * tf.ones_like(z) * tf.one_hot(j, num_units, dtype=z.dtype)
+            for j in range(num_units)
+        ]
+
+
+_LOSS_NAMES = {
+    "sparse_categorical_crossentropy": (lambda: CategoricalLogits(sparse=True), True),
+    "categorical_crossentropy": (lambda: CategoricalLogits(sparse=False), True),
+    "binary_crossentropy": (BernoulliLogits, True),
+    "mean_squared_error": (NormalMean, False),
+}
+_ALIASES = {"mse": "mean_squared_error"}
+_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
+
+
+@dataclasses.dataclass
+class RegisteredLoss:
+    """A compiled loss seen as a predictive distribution, with its reduction.
+
+    ``from_logits`` False means the model outputs probabilities (softmax or
+    sigmoid): the curvature is taken in the logits that produced them.
+    """
+
+    distribution: PredictiveDistribution
+    from_logits: bool
+    reduction: str = "sum_over_batch_size"
+    weight: float = 1.0
+    needs_logits: bool = True
+
+    def network_output(self, y_pred: tf.Tensor) -> tf.Tensor:
+        """The tensor z the distribution is defined on."""
+        if self.from_logits or not self.needs_logits:
+            return y_pred
+        logits = getattr(y_pred, "_keras_logits", None)
+        if logits is None and getattr(y_pred, "op", None) is not None:
+            if y_pred.op.type in ("Softmax", "Sigmoid"):
+                logits = y_pred.op.inputs[0]
+        if logits is None:
+            raise ValueError(
+                "KFAC needs the logits behind the model's probabilities to compute "
+                "the Fisher of a cross-entropy loss, but the model output was not "
+                "produced by a softmax/sigmoid activation. Compile with "
+                "`from_logits=True` and a linear output layer, or end the model "
+                "with a softmax/sigmoid activation."
+            )
+        return logits
+
+    def output_vectors(
+        self,
+        z: tf.Tensor,
+        mode: str,
+        y_true: Any,
+        sample_weight: Any,
+        seed: tf.Tensor,
+    ) -> list[tf.Tensor]:
+        """The vectors v_n at z whose back-propagation gives G (module docstring).
+
+        They are scaled so that ``(1/B) Σ_n ĝ_n ĝ_nᵀ``, with ĝ_n the back-propagated
+        vector, is the curvature of the loss exactly as Keras reduces it.
+        """
+        z = tf.stop_gradient(z)
+        batch_size = tf.cast(tf.shape(z)[0], z.dtype)
+        # Keras reduces per-example-and-location loss values (shape z.shape[:-1]).
+        num_values = tf.cast(tf.reduce_prod(tf.shape(z)[:-1]), z.dtype)
+        scale = tf.constant(self.weight, z.dtype)
+        if self.distribution.averages_over_units:
+            scale /= z.shape[-1]
+        if self.reduction == "sum":
+            scale *= batch_size
+        else:
+            scale *= batch_size / num_values
+        scale = tf.fill(tf.shape(z)[:-1], scale)
+        if sample_weight is not None:
+            weights = tf.cast(sample_weight, z.dtype)
+            while weights.shape.rank < scale.shape.rank:
+                weights = weights[..., None]
+            while weights.shape.rank > scale.shape.rank:
+                weights = tf.squeeze(weights, -1)
+            scale *= weights
+        scale = tf.sqrt(scale)[..., None]
+
+        if mode == "sampled":
+            vectors = [self.distribution.nll_gradient(z, self.distribution.sample(z, seed))]
+        elif mode == "empirical":
+            if y_true is None:
+                raise ValueError("estimation_mode='empirical' needs targets in fit().")
+            labels = self.distribution.labels(y_true, z)
+            vectors = [self.distribution.nll_gradient(z, labels)]
+        else:
+            vectors = self.distribution.hessian_factor(z)
+        return [tf.stop_gradient(scale * v) for v in vectors]
+
+
+def _unsupported(loss: Any) -> ValueError:
+    return ValueError(
+        f"KFAC does not know the predictive distribution of the loss {loss!r}. "
+        "Supported compiled losses: sparse_categorical_crossentropy, "
+        "categorical_crossentropy, binary_crossentropy, mean_squared_error "
+        "(as strings, functions or keras.losses objects). For another loss, "
+        "register one of these that has the same curvature with "
+        "`LayerCollection.register_loss(...)`."
+    )
+
+
+def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
+    """The ``RegisteredLoss`` of a Keras loss identifier (string, function, Loss)."""
+    reduction = "sum_over_batch_size"
+    kwargs: dict[str, Any] = {}
+    fn = loss
+    if isinstance(loss, keras.losses.Loss):
+        reduction = loss.reduction
+        fn = getattr(loss, "fn", None)
+        kwargs = dict(getattr(loss, "_fn_kwargs", {}))
+        if fn is None:
+            raise _unsupported(loss)
+    if isinstance(fn, str):
+        name = _ALIASES.get(fn, fn)
+    else:
+        name = getattr(fn, "__name__", None)
+        name = _ALIASES.get(name, name)
+        if name in _LOSS_NAMES and fn is not getattr(keras.losses, name, None):
+            raise _unsupported(loss)
+    if name not in _LOSS_NAMES:
+        raise _unsupported(loss)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"KFAC supports the loss reductions {_REDUCTIONS}; got {reduction!r}."
+        )
+    axis = kwargs.get("axis", -1)
+    if axis != -1:
+        raise ValueError(f"KFAC supports losses over the last axis only; got axis={axis}.")
+    make_distribution, needs_logits = _LOSS_NAMES[name]
+    return RegisteredLoss(
+        distribution=make_distribution(),
+        from_logits=bool(kwargs.get("from_logits", False)),
+        reduction=reduction,
+        weight=float(weight),
+        needs_logits=needs_logits,
+    )
+
+
+def resolve_compiled_loss(model: keras.Model) -> RegisteredLoss:
+    """The ``RegisteredLoss`` of the loss ``model`` was compiled with."""
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "KFAC could not find a compiled loss on the model: compile it with a "
+            "loss, or register one with `LayerCollection.register_loss(...)`."
+        )
+    weights = getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
+    if isinstance(loss, (list, tuple, dict)):
+        items = list(loss.values()) if isinstance(loss, dict) else list(loss)
+        if len(items) != 1:
+            raise ValueError(
+                "KFAC supports models with a single loss; got "
+                f"{len(items)} compiled losses."
+            )
+        loss = items[0]
+        if isinstance(weights, dict):
+            weights = list(weights.values())
+    if isinstance(weights, (list, tuple)):
+        weights = weights[0]
+    return resolve_loss(loss, weight=1.0 if weights is None else float(weights))

@@ -1,0 +1,139 @@
+"""Layer registration: which layers get Kronecker blocks, and which loss is the model's.
+
+A ``LayerCollection`` maps layers to curvature blocks (``register_dense``,
+``register_conv2d`` or ``auto_register`` for every supported layer of a model) and
+names the loss whose predictive distribution defines the Fisher
+(``register_loss``; by default the loss the model is compiled with).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+
+from keras_kfac import capture, losses
+from keras_kfac.blocks import Conv2DBlock, DenseBlock, KroneckerBlock
+
+# Layer types auto-registration knows, most specific first.
+_BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
+    (keras.layers.Conv2D, Conv2DBlock),
+    (keras.layers.Dense, DenseBlock),
+)
+
+
+class LayerCollection:
+    """The layers K-FAC preconditions and the loss whose Fisher it uses.
+
+    Example:
+
+    ```python
+    collection = keras_kfac.LayerCollection()
+    collection.register_model(model)        # whose compiled loss is used
+    collection.register_conv2d(model.get_layer("conv"))
+    collection.register_dense(model.get_layer("logits"))
+    opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1)
+    ```
+    """
+
+    def __init__(self) -> None:
+        self._blocks: list[KroneckerBlock] = []
+        self.model: keras.Model | None = None
+        self._loss: losses.RegisteredLoss | None = None
+
+    @property
+    def blocks(self) -> list[KroneckerBlock]:
+        return list(self._blocks)
+
+    def block_for(self, layer: keras.layers.Layer) -> KroneckerBlock:
+        """The block registered for ``layer``."""
+        for block in self._blocks:
+            if block.layer is layer:
+                return block
+        raise KeyError(f"Layer '{layer.name}' is not registered.")
+
+    def _register(self, block: KroneckerBlock) -> KroneckerBlock:
+        if any(b.layer is block.layer for b in self._blocks):
+            raise ValueError(f"Layer '{block.layer.name}' is already registered.")
+        if getattr(block.layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer '{block.layer.name}' has LoRA enabled; KFAC does not support it."
+            )
+        self._blocks.append(block)
+        return block
+
+    def register_dense(self, layer: keras.layers.Dense) -> KroneckerBlock:
+        """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
+        return self._register(DenseBlock(layer))
+
+    def register_conv2d(self, layer: keras.layers.Conv2D) -> KroneckerBlock:
+        """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
+        return self._register(Conv2DBlock(layer))
+
+    def register_loss(self, loss: Any, loss_weight: float = 1.0) -> None:
+        """Sets the loss whose predictive distribution defines the Fisher.
+
+        Args:
+            loss: a Keras loss identifier whose curvature K-FAC knows: the name,
+                function or ``keras.losses`` object of (sparse) categorical or
+                binary cross-entropy or mean squared error. Use it for a model
+                whose compiled loss is a custom function with the same curvature.
+            loss_weight: the factor the loss is weighted by in the total loss.
+        """
+        self._loss = losses.resolve_loss(loss, weight=loss_weight)
+
+    def register_model(self, model: keras.Model) -> None:
+        """Names the model whose training step K-FAC reads its loss from."""
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"Expected a keras.Model; got {model!r}.")
+        self.model = model
+
+    def auto_register(self, model: keras.Model) -> None:
+        """Registers ``model`` and every trainable Dense and Conv2D layer in it.
+
+        Nested models are searched too. Layers registered already are kept;
+        unsupported layers are left to the optimizer's plain momentum step.
+        """
+        self.register_model(model)
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            if not layer.trainable or any(b.layer is layer for b in self._blocks):
+                continue
+            for layer_type, block_type in _BLOCK_TYPES:
+                if isinstance(layer, layer_type):
+                    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+                        warnings.warn(
+                            f"KFAC leaves layer '{layer.name}' (LoRA or quantized) "
+                            "to its plain momentum step."
+                        )
+                        break
+                    try:
+                        self._register(block_type(layer))
+                    except ValueError as error:
+                        warnings.warn(f"KFAC leaves a layer to its plain momentum step: {error}")
+                    break
+
+    def loss(self) -> losses.RegisteredLoss:
+        """The registered loss, or the one the model was compiled with."""
+        if self._loss is not None:
+            return self._loss
+        if self.model is None:
+            raise ValueError(
+                "KFAC needs the model to read its compiled loss: pass `model=` to "
+                "KFAC or call `layer_collection.register_model(model)`."
+            )
+        return losses.resolve_compiled_loss(self.model)
+
+    def prepare(self) -> None:
+        """Registers the model's layers if none are, and hooks what must record.
+
+        Idempotent; runs when the optimizer is created and at each call of the
+        model, so layers a subclassed model creates late are found too.
+        """
+        if self.model is None:
+            return
+        if not self._blocks:
+            self.auto_register(self.model)
+        capture.hook_model(self.model, self.prepare)
+        for block in self._blocks:
+            capture.hook_layer(block.layer)
