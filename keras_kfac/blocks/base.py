@@ -16,6 +16,7 @@ say how a layer's input becomes rows ā and its weights become W̄.
 from __future__ import annotations
 
 import abc
+import re
 
 import keras
 import tensorflow as tf
@@ -64,7 +65,8 @@ class KroneckerBlock(abc.ABC):
 
     def create_state(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Creates the factor variables (called from ``optimizer.build``)."""
-        prefix = self.layer.path.replace("/", "_") if hasattr(self.layer, "path") else self.name
+        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name))
+        prefix = prefix.lstrip("_.-") or "layer"
         self.input_factor = curvature.KroneckerFactor(optimizer, self.input_dim, f"{prefix}_A")
         self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
 

@@ -1,0 +1,253 @@
+"""KFAC as a Keras optimizer: model kinds, jit modes, fit/evaluate/predict, config."""
+
+import copy
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import keras_kfac
+
+
+def _data(n=96, d=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    w = rng.normal(size=(d, classes))
+    y = np.argmax(x @ w, axis=1).astype("int32")
+    return x, y
+
+
+def _sequential(d=6, classes=3):
+    return keras.Sequential(
+        [keras.Input((d,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(classes)]
+    )
+
+
+def _functional(d=6, classes=3):
+    inputs = keras.Input((d,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    outputs = keras.layers.Dense(classes, activation="softmax")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(classes)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+MODELS = {"sequential": _sequential, "functional": _functional, "subclassed": lambda: SubclassedNet()}
+
+
+def _loss_for(kind):
+    from_logits = kind != "functional"
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_fit_reduces_loss_for_each_model_kind(kind, jit_compile):
+    keras.utils.set_random_seed(1)
+    x, y = _data()
+    model = MODELS[kind]()  # the subclassed model is not built yet here
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1e-2, seed=3)
+    model.compile(optimizer=opt, loss=_loss_for(kind), jit_compile=jit_compile)
+    # 96 examples in batches of 40: the last batch is partial.
+    history = model.fit(x, y, batch_size=40, epochs=6, verbose=0, validation_data=(x[:20], y[:20]))
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.6 * losses[0]
+    assert len(opt.blocks) == 2
+    # Statistics were gathered: Ā's homogeneous corner is E[1·1] = 1.
+    a = opt.blocks[0].input_factor.cov.numpy()
+    np.testing.assert_allclose(a[-1, -1], 1.0, rtol=1e-5)
+
+
+def test_evaluate_and_predict_leave_statistics_alone():
+    x, y = _data()
+    model = _sequential()
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    before = [v.numpy().copy() for v in opt.variables]
+    model.evaluate(x * 3.0, y, verbose=0)
+    model.predict(x * 3.0, verbose=0)
+    model(x * 3.0)
+    for old, new in zip(before, opt.variables):
+        np.testing.assert_array_equal(old, new.numpy())
+    # And training still works afterwards (retraced functions are not confused).
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert int(opt.iterations.numpy()) == 6
+
+
+def test_run_eagerly_fails_with_a_clear_message():
+    x, y = _data()
+    model = _sequential()
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss=_loss_for("sequential"), run_eagerly=True)
+    with pytest.raises(RuntimeError, match="run_eagerly"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_momentum_zero_step_is_exactly_minus_lr_times_update():
+    """θ ← θ − lr·U with U the block's damped-inverse preconditioned gradient."""
+    keras.utils.set_random_seed(2)
+    x, y = _data(n=32)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.3, damping=0.05, momentum=0.0, estimation_mode="empirical")
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    layer = model.layers[0]
+    kernel0, bias0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x))
+    gk, gb = [g.numpy() for g in tape.gradient(loss, [layer.kernel, layer.bias])]
+    model.train_on_batch(x, y)
+    block = opt.layer_collection.block_for(layer)
+    a = block.input_factor.cov.numpy().astype(np.float64)
+    g = block.output_factor.cov.numpy().astype(np.float64)
+    gamma = np.sqrt(0.05)
+    pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    grad = np.concatenate([gk, gb[None]], 0).astype(np.float64)
+    damped = np.kron(a + pi * gamma * np.eye(a.shape[0]), g + gamma / pi * np.eye(g.shape[0]))
+    update = np.linalg.solve(damped, grad.reshape(-1)).reshape(grad.shape)
+    np.testing.assert_allclose(layer.kernel.numpy(), kernel0 - 0.3 * update[:-1], rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(layer.bias.numpy(), bias0 - 0.3 * update[-1], rtol=2e-4, atol=2e-6)
+
+
+def test_unowned_variables_get_momentum_step_and_one_warning():
+    x, y = _data()
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(), keras.layers.Dense(3)]
+    )
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1e-2)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    with pytest.warns(UserWarning, match="gamma") as record:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert len([w for w in record if "plain momentum" in str(w.message)]) == 1
+    gamma = model.layers[1].gamma.numpy()
+    assert not np.allclose(gamma, 1.0)
+
+
+def test_hand_made_layer_collection():
+    x, y = _data()
+    model = _sequential()
+    collection = keras_kfac.LayerCollection()
+    collection.register_model(model)
+    collection.register_dense(model.layers[1])
+    opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1, damping=1e-2)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    with pytest.warns(UserWarning, match="plain momentum"):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert [b.layer for b in opt.blocks] == [model.layers[1]]
+    with pytest.raises(ValueError, match="already registered"):
+        collection.register_dense(model.layers[1])
+    with pytest.raises(TypeError, match="Dense"):
+        collection.register_dense(keras.layers.Conv2D(2, 3))
+
+
+def test_layer_used_twice_counts_as_more_locations():
+    """A shared layer's calls are rows of one block, like convolution locations."""
+    shared = keras.layers.Dense(4, activation="tanh")
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2)(shared(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, damping=1e-2)
+    model.compile(optimizer=opt, loss="mse")
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.train_on_batch(x, np.zeros((16, 2), "float32"))
+    a = opt.layer_collection.block_for(shared).input_factor.cov.numpy()
+    first = np.concatenate([x, np.ones((16, 1))], 1)
+    second = np.concatenate([np.tanh(x @ shared.kernel.numpy() + shared.bias.numpy()), np.ones((16, 1))], 1)
+    rows = np.concatenate([first, second], 0)
+    np.testing.assert_allclose(a, rows.T @ rows / 32, rtol=1e-4, atol=1e-6)
+
+
+def test_learning_rate_schedule_and_config_round_trip():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    opt = keras_kfac.KFAC(
+        learning_rate=schedule, damping=0.02, momentum=0.5, ema_decay=0.9,
+        inverse_update_period=7, estimation_mode="exact", l2_reg=1e-4, seed=11,
+    )
+    config = opt.get_config()
+    clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
+    assert clone.get_config() == config
+    for key, value in dict(damping=0.02, momentum=0.5, ema_decay=0.9, inverse_update_period=7,
+                           estimation_mode="exact", l2_reg=1e-4, seed=11).items():
+        assert config[key] == value
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(restored, keras_kfac.KFAC)
+    assert restored.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(learning_rate=-0.1), "learning_rate"),
+        (dict(damping=-1.0), "damping"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(ema_decay=-0.1), "ema_decay"),
+        (dict(inverse_update_period=0), "inverse_update_period"),
+        (dict(inverse_update_period=2.5), "inverse_update_period"),
+        (dict(estimation_mode="fisher"), "estimation_mode"),
+        (dict(l2_reg=-1e-3), "l2_reg"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        keras_kfac.KFAC(**kwargs)
+
+
+def test_unsupported_loss_says_how_to_register_one():
+    x, y = _data()
+    model = _sequential()
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss="mean_absolute_error")
+    with pytest.raises(ValueError, match="register_loss"):
+        model.fit(x, np.eye(3, dtype="float32")[y], epochs=1, verbose=0)
+
+
+def test_registered_loss_overrides_custom_compiled_loss():
+    x, y = _data()
+    model = _sequential()
+    collection = keras_kfac.LayerCollection()
+    collection.register_model(model)
+    collection.register_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def my_loss(y_true, y_pred):
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+    opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.2, damping=1e-2)
+    model.compile(optimizer=opt, loss=my_loss)
+    history = model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_probabilities_without_logits_are_rejected():
+    x, y = _data()
+    inputs = keras.Input((6,))
+    probs = keras.layers.Lambda(lambda t: keras.ops.softmax(t) * 1.0)(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, probs)
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="logits"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_non_finite_gradient_leaves_weights_and_statistics_untouched():
+    model = _sequential()
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    x, y = _data(n=32)
+    model.train_on_batch(x, y)
+    weights = [w.numpy().copy() for w in model.weights]
+    factors = [b.input_factor.cov.numpy().copy() for b in opt.blocks]
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    model.train_on_batch(bad, y)
+    for old, new in zip(weights, model.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    for old, block in zip(factors, opt.blocks):
+        np.testing.assert_array_equal(old, block.input_factor.cov.numpy())
