@@ -1,0 +1,102 @@
+"""Properties of the K-FAC step that follow from the math (spec §6), in float64 numpy."""
+
+import numpy as np
+import keras
+
+import keras_kfac
+
+
+def test_undamped_exact_step_solves_linear_least_squares():
+    """Linear model + MSE: K-FAC = Gauss-Newton = Newton, so one step lands on the solution."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x @ rng.normal(size=(5, 3)) + 0.1 * rng.normal(size=(64, 3)) + 0.5).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(
+        model=model, learning_rate=1.0, damping=0.0, momentum=0.0, estimation_mode="exact"
+    )
+    model.compile(optimizer=opt, loss="mean_squared_error")
+    model.train_on_batch(x, y)
+    design = np.concatenate([x, np.ones((64, 1))], 1).astype(np.float64)
+    solution, *_ = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)
+    layer = model.layers[0]
+    np.testing.assert_allclose(layer.kernel.numpy(), solution[:-1], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(layer.bias.numpy(), solution[-1], rtol=1e-3, atol=1e-4)
+
+
+def _train_once(model, x, y, loss, **kwargs):
+    opt = keras_kfac.KFAC(model=model, momentum=0.0, estimation_mode="exact", **kwargs)
+    model.compile(optimizer=opt, loss=loss)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    model.train_on_batch(x, y)
+    return opt, [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
+
+
+def test_conv_with_one_output_location_equals_dense_on_flattened_input():
+    """KFC with |T| = 1 is exactly the Dense block on the flattened patch."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 3, 3, 2)).astype("float32")
+    y = rng.integers(0, 4, size=20).astype("int32")
+    kernel = rng.normal(size=(3, 3, 2, 5)).astype("float32") * 0.3
+    bias = rng.normal(size=5).astype("float32") * 0.1
+    head_kernel = rng.normal(size=(5, 4)).astype("float32") * 0.3
+    head_bias = np.zeros(4, "float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    conv_model = keras.Sequential([
+        keras.Input((3, 3, 2)), keras.layers.Conv2D(5, 3, activation="tanh"),
+        keras.layers.Flatten(), keras.layers.Dense(4),
+    ])
+    conv_model.set_weights([kernel, bias, head_kernel, head_bias])
+    dense_model = keras.Sequential([
+        keras.Input((18,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(4),
+    ])
+    dense_model.set_weights([kernel.reshape(18, 5), bias, head_kernel, head_bias])
+
+    conv_opt, conv_steps = _train_once(conv_model, x, y, loss, learning_rate=0.5, damping=0.01)
+    dense_opt, dense_steps = _train_once(dense_model, x.reshape(20, 18), y, loss, learning_rate=0.5, damping=0.01)
+
+    conv_block, dense_block = conv_opt.blocks[0], dense_opt.blocks[0]
+    np.testing.assert_allclose(conv_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(conv_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(conv_steps[0].reshape(18, 5), dense_steps[0], rtol=1e-4, atol=1e-6)
+    for conv_step, dense_step in zip(conv_steps[1:], dense_steps[1:]):
+        np.testing.assert_allclose(conv_step, dense_step, rtol=1e-4, atol=1e-6)
+
+
+def _factor_g(mode, iterations, x, y, weights, ema_decay=0.999):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+    model.set_weights(weights)
+    opt = keras_kfac.KFAC(
+        model=model, learning_rate=0.0, momentum=0.0, estimation_mode=mode,
+        ema_decay=ema_decay, seed=5, inverse_update_period=1000,
+    )
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for _ in range(iterations):
+        model.train_on_batch(x, y)
+    return [b.output_factor.cov.numpy().astype(np.float64) for b in opt.blocks]
+
+
+def test_sampled_fisher_converges_to_exact_and_empirical_does_not():
+    """With ε = 1 − 1/k the moving average is the running mean of sampled G's."""
+    rng = np.random.default_rng(2)
+    # 8 distinct examples, each repeated: every row draws its own sample.
+    x = np.tile(rng.normal(size=(8, 4)).astype("float32"), (32, 1))
+    y = np.tile(rng.integers(0, 3, size=8).astype("int32"), 32)
+    weights = [
+        rng.normal(size=(4, 5)).astype("float32"), np.zeros(5, "float32"),
+        rng.normal(size=(5, 3)).astype("float32"), np.zeros(3, "float32"),
+    ]
+    exact = _factor_g("exact", 1, x, y, weights)
+    sampled_few = _factor_g("sampled", 1, x, y, weights)
+    sampled_many = _factor_g("sampled", 100, x, y, weights)
+    empirical = _factor_g("empirical", 5, x, y, weights)
+
+    def error(estimate):
+        return sum(np.linalg.norm(e - t) / np.linalg.norm(t) for e, t in zip(estimate, exact))
+
+    assert error(sampled_many) < 0.04
+    assert error(sampled_many) < 0.3 * error(sampled_few)
+    # The empirical Fisher is a deterministic, different matrix (it does not converge).
+    assert error(empirical) > 3 * error(sampled_many)
