@@ -68,6 +68,10 @@ class KFAC(keras.optimizers.Optimizer):
             output unit).
         l2_reg: coefficient η ≥ 0 of an l2 penalty added to the gradient (η·θ)
             and to the damping (γ² = λ + η).
+        norm_constraint: C > 0 bounds the step's squared length in the
+            approximate Fisher metric, ``lr² UᵀF̆U ≤ C``, by scaling U down
+            ("KL clipping", Ba et al. 2017): a safeguard for fixed learning
+            rates. None turns it off.
         seed: seed of the target sampling; random when None.
         name: the optimizer's name.
         **kwargs: other ``keras.optimizers.Optimizer`` arguments (``clipnorm``, ...).
@@ -84,6 +88,7 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_update_period: int = 10,
         estimation_mode: str = "sampled",
         l2_reg: float = 0.0,
+        norm_constraint: float | None = None,
         seed: int | None = None,
         name: str = "kfac",
         **kwargs: Any,
@@ -94,6 +99,10 @@ class KFAC(keras.optimizers.Optimizer):
         _check_range("momentum", momentum, 0.0, 1.0)
         _check_range("ema_decay", ema_decay, 0.0, 1.0)
         _check_range("l2_reg", l2_reg, 0.0)
+        if norm_constraint is not None:
+            _check_range("norm_constraint", norm_constraint, 0.0)
+            if norm_constraint == 0:
+                raise ValueError("`norm_constraint` must be positive or None; got 0.")
         if isinstance(inverse_update_period, bool) or not isinstance(inverse_update_period, int) or inverse_update_period < 1:
             raise ValueError(
                 "`inverse_update_period` must be an integer >= 1; "
@@ -117,6 +126,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.inverse_update_period = inverse_update_period
         self.estimation_mode = estimation_mode
         self.l2_reg = float(l2_reg)
+        self.norm_constraint = None if norm_constraint is None else float(norm_constraint)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
@@ -171,7 +181,10 @@ class KFAC(keras.optimizers.Optimizer):
         if self.l2_reg:
             grads = [g + tf.cast(self.l2_reg, g.dtype) * v for g, v in zip(grads, trainable_variables)]
         self._update_curvature()
-        updates = self._precondition(dict(zip([self._var_key(v) for v in trainable_variables], grads)))
+        grads = dict(zip([self._var_key(v) for v in trainable_variables], grads))
+        updates = self._precondition(grads)
+        if self.norm_constraint is not None:
+            updates = self._constrain_norm(grads, updates, learning_rate)
         self._apply_momentum_step(trainable_variables, updates, learning_rate)
 
     def _update_curvature(self) -> None:
@@ -245,6 +258,20 @@ class KFAC(keras.optimizers.Optimizer):
                 updates[key] = update
         return updates
 
+    def _constrain_norm(self, grads: dict, updates: dict, learning_rate: Any) -> dict:
+        """Scales U by min(1, sqrt(C / (lr² UᵀF̆U))) (Ba et al. 2017, §5).
+
+        ``UᵀF̆U = Σ ⟨U, ∇h⟩`` over the blocks, since ``F̆U = ∇h`` there.
+        """
+        lr = tf.cast(learning_rate, tf.float32)
+        quadratic = tf.add_n([
+            tf.reduce_sum(tf.cast(updates[self._var_key(v)], tf.float32) * tf.cast(grads[self._var_key(v)], tf.float32))
+            for block in self.layer_collection.blocks for v in block.variables
+            if self._var_key(v) in grads
+        ] or [tf.constant(0.0)])
+        scale = tf.minimum(1.0, tf.sqrt(self.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
+        return {key: tf.cast(scale, u.dtype) * u for key, u in updates.items()}
+
     def _apply_momentum_step(self, variables: list, updates: dict, learning_rate: Any) -> None:
         """δ = μ δ₀ − lr · U and θ ← θ + δ; a non-finite step changes nothing."""
         lr = tf.cast(learning_rate, tf.float32)
@@ -269,6 +296,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "inverse_update_period": self.inverse_update_period,
                 "estimation_mode": self.estimation_mode,
                 "l2_reg": self.l2_reg,
+                "norm_constraint": self.norm_constraint,
                 "seed": self.seed,
             }
         )

@@ -251,3 +251,30 @@ def test_non_finite_gradient_leaves_weights_and_statistics_untouched():
         np.testing.assert_array_equal(old, new.numpy())
     for old, block in zip(factors, opt.blocks):
         np.testing.assert_array_equal(old, block.input_factor.cov.numpy())
+
+
+def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
+    """lr²·UᵀF̆U ≤ C after scaling, with F̆ the damped Kronecker blocks built explicitly."""
+    keras.utils.set_random_seed(4)
+    x, y = _data(n=48)
+    model = _sequential()
+    constraint = 1e-4
+    opt = keras_kfac.KFAC(model=model, learning_rate=1.0, damping=1e-3, momentum=0.0,
+                          norm_constraint=constraint, estimation_mode="exact")
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    model.train_on_batch(x, y)
+    after = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    quadratic = 0.0
+    for i, block in enumerate(opt.blocks):
+        a = block.input_factor.cov.numpy().astype(np.float64)
+        g = block.output_factor.cov.numpy().astype(np.float64)
+        gamma = np.sqrt(1e-3)
+        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        damped = np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
+        step = np.concatenate([after[2 * i] - before[2 * i], (after[2 * i + 1] - before[2 * i + 1])[None]], 0)
+        quadratic += step.reshape(-1) @ damped @ step.reshape(-1)
+    # The unconstrained step is far larger, so the constraint is active: equality.
+    np.testing.assert_allclose(quadratic, constraint, rtol=2e-3)
+    with pytest.raises(ValueError, match="norm_constraint"):
+        keras_kfac.KFAC(norm_constraint=0.0)
