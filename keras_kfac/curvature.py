@@ -1,15 +1,15 @@
-"""Kronecker factors: moving averages, eigendecompositions and damped inverses.
+"""Kronecker factors: moving averages and factored-Tikhonov-damped inverses.
 
 A block's Fisher is approximated as ``Ā ⊗ G`` [KFAC §3]. Each factor is kept as an
-exponential moving average of per-batch estimates [KFAC §5] and, on a schedule, its
-eigendecomposition. With eigendecompositions the factored Tikhonov damping of
-[KFAC §6.3] costs nothing to change:
+exponential moving average of per-batch estimates [KFAC §5] and, on a schedule,
+the inverse of its damped version [KFAC §6.3]:
 
-    (Ā + πγI)⁻¹ X (G + (γ/π)I)⁻¹
-        = Q_A [(Q_Aᵀ X Q_G) / ((d_A + πγ) (d_G + γ/π)ᵀ)] Q_Gᵀ,
+    [(Ā + πγI) ⊗ (G + (γ/π)I)]⁻¹ vec(∇W) = vec((Ā + πγI)⁻¹ ∇W (G + (γ/π)I)⁻¹),
 
-with ``π = sqrt((tr Ā / dim Ā) / (tr G / dim G))`` computed from the same
-decomposition that is applied.
+with ``π = sqrt((tr Ā / dim Ā) / (tr G / dim G))`` — two small inverses per layer,
+never the Kronecker product itself. The inverses come from Cholesky
+factorisations: on CPUs they are about five times faster than eigendecompositions
+and, unlike them, fast under XLA too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import tensorflow as tf
 # Smallest trace-per-dimension used in π, so a factor that is still all zeros (a
 # layer whose output gradient vanished) gives a finite π.
 _MIN_MEAN_EIGENVALUE = 1e-12
+# Relative diagonal jitter keeping the Cholesky factorisation of an undamped
+# (damping = 0), rank-deficient factor defined.
+_JITTER = 1e-7
 
 
 def moving_average_decay(num_updates: tf.Tensor, max_decay: float) -> tf.Tensor:
@@ -41,10 +44,9 @@ def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
 class KroneckerFactor:
     """One Kronecker factor (Ā or G) of a block, stored in optimizer variables.
 
-    Holds the moving-average estimate ``cov`` and the eigendecomposition
-    ``(eigenvalues, eigenvectors)`` last computed from it. The variables are
-    created through ``optimizer.add_variable`` so they are saved with the
-    optimizer.
+    Holds the moving-average estimate ``cov`` and the damped inverse last
+    computed from it. The variables are created through
+    ``optimizer.add_variable`` so they are saved with the optimizer.
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
@@ -52,14 +54,8 @@ class KroneckerFactor:
         self.cov = optimizer.add_variable(
             (dim, dim), initializer="zeros", dtype="float32", name=f"{name}_cov"
         )
-        self.eigenvalues = optimizer.add_variable(
-            (dim,), initializer="zeros", dtype="float32", name=f"{name}_eigenvalues"
-        )
-        self.eigenvectors = optimizer.add_variable(
-            (dim, dim),
-            initializer="identity",
-            dtype="float32",
-            name=f"{name}_eigenvectors",
+        self.inverse = optimizer.add_variable(
+            (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
         )
 
     def update_moving_average(self, batch_cov: tf.Tensor, decay: tf.Tensor) -> None:
@@ -68,20 +64,22 @@ class KroneckerFactor:
         ok = tf.reduce_all(tf.math.is_finite(batch_cov))
         self.cov.assign(tf.where(ok, new_cov, self.cov))
 
-    def update_eigendecomposition(self) -> None:
-        """Recompute the eigendecomposition of ``cov`` (kept if it fails)."""
-        cov = tf.convert_to_tensor(self.cov)
-        eigenvalues, eigenvectors = tf.linalg.eigh(0.5 * (cov + tf.transpose(cov)))
-        # The estimate is positive semi-definite; round-off can make tiny
-        # eigenvalues negative.
-        eigenvalues = tf.maximum(eigenvalues, 0.0)
-        ok = all_finite([eigenvalues, eigenvectors])
-        self.eigenvalues.assign(tf.where(ok, eigenvalues, self.eigenvalues))
-        self.eigenvectors.assign(tf.where(ok, eigenvectors, self.eigenvectors))
-
     def mean_eigenvalue(self) -> tf.Tensor:
-        """tr(factor) / dim, from the current eigendecomposition."""
-        return tf.maximum(tf.reduce_mean(self.eigenvalues), _MIN_MEAN_EIGENVALUE)
+        """tr(cov) / dim."""
+        return tf.maximum(tf.linalg.trace(self.cov) / self.dim, _MIN_MEAN_EIGENVALUE)
+
+    def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
+        """(cov + damping·I)⁻¹, symmetrised, through a Cholesky factorisation."""
+        cov = tf.convert_to_tensor(self.cov)
+        jitter = _JITTER * self.mean_eigenvalue()
+        damped = 0.5 * (cov + tf.transpose(cov)) + (damping + jitter) * tf.eye(self.dim)
+        inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), tf.eye(self.dim))
+        return 0.5 * (inverse + tf.transpose(inverse))
+
+    def assign_inverse(self, inverse: tf.Tensor) -> None:
+        """Stores ``inverse`` unless the factorisation failed (non-finite values)."""
+        ok = tf.reduce_all(tf.math.is_finite(inverse))
+        self.inverse.assign(tf.where(ok, inverse, self.inverse))
 
 
 def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor) -> tf.Tensor:
@@ -89,24 +87,9 @@ def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor)
     return tf.sqrt(input_factor.mean_eigenvalue() / output_factor.mean_eigenvalue())
 
 
-def damped_kronecker_solve(
-    input_factor: KroneckerFactor,
-    output_factor: KroneckerFactor,
-    gradient: tf.Tensor,
-    gamma: tf.Tensor,
-) -> tf.Tensor:
-    """(Ā + πγI)⁻¹ ∇W (G + (γ/π)I)⁻¹ for ∇W of shape (dim Ā, dim G) [KFAC §6.3].
-
-    This is ``[(Ā + πγI) ⊗ (G + (γ/π)I)]⁻¹ vec(∇W)`` with row-major ``vec`` —
-    the factored Tikhonov damping of the block — computed with two small
-    eigenbases, never the Kronecker product itself.
-    """
+def damped_inverses(
+    input_factor: KroneckerFactor, output_factor: KroneckerFactor, gamma: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹): factored Tikhonov damping [KFAC §6.3]."""
     pi = trace_norm_pi(input_factor, output_factor)
-    q_a, q_g = input_factor.eigenvectors, output_factor.eigenvectors
-    rotated = tf.matmul(tf.matmul(q_a, gradient, transpose_a=True), q_g)
-    denominator = tf.tensordot(
-        input_factor.eigenvalues + pi * gamma,
-        output_factor.eigenvalues + gamma / pi,
-        axes=0,
-    )
-    return tf.matmul(tf.matmul(q_a, rotated / denominator), q_g, transpose_b=True)
+    return input_factor.damped_inverse(pi * gamma), output_factor.damped_inverse(gamma / pi)

@@ -60,7 +60,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping: the Tikhonov damping λ ≥ 0 [KFAC §6].
         momentum: heavy-ball coefficient μ in [0, 1) on the preconditioned step.
         ema_decay: ε_max in [0, 1) of the factors' moving averages [KFAC §5].
-        inverse_update_period: steps between eigendecompositions of the factors
+        inverse_update_period: steps between damped inverses of the factors
             (also done on each of the first 3 steps).
         estimation_mode: ``"sampled"`` (targets drawn from the model: the true
             Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the
@@ -188,7 +188,7 @@ class KFAC(keras.optimizers.Optimizer):
         self._apply_momentum_step(trainable_variables, updates, learning_rate)
 
     def _update_curvature(self) -> None:
-        """Moving averages of Ā and G [KFAC §5], then the scheduled eigendecompositions."""
+        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
         if not loss_calls:
@@ -235,10 +235,11 @@ class KFAC(keras.optimizers.Optimizer):
             block.input_factor.update_moving_average(input_stats, decay)
             block.output_factor.update_moving_average(output_stats, decay)
 
+        gamma = self._gamma()
+
         def refresh_inverses() -> tf.Tensor:
             for block in collection.blocks:
-                for factor in block.factors():
-                    factor.update_eigendecomposition()
+                block.update_inverses(gamma)
             return tf.constant(True)
 
         due = tf.logical_or(
@@ -246,15 +247,18 @@ class KFAC(keras.optimizers.Optimizer):
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
 
+    def _gamma(self) -> tf.Tensor:
+        """γ = sqrt(λ + η) [KFAC §6.3]."""
+        return tf.sqrt(tf.constant(self.damping + self.l2_reg, tf.float32))
+
     def _precondition(self, grads: dict) -> dict:
         """Per-variable update directions: F̆⁻¹∇h for block variables, ∇h otherwise."""
-        gamma = tf.sqrt(tf.constant(self.damping + self.l2_reg, tf.float32))
         updates = dict(grads)
         for block in self.layer_collection.blocks:
             keys = [self._var_key(v) for v in block.variables]
             if not all(k in grads for k in keys):
                 continue
-            for key, update in zip(keys, block.precondition([grads[k] for k in keys], gamma)):
+            for key, update in zip(keys, block.precondition([grads[k] for k in keys])):
                 updates[key] = update
         return updates
 

@@ -110,11 +110,29 @@ class KroneckerBlock(abc.ABC):
             parts.append(matrix[self.kernel_matrix_rows])
         return parts
 
-    def precondition(self, gradients: list[tf.Tensor], gamma: tf.Tensor) -> list[tf.Tensor]:
-        """(Ā + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹, split back per variable [KFAC §6.3]."""
-        update = curvature.damped_kronecker_solve(
-            self.input_factor, self.output_factor, self.gradient_matrix(gradients), gamma
-        )
+    def damped_inverses(self, gamma: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Freshly computed ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) [KFAC §6.3]."""
+        return curvature.damped_inverses(self.input_factor, self.output_factor, gamma)
+
+    def update_inverses(self, gamma: tf.Tensor) -> None:
+        """Recomputes and stores the damped inverses (kept if they fail)."""
+        inverse_a, inverse_g = self.damped_inverses(gamma)
+        self.input_factor.assign_inverse(inverse_a)
+        self.output_factor.assign_inverse(inverse_g)
+
+    def precondition(
+        self,
+        gradients: list[tf.Tensor],
+        inverses: tuple[tf.Tensor, tf.Tensor] | None = None,
+    ) -> list[tf.Tensor]:
+        """(Ā + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹, split back per variable [KFAC §6.3].
+
+        ``inverses`` defaults to the stored ones.
+        """
+        if inverses is None:
+            inverses = (self.input_factor.inverse, self.output_factor.inverse)
+        inverse_a, inverse_g = inverses
+        update = tf.matmul(tf.matmul(inverse_a, self.gradient_matrix(gradients)), inverse_g)
         return self.split_matrix(update)
 
     def factors(self) -> list[curvature.KroneckerFactor]:

@@ -1,0 +1,86 @@
+"""Runs the tutorials as a user would, on tiny settings."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keras_kfac.datasets import DEBIAN_DIR, FILE_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE = ROOT / "tutorials" / "compare_optimizers.py"
+
+
+def kfac_available() -> bool:
+    """Whether the package core exposes `keras_kfac.KFAC` yet."""
+    try:
+        return hasattr(importlib.import_module("keras_kfac"), "KFAC")
+    except ImportError:
+        return False
+
+
+def run_compare(out_dir: Path, *flags: str) -> dict:
+    """Runs compare_optimizers.py in `out_dir` and returns its JSON record."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, str(COMPARE), "--smoke", "--out-dir", str(out_dir), *flags],
+        cwd=out_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "train loss" in completed.stdout  # The table was printed.
+    assert (out_dir / "compare_optimizers.png").stat().st_size > 0
+    return json.loads((out_dir / "compare_optimizers.json").read_text())
+
+
+def check_results(record: dict, optimizers: list[str]) -> None:
+    assert list(record["results"]) == optimizers
+    for result in record["results"].values():
+        for key in ("train_loss", "test_accuracy", "epoch_seconds"):
+            assert len(result[key]) == 1
+            assert math.isfinite(result[key][0])
+        assert 0.0 <= result["test_accuracy"][0] <= 1.0
+        assert result["epoch_seconds"][0] > 0.0
+
+
+def test_parse_args():
+    spec = importlib.util.spec_from_file_location("compare_optimizers", COMPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--smoke", "--optimizers", "adam, sgd"])
+    assert args.optimizers == ["adam", "sgd"]
+    assert (args.train_size, args.epochs, args.batch_size) == (512, 1, 128)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--optimizers", "adam,rmsprop"])
+
+
+def test_adam_and_sgd_on_synthetic_data(tmp_path):
+    record = run_compare(tmp_path, "--synthetic", "--optimizers", "adam,sgd")
+    check_results(record, ["adam", "sgd"])
+
+
+@pytest.mark.skipif(not kfac_available(), reason="keras_kfac.KFAC not importable yet")
+def test_kfac_on_synthetic_data(tmp_path):
+    record = run_compare(tmp_path, "--synthetic", "--optimizers", "kfac,adam")
+    check_results(record, ["kfac", "adam"])
+
+
+@pytest.mark.skipif(
+    not all((DEBIAN_DIR / name).is_file() for name in FILE_NAMES.values()),
+    reason=f"Fashion-MNIST not installed in {DEBIAN_DIR}",
+)
+def test_adam_on_fashion_mnist(tmp_path):
+    record = run_compare(tmp_path, "--optimizers", "adam")
+    check_results(record, ["adam"])
+    assert record["results"]["adam"]["test_accuracy"][0] > 0.3  # Chance is 0.1.
