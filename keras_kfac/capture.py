@@ -33,9 +33,11 @@ class LayerCall:
 class LossCall:
     """One evaluation of the compiled loss in a training step."""
 
+    x: Any
     y_true: Any
     y_pred: Any
     sample_weight: Any
+    loss: tf.Tensor
 
 
 def _graph_of(tensor: Any) -> tf.Graph | None:
@@ -139,7 +141,7 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
         )
         graph = _graph_of(loss)
         if training and graph is not None:
-            RECORDER.record(model, graph, LossCall(y, y_pred, sample_weight))
+            RECORDER.record(model, graph, LossCall(x, y, y_pred, sample_weight, loss))
         return loss
 
     object.__setattr__(model, "call", call)

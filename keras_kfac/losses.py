@@ -55,6 +55,10 @@ class PredictiveDistribution(abc.ABC):
     def hessian_factor(self, z: tf.Tensor) -> list[tf.Tensor]:
         """Columns of C with C Cᵀ = ∇²_z NLL, each shaped like z."""
 
+    @abc.abstractmethod
+    def hessian_product(self, z: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+        """∇²_z NLL · v, per example."""
+
     def labels(self, y_true: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
         """The data's targets in the form ``nll_gradient`` takes."""
         return tf.cast(y_true, z.dtype)
@@ -83,6 +87,10 @@ class CategoricalLogits(PredictiveDistribution):
             for j in range(num_classes)
         ]
 
+    def hessian_product(self, z, v):
+        p = tf.nn.softmax(z)
+        return p * v - p * tf.reduce_sum(p * v, axis=-1, keepdims=True)
+
     def labels(self, y_true, z):
         if self.sparse:
             classes = tf.cast(tf.reshape(y_true, tf.shape(z)[:-1]), tf.int32)
@@ -108,6 +116,10 @@ class BernoulliLogits(PredictiveDistribution):
         num_units = z.shape[-1]
         return [scale * tf.one_hot(j, num_units, dtype=z.dtype) for j in range(num_units)]
 
+    def hessian_product(self, z, v):
+        p = tf.sigmoid(z)
+        return p * (1.0 - p) * v
+
 
 class NormalMean(PredictiveDistribution):
     """Normal(z, ½ I): its NLL is Σ_k (y_k − z_k)² up to a constant."""
@@ -127,6 +139,9 @@ class NormalMean(PredictiveDistribution):
             (2.0**0.5) * tf.ones_like(z) * tf.one_hot(j, num_units, dtype=z.dtype)
             for j in range(num_units)
         ]
+
+    def hessian_product(self, z, v):
+        return 2.0 * v
 
 
 _LOSS_NAMES = {
@@ -171,6 +186,34 @@ class RegisteredLoss:
             )
         return logits
 
+    def _example_weights(self, z: tf.Tensor, sample_weight: Any) -> tf.Tensor:
+        """B·w_n·c for each loss value (shape z.shape[:-1]), L = Σ_n w_n c NLL_n."""
+        batch_size = tf.cast(tf.shape(z)[0], z.dtype)
+        # Keras reduces per-example-and-location loss values (shape z.shape[:-1]).
+        num_values = tf.cast(tf.reduce_prod(tf.shape(z)[:-1]), z.dtype)
+        scale = tf.constant(self.weight, z.dtype)
+        if self.distribution.averages_over_units:
+            scale /= z.shape[-1]
+        if self.reduction == "sum":
+            scale *= batch_size
+        else:
+            scale *= batch_size / num_values
+        weights = tf.fill(tf.shape(z)[:-1], scale)
+        if sample_weight is not None:
+            sample_weight = tf.cast(sample_weight, z.dtype)
+            while sample_weight.shape.rank < weights.shape.rank:
+                sample_weight = sample_weight[..., None]
+            while sample_weight.shape.rank > weights.shape.rank:
+                sample_weight = tf.squeeze(sample_weight, -1)
+            weights *= sample_weight
+        return weights
+
+    def reduced_hessian_product(self, z: tf.Tensor, v: tf.Tensor, sample_weight: Any) -> tf.Tensor:
+        """H̃_n v_n with H̃_n the Hessian in z_n of the loss as Keras reduces it."""
+        batch_size = tf.cast(tf.shape(z)[0], z.dtype)
+        weights = self._example_weights(z, sample_weight) / batch_size
+        return weights[..., None] * self.distribution.hessian_product(z, v)
+
     def output_vectors(
         self,
         z: tf.Tensor,
@@ -185,25 +228,7 @@ class RegisteredLoss:
         vector, is the curvature of the loss exactly as Keras reduces it.
         """
         z = tf.stop_gradient(z)
-        batch_size = tf.cast(tf.shape(z)[0], z.dtype)
-        # Keras reduces per-example-and-location loss values (shape z.shape[:-1]).
-        num_values = tf.cast(tf.reduce_prod(tf.shape(z)[:-1]), z.dtype)
-        scale = tf.constant(self.weight, z.dtype)
-        if self.distribution.averages_over_units:
-            scale /= z.shape[-1]
-        if self.reduction == "sum":
-            scale *= batch_size
-        else:
-            scale *= batch_size / num_values
-        scale = tf.fill(tf.shape(z)[:-1], scale)
-        if sample_weight is not None:
-            weights = tf.cast(sample_weight, z.dtype)
-            while weights.shape.rank < scale.shape.rank:
-                weights = weights[..., None]
-            while weights.shape.rank > scale.shape.rank:
-                weights = tf.squeeze(weights, -1)
-            scale *= weights
-        scale = tf.sqrt(scale)[..., None]
+        scale = tf.sqrt(self._example_weights(z, sample_weight))[..., None]
 
         if mode == "sampled":
             vectors = [self.distribution.nll_gradient(z, self.distribution.sample(z, seed))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, curvature, losses
+from keras_kfac import capture, curvature, losses, quadratic_model, statistics
 from keras_kfac.registration import LayerCollection
 
 _EAGER_MESSAGE = (
@@ -18,16 +19,21 @@ _EAGER_MESSAGE = (
     "model with run_eagerly=False (the default) and train with model.fit or "
     "model.train_on_batch."
 )
+APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 
 
-def _check_range(name: str, value: Any, low: float, high: float | None = None, *, high_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_range(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless low ≤ value < high (low < value if low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"`{name}` must be a number; got {value!r}.")
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if value < low or too_high:
-        bound = "" if high is None else (f", {high})" if high_open else f", {high}]")
-        interval = f"[{low}{bound or ', inf)'}"
+    if value < low or (low_open and value == low) or (high is not None and value >= high):
+        interval = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high})"
         raise ValueError(f"`{name}` must be in {interval}; got {value!r}.")
+
+
+def _check_period(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -39,39 +45,67 @@ class KFAC(keras.optimizers.Optimizer):
     [KFAC §3]; convolutions use the KFC factors of Grosse & Martens (2016). The
     factors are moving averages of statistics gathered in the training step
     [KFAC §5]; their damped inverses [KFAC §6.3] are refreshed every
-    ``inverse_update_period`` steps. For a block with gradient ``∇W̄`` the step is
+    ``inverse_update_period`` steps. The proposal of a block with gradient
+    ``∇W̄`` is ``Δ = −U`` with
 
-        U = (G + (γ/π) I)⁻¹ ∇W̄ (Ā + πγ I)⁻¹,   γ = sqrt(damping + l2_reg),
-        δ = momentum · δ₀ − learning_rate · U,   θ ← θ + δ.
+        U = (Ā + πγ I)⁻¹ ∇W̄ (G + (γ/π) I)⁻¹,
 
-    Variables of layers with no block (normalization, embeddings, ...) take the
-    same momentum step on their plain gradient.
+    and the update is ``δ = α Δ + μ δ₀`` (δ₀ the previous update), ``θ ← θ + δ``:
+
+    - with a fixed learning rate, α = ``learning_rate`` and μ = ``momentum``
+      (heavy-ball on the preconditioned step; ``momentum=0`` gives exactly
+      θ ← θ − lr·U), and γ = sqrt(damping + l2_reg);
+    - with ``adaptive=True`` (the paper's recipe), α and μ minimise the quadratic
+      model of the loss under the exact mini-batch Fisher [KFAC §7], the damping
+      λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
+      {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
+
+    Variables of layers with no block (normalization, embeddings, ...) use their
+    plain gradient as proposal.
 
     The optimizer reads what it needs from the graph Keras traces for
     ``model.fit``/``train_on_batch``, so the model must not run eagerly.
 
     Args:
         model: the ``keras.Model`` being trained. Its Dense and Conv2D layers are
-            registered automatically when the optimizer is built, and its
-            compiled loss defines the Fisher.
+            registered automatically, and its compiled loss defines the Fisher.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
             addition to) automatic registration.
-        learning_rate: a float or a ``keras.optimizers.schedules`` schedule.
-        damping: the Tikhonov damping λ ≥ 0 [KFAC §6].
-        momentum: heavy-ball coefficient μ in [0, 1) on the preconditioned step.
+        learning_rate: a float or a ``keras.optimizers.schedules`` schedule
+            (default 0.01). Not used with the quadratic model.
+        damping: initial Tikhonov damping λ ≥ 0 [KFAC §6]; default 1e-3, or with
+            ``adapt_damping`` the paper's autoencoder value 150 in the paper's
+            units (losses summed over output units): 150/K for a loss Keras
+            averages over K output units (binary cross-entropy, squared error).
+        momentum: heavy-ball μ in [0, 1) (default 0.9). Not used with the
+            quadratic model, which chooses μ.
         ema_decay: ε_max in [0, 1) of the factors' moving averages [KFAC §5].
-        inverse_update_period: steps between damped inverses of the factors
-            (also done on each of the first 3 steps).
+        inverse_update_period: steps between recomputations of the damped
+            inverses T₃ (also done on each of the first 3 steps).
         estimation_mode: ``"sampled"`` (targets drawn from the model: the true
             Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the
             expectation over the predictive distribution, one backward pass per
             output unit).
-        l2_reg: coefficient η ≥ 0 of an l2 penalty added to the gradient (η·θ)
-            and to the damping (γ² = λ + η).
-        norm_constraint: C > 0 bounds the step's squared length in the
-            approximate Fisher metric, ``lr² UᵀF̆U ≤ C``, by scaling U down
-            ("KL clipping", Ba et al. 2017): a safeguard for fixed learning
-            rates. None turns it off.
+        l2_reg: coefficient η ≥ 0 of an l2 penalty ½η‖θ‖² added to the
+            objective (η·θ in the gradient) and to the damping (λ + η).
+        norm_constraint: C > 0 scales the fixed-learning-rate step so that
+            ``lr² UᵀF̆U ≤ C`` ("KL clipping", Ba et al. 2017). None turns it off.
+        adaptive: turns on ``use_quadratic_model``, ``adapt_damping`` and
+            ``adapt_gamma`` together (each can still be set on its own).
+        use_quadratic_model: choose α and μ from the exact-Fisher quadratic model.
+        adapt_damping: Levenberg–Marquardt adaptation of λ every
+            ``damping_adaptation_period`` (T₁) steps.
+        adapt_gamma: search γ every ``gamma_adaptation_period`` (T₂) steps,
+            decoupled from λ; when off, γ² = λ + η.
+        damping_adaptation_period: T₁ (paper: 5); ω₁ = (19/20)^T₁.
+        gamma_adaptation_period: T₂ (paper: 20); ω₂ = sqrt(19/20)^T₂.
+        min_damping: floor of the adapted λ.
+        approximation: ``"block_diagonal"`` or ``"block_tridiagonal"``
+            [KFAC §4.3] (the latter couples consecutive Dense layers of a chain).
+        statistics_fraction: τ₁ in (0, 1]: the fraction of each batch the
+            factor statistics are computed on.
+        curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
+            Fisher products of the quadratic model are computed on.
         seed: seed of the target sampling; random when None.
         name: the optimizer's name.
         **kwargs: other ``keras.optimizers.Optimizer`` arguments (``clipnorm``, ...).
@@ -81,52 +115,93 @@ class KFAC(keras.optimizers.Optimizer):
         self,
         model: keras.Model | None = None,
         layer_collection: LayerCollection | None = None,
-        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.01,
-        damping: float = 1e-3,
-        momentum: float = 0.9,
+        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
+        damping: float | None = None,
+        momentum: float | None = None,
         ema_decay: float = 0.95,
         inverse_update_period: int = 10,
         estimation_mode: str = "sampled",
         l2_reg: float = 0.0,
         norm_constraint: float | None = None,
+        adaptive: bool = False,
+        use_quadratic_model: bool | None = None,
+        adapt_damping: bool | None = None,
+        adapt_gamma: bool | None = None,
+        damping_adaptation_period: int = 5,
+        gamma_adaptation_period: int = 20,
+        min_damping: float = 1e-8,
+        approximation: str = "block_diagonal",
+        statistics_fraction: float = 1.0,
+        curvature_fraction: float = 1.0,
         seed: int | None = None,
         name: str = "kfac",
         **kwargs: Any,
     ):
-        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-            _check_range("learning_rate", learning_rate, 0.0)
+        adaptive = bool(adaptive)
+        use_quadratic_model = adaptive if use_quadratic_model is None else bool(use_quadratic_model)
+        adapt_damping = adaptive if adapt_damping is None else bool(adapt_damping)
+        adapt_gamma = adaptive if adapt_gamma is None else bool(adapt_gamma)
+        if use_quadratic_model:
+            for arg, value in (("learning_rate", learning_rate), ("momentum", momentum), ("norm_constraint", norm_constraint)):
+                if value is not None:
+                    raise ValueError(
+                        f"`{arg}` is not used when the quadratic model chooses the step "
+                        "(adaptive=True or use_quadratic_model=True); leave it unset."
+                    )
+        else:
+            learning_rate = 0.01 if learning_rate is None else learning_rate
+            momentum = 0.9 if momentum is None else momentum
+            if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+                _check_range("learning_rate", learning_rate, 0.0)
+            _check_range("momentum", momentum, 0.0, 1.0)
+        # The paper's initial λ = 150 is for losses summed over output units;
+        # Keras averages some losses over them, which the first step corrects for.
+        paper_damping = damping is None and adapt_damping
+        if damping is None:
+            damping = 150.0 if adapt_damping else 1e-3
         _check_range("damping", damping, 0.0)
-        _check_range("momentum", momentum, 0.0, 1.0)
         _check_range("ema_decay", ema_decay, 0.0, 1.0)
         _check_range("l2_reg", l2_reg, 0.0)
+        _check_range("min_damping", min_damping, 0.0)
         if norm_constraint is not None:
-            _check_range("norm_constraint", norm_constraint, 0.0)
-            if norm_constraint == 0:
-                raise ValueError("`norm_constraint` must be positive or None; got 0.")
-        if isinstance(inverse_update_period, bool) or not isinstance(inverse_update_period, int) or inverse_update_period < 1:
-            raise ValueError(
-                "`inverse_update_period` must be an integer >= 1; "
-                f"got {inverse_update_period!r}."
-            )
+            _check_range("norm_constraint", norm_constraint, 0.0, low_open=True)
+        _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0 + 1e-12, low_open=True)
+        _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0 + 1e-12, low_open=True)
+        _check_period("inverse_update_period", inverse_update_period)
+        _check_period("damping_adaptation_period", damping_adaptation_period)
+        _check_period("gamma_adaptation_period", gamma_adaptation_period)
         if estimation_mode not in losses.ESTIMATION_MODES:
             raise ValueError(
                 f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; "
                 f"got {estimation_mode!r}."
             )
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"`approximation` must be one of {APPROXIMATIONS}; got {approximation!r}.")
         if model is not None and not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model; got {model!r}.")
         if layer_collection is not None and not isinstance(layer_collection, LayerCollection):
             raise TypeError(
                 f"`layer_collection` must be a keras_kfac.LayerCollection; got {layer_collection!r}."
             )
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.damping = float(damping)
-        self.momentum = float(momentum)
+        super().__init__(learning_rate=1.0 if learning_rate is None else learning_rate, name=name, **kwargs)
+        self.adaptive = adaptive
+        self._paper_damping = paper_damping
+        self.use_quadratic_model = use_quadratic_model
+        self.adapt_damping = adapt_damping
+        self.adapt_gamma = adapt_gamma
+        self.initial_damping = float(damping)
+        self.momentum = None if momentum is None else float(momentum)
         self.ema_decay = float(ema_decay)
         self.inverse_update_period = inverse_update_period
         self.estimation_mode = estimation_mode
         self.l2_reg = float(l2_reg)
         self.norm_constraint = None if norm_constraint is None else float(norm_constraint)
+        self.damping_adaptation_period = damping_adaptation_period
+        self.gamma_adaptation_period = gamma_adaptation_period
+        self.min_damping = float(min_damping)
+        self.approximation = approximation
+        self.statistics_fraction = float(statistics_fraction)
+        self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
@@ -134,10 +209,42 @@ class KFAC(keras.optimizers.Optimizer):
             self.layer_collection.register_model(model)
         self.layer_collection.prepare()
 
+    # ------------------------------------------------------------------ state
+
     @property
     def blocks(self) -> list:
         """The curvature blocks this optimizer preconditions with."""
         return self.layer_collection.blocks
+
+    @property
+    def damping(self):
+        """The current damping λ (a variable once built)."""
+        return self._damping if self.built else self.initial_damping
+
+    @property
+    def gamma(self):
+        """The current factored-Tikhonov γ (a variable once built)."""
+        return self._gamma if self.built else math.sqrt(self.initial_damping + self.l2_reg)
+
+    @property
+    def alpha(self):
+        """α of the last update δ = αΔ + μδ₀: the effective learning rate."""
+        return self._alpha
+
+    @property
+    def mu(self):
+        """μ of the last update δ = αΔ + μδ₀: the effective momentum."""
+        return self._mu
+
+    @property
+    def rho(self):
+        """ρ of the last Levenberg–Marquardt check [KFAC §6.5]."""
+        return self._rho
+
+    @property
+    def quadratic_change(self):
+        """M(δ) − M(0) of the last update under the exact-Fisher quadratic model."""
+        return self._quadratic_change
 
     def build(self, variables: list) -> None:
         if self.built:
@@ -159,13 +266,29 @@ class KFAC(keras.optimizers.Optimizer):
         self._velocities = [
             self.add_variable_from_reference(v, name="velocity") for v in variables
         ]
+
+        def scalar(name: str, value: float):
+            return self.add_variable((), initializer=keras.initializers.Constant(value), dtype="float32", name=name)
+
+        self._damping = scalar("damping", self.initial_damping)
+        self._gamma = scalar("gamma", math.sqrt(self.initial_damping + self.l2_reg))
+        self._alpha = scalar("alpha", 0.0)
+        self._mu = scalar("mu", 0.0)
+        self._rho = scalar("rho", float("nan"))
+        self._quadratic_change = scalar("quadratic_change", 0.0)
+        if self.approximation == "block_tridiagonal":
+            from keras_kfac.tridiagonal import TridiagonalChain
+
+            self._tridiagonal = TridiagonalChain(self, collection.blocks)
         unowned = [v.path if hasattr(v, "path") else v.name for v in variables if self._var_key(v) not in owned]
         if unowned:
             warnings.warn(
                 "KFAC has no curvature block for these variables and gives them a "
-                f"plain momentum step: {', '.join(unowned)}",
+                f"plain momentum step on their gradient: {', '.join(unowned)}",
                 stacklevel=2,
             )
+
+    # ------------------------------------------------------------------ step
 
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
         if tf.executing_eagerly():
@@ -180,15 +303,33 @@ class KFAC(keras.optimizers.Optimizer):
         grads = [tf.convert_to_tensor(g) for g in grads]
         if self.l2_reg:
             grads = [g + tf.cast(self.l2_reg, g.dtype) * v for g, v in zip(grads, trainable_variables)]
-        self._update_curvature()
-        grads = dict(zip([self._var_key(v) for v in trainable_variables], grads))
-        updates = self._precondition(grads)
-        if self.norm_constraint is not None:
-            updates = self._constrain_norm(grads, updates, learning_rate)
-        self._apply_momentum_step(trainable_variables, updates, learning_rate)
+        batch = self._take_records()
+        if self._paper_damping and batch.loss.distribution.averages_over_units:
+            units = batch.z.shape[-1]
+            first = tf.equal(self.iterations, 0)
+            self._damping.assign(tf.where(first, self.initial_damping / units, self._damping))
+            self._gamma.assign(tf.where(first, tf.sqrt(self._damping + self.l2_reg), self._gamma))
+        self._update_curvature(batch)
+        step = _Step(self, batch, trainable_variables, grads)
+        if self.adapt_gamma:
+            due = tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0)
+            tf.cond(due, lambda: step.adapt_gamma(learning_rate), lambda: tf.constant(False))
+        update, coefficients, change = step.update(learning_rate)
+        finite = curvature.all_finite(update + [coefficients, change])
+        for variable, velocity, delta in zip(trainable_variables, step.velocities, update):
+            self.assign(velocity, tf.where(finite, delta, tf.cast(velocity, tf.float32)))
+            self.assign_add(variable, tf.where(finite, delta, tf.zeros_like(delta)))
+        self._alpha.assign(tf.where(finite, coefficients[0], self._alpha))
+        self._mu.assign(tf.where(finite, coefficients[1], self._mu))
+        self._quadratic_change.assign(tf.where(finite, change, self._quadratic_change))
+        if self.adapt_damping:
+            due = tf.logical_and(finite, tf.equal((self.iterations + 1) % self.damping_adaptation_period, 0))
+            tf.cond(due, lambda: step.adapt_damping(update, change), lambda: tf.constant(False))
+        if not self.adapt_gamma:
+            self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
 
-    def _update_curvature(self) -> None:
-        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses."""
+    def _take_records(self) -> "_Batch":
+        """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
         if not loss_calls:
@@ -196,50 +337,25 @@ class KFAC(keras.optimizers.Optimizer):
                 "KFAC found no training loss in this step's graph. It must run inside "
                 "model.fit / model.train_on_batch of the model it was created with."
             )
-        loss_call = loss_calls[-1]
-        layer_calls = {id(b): capture.RECORDER.pop(b.layer) for b in collection.blocks}
-        blocks = [b for b in collection.blocks if layer_calls[id(b)]]
-
-        registered_loss = collection.loss()
-        y_pred = keras.tree.flatten(loss_call.y_pred)[0]
-        z = registered_loss.network_output(y_pred)
-        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
-        y_true = loss_call.y_true
-        if y_true is not None:
-            y_true = keras.tree.flatten(y_true)[0]
-        vectors = registered_loss.output_vectors(
-            tf.cast(z, tf.float32), self.estimation_mode, y_true, loss_call.sample_weight, seed
+        return _Batch(
+            loss_call=loss_calls[-1],
+            layer_calls={id(b): capture.RECORDER.pop(b.layer) for b in collection.blocks},
+            loss=collection.loss(),
         )
-        preactivations = [c.preactivation for b in blocks for c in layer_calls[id(b)]]
-        # One backward pass per vector: ĝ = Jᵀ v at every recorded pre-activation.
-        backpropagated = [
-            [
-                tf.zeros_like(s) if g is None else g
-                for g, s in zip(
-                    tf.gradients(z, preactivations, grad_ys=tf.cast(v, z.dtype)), preactivations
-                )
-            ]
-            for v in vectors
-        ]
-        decay = curvature.moving_average_decay(self.iterations + 1, self.ema_decay)
-        batch_size = tf.shape(z)[0]
-        position = 0
-        for block in blocks:
-            calls = layer_calls[id(block)]
-            span = slice(position, position + len(calls))
-            position += len(calls)
-            input_stats = block.input_statistics([c.inputs for c in calls])
-            output_stats = block.output_statistics(
-                [g for per_vector in backpropagated for g in per_vector[span]], batch_size
-            )
-            block.input_factor.update_moving_average(input_stats, decay)
-            block.output_factor.update_moving_average(output_stats, decay)
 
-        gamma = self._gamma()
+    def _update_curvature(self, batch: "_Batch") -> None:
+        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses."""
+        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
+        decay = curvature.moving_average_decay(self.iterations + 1, self.ema_decay)
+        statistics.update_factors(
+            self.blocks, batch.layer_calls, batch.loss, batch.z, self.estimation_mode,
+            batch.y_true, batch.sample_weight, seed, decay, self.statistics_fraction,
+        )
+        if self.approximation == "block_tridiagonal":
+            self._tridiagonal.update_cross_statistics(batch, decay, self.statistics_fraction)
 
         def refresh_inverses() -> tf.Tensor:
-            for block in collection.blocks:
-                block.update_inverses(gamma)
+            self._store_inverses(self._damped_inverses(self._gamma))
             return tf.constant(True)
 
         due = tf.logical_or(
@@ -247,61 +363,213 @@ class KFAC(keras.optimizers.Optimizer):
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
 
-    def _gamma(self) -> tf.Tensor:
-        """γ = sqrt(λ + η) [KFAC §6.3]."""
-        return tf.sqrt(tf.constant(self.damping + self.l2_reg, tf.float32))
+    def _damped_inverses(self, gamma: tf.Tensor) -> list:
+        """The preconditioner's inverse state for a given γ (not stored)."""
+        if self.approximation == "block_tridiagonal":
+            return self._tridiagonal.inverse_state(gamma)
+        return [block.damped_inverses(gamma) for block in self.blocks]
 
-    def _precondition(self, grads: dict) -> dict:
-        """Per-variable update directions: F̆⁻¹∇h for block variables, ∇h otherwise."""
+    def _store_inverses(self, inverses: list) -> None:
+        if self.approximation == "block_tridiagonal":
+            self._tridiagonal.store(inverses)
+            return
+        for block, (inverse_a, inverse_g) in zip(self.blocks, inverses):
+            block.input_factor.assign_inverse(inverse_a)
+            block.output_factor.assign_inverse(inverse_g)
+
+    def _stored_inverses(self) -> list:
+        if self.approximation == "block_tridiagonal":
+            return self._tridiagonal.stored()
+        return [(b.input_factor.inverse, b.output_factor.inverse) for b in self.blocks]
+
+    def _precondition(self, grads: dict, inverses: list) -> dict:
+        """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
         updates = dict(grads)
-        for block in self.layer_collection.blocks:
+        if self.approximation == "block_tridiagonal":
+            updates.update(self._tridiagonal.precondition(grads, inverses, self._var_key))
+            return updates
+        for block, block_inverses in zip(self.blocks, inverses):
             keys = [self._var_key(v) for v in block.variables]
             if not all(k in grads for k in keys):
                 continue
-            for key, update in zip(keys, block.precondition([grads[k] for k in keys])):
+            for key, update in zip(keys, block.precondition([grads[k] for k in keys], block_inverses)):
                 updates[key] = update
         return updates
 
-    def _constrain_norm(self, grads: dict, updates: dict, learning_rate: Any) -> dict:
-        """Scales U by min(1, sqrt(C / (lr² UᵀF̆U))) (Ba et al. 2017, §5).
-
-        ``UᵀF̆U = Σ ⟨U, ∇h⟩`` over the blocks, since ``F̆U = ∇h`` there.
-        """
-        lr = tf.cast(learning_rate, tf.float32)
-        quadratic = tf.add_n([
-            tf.reduce_sum(tf.cast(updates[self._var_key(v)], tf.float32) * tf.cast(grads[self._var_key(v)], tf.float32))
-            for block in self.layer_collection.blocks for v in block.variables
-            if self._var_key(v) in grads
-        ] or [tf.constant(0.0)])
-        scale = tf.minimum(1.0, tf.sqrt(self.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
-        return {key: tf.cast(scale, u.dtype) * u for key, u in updates.items()}
-
-    def _apply_momentum_step(self, variables: list, updates: dict, learning_rate: Any) -> None:
-        """δ = μ δ₀ − lr · U and θ ← θ + δ; a non-finite step changes nothing."""
-        lr = tf.cast(learning_rate, tf.float32)
-        steps, velocities = [], []
-        for variable in variables:
-            velocity = self._velocities[self._get_variable_index(variable)]
-            update = tf.cast(updates[self._var_key(variable)], tf.float32)
-            steps.append(self.momentum * tf.cast(velocity, tf.float32) - lr * update)
-            velocities.append(velocity)
-        finite = curvature.all_finite(steps)
-        for variable, velocity, step in zip(variables, velocities, steps):
-            self.assign(velocity, tf.where(finite, step, tf.cast(velocity, tf.float32)))
-            self.assign_add(variable, tf.where(finite, step, tf.zeros_like(step)))
-
     def get_config(self) -> dict:
         config = super().get_config()
+        if self.use_quadratic_model:
+            config["learning_rate"] = None
         config.update(
             {
-                "damping": self.damping,
+                "damping": self.initial_damping,
                 "momentum": self.momentum,
                 "ema_decay": self.ema_decay,
                 "inverse_update_period": self.inverse_update_period,
                 "estimation_mode": self.estimation_mode,
                 "l2_reg": self.l2_reg,
                 "norm_constraint": self.norm_constraint,
+                "adaptive": self.adaptive,
+                "use_quadratic_model": self.use_quadratic_model,
+                "adapt_damping": self.adapt_damping,
+                "adapt_gamma": self.adapt_gamma,
+                "damping_adaptation_period": self.damping_adaptation_period,
+                "gamma_adaptation_period": self.gamma_adaptation_period,
+                "min_damping": self.min_damping,
+                "approximation": self.approximation,
+                "statistics_fraction": self.statistics_fraction,
+                "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
             }
         )
         return config
+
+
+class _Batch:
+    """What one training step recorded: the loss's inputs and the layer calls."""
+
+    def __init__(self, loss_call: capture.LossCall, layer_calls: dict, loss: losses.RegisteredLoss):
+        self.loss_call = loss_call
+        self.layer_calls = layer_calls
+        self.loss = loss
+        self.y_pred = keras.tree.flatten(loss_call.y_pred)[0]
+        self.z = loss.network_output(self.y_pred)
+        y_true = loss_call.y_true
+        self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]
+        self.sample_weight = loss_call.sample_weight
+
+
+class _Step:
+    """One update δ = αΔ + μδ₀ and the quadratic model that judges it [KFAC §6-7]."""
+
+    def __init__(self, optimizer: KFAC, batch: _Batch, variables: list, grads: list):
+        self.opt = optimizer
+        self.batch = batch
+        self.variables = variables
+        self.grads = grads
+        self.keys = [optimizer._var_key(v) for v in variables]
+        self.velocities = [optimizer._velocities[optimizer._get_variable_index(v)] for v in variables]
+        self.previous = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.velocities]
+        self.has_previous = quadratic_model.inner(self.previous, self.previous) > 0.0
+        self.needs_model = optimizer.use_quadratic_model or optimizer.adapt_damping
+        if self.needs_model or optimizer.adapt_gamma:
+            # At θ, in the step's own graph, before any tf.cond branch.
+            self.curvature_data = self.curvature_batch()
+
+    # The curvature batch: the step's own records, or a sub-batch forward pass (τ₂).
+
+    def curvature_batch(self) -> tuple:
+        """(x, y, sample_weight, network output z, loss h(θ)) for the quadratic model."""
+        opt, batch = self.opt, self.batch
+        call = batch.loss_call
+        if opt.curvature_fraction >= 1.0:
+            return call.x, call.y_true, call.sample_weight, batch.z, call.loss
+        size = statistics.subset_size(tf.shape(batch.z)[0], opt.curvature_fraction)
+        take = lambda t: keras.tree.map_structure(lambda a: None if a is None else a[:size], t)  # noqa: E731
+        x, y, sample_weight = take(call.x), take(call.y_true), take(call.sample_weight)
+        y_pred, loss = self.forward(x, y, sample_weight)
+        return x, y, sample_weight, batch.loss.network_output(y_pred), loss
+
+    def forward(self, x, y, sample_weight) -> tuple:
+        """The model's output and training loss at the current weights, recording nothing."""
+        model = self.opt.layer_collection.model
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        for block in self.opt.blocks:
+            capture.RECORDER.pop(block.layer)
+        return keras.tree.flatten(y_pred)[0], loss
+
+    # Proposals and their quadratic model.
+
+    def proposal(self, inverses: list, learning_rate: Any) -> list[tf.Tensor]:
+        """Δ = −F̆⁻¹∇h per variable; with a fixed learning rate, norm-constrained."""
+        grads = dict(zip(self.keys, self.grads))
+        updates = self.opt._precondition(grads, inverses)
+        delta = [-tf.cast(updates[k], tf.float32) for k in self.keys]
+        if self.opt.norm_constraint is not None:
+            lr = tf.cast(learning_rate, tf.float32)
+            owned = {self.opt._var_key(v) for b in self.opt.blocks for v in b.variables}
+            quadratic = -quadratic_model.inner(
+                [d for d, k in zip(delta, self.keys) if k in owned],
+                [g for g, k in zip(self.grads, self.keys) if k in owned],
+            )
+            scale = tf.minimum(1.0, tf.sqrt(self.opt.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
+            delta = [scale * d for d in delta]
+        return delta
+
+    def model_terms(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tuple[tf.Tensor, tf.Tensor]:
+        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] and b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
+        directions = [delta, self.previous]
+        products = quadratic_model.jacobian_vector_products(
+            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], directions
+        )
+        fisher = quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
+        damping = self.opt._damping + self.opt.l2_reg
+        curvature_matrix = fisher + damping * quadratic_model.dot_gram(directions)
+        linear = tf.stack([quadratic_model.inner(self.grads, d) for d in directions])
+        return curvature_matrix, linear
+
+    def coefficients(self, curvature_matrix, linear, learning_rate) -> tuple[tf.Tensor, tf.Tensor]:
+        """(α, μ) and M(δ): from the quadratic model, or the fixed lr and momentum."""
+        if self.opt.use_quadratic_model:
+            return quadratic_model.solve_coefficients(curvature_matrix, linear, self.has_previous)
+        fixed = tf.stack([tf.cast(learning_rate, tf.float32), tf.constant(self.opt.momentum, tf.float32)])
+        if curvature_matrix is None:
+            return fixed, tf.constant(0.0)
+        return fixed, quadratic_model.model_value(curvature_matrix, linear, fixed)
+
+    def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """δ per variable, (α, μ) and M(δ) with the stored inverses."""
+        delta = self.proposal(self.opt._stored_inverses(), learning_rate)
+        curvature_matrix = linear = None
+        if self.needs_model:
+            _, _, sample_weight, z, _ = self.curvature_data
+            curvature_matrix, linear = self.model_terms(delta, z, sample_weight)
+        coefficients, change = self.coefficients(curvature_matrix, linear, learning_rate)
+        update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
+        return update, coefficients, change
+
+    # Adaptation, each inside its own tf.cond branch.
+
+    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor) -> tf.Tensor:
+        """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
+
+        Runs after θ ← θ + δ. The l2 term ½η‖θ‖² is part of h.
+        """
+        opt = self.opt
+        x, y, sample_weight, _, loss_before = self.curvature_data
+        _, loss_after = self.forward(x, y, sample_weight)
+        loss_change = tf.cast(loss_after - loss_before, tf.float32)
+        if opt.l2_reg:
+            new_weights = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
+            loss_change += opt.l2_reg * (
+                quadratic_model.inner(new_weights, update) - 0.5 * quadratic_model.inner(update, update)
+            )
+        rho = quadratic_model.reduction_ratio(loss_change, change)
+        omega = (19.0 / 20.0) ** opt.damping_adaptation_period
+        opt._rho.assign(rho)
+        opt._damping.assign(quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt.min_damping))
+        return tf.constant(True)
+
+    def adapt_gamma(self, learning_rate: Any) -> tf.Tensor:
+        """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6]."""
+        opt = self.opt
+        omega = math.sqrt(19.0 / 20.0) ** opt.gamma_adaptation_period
+        x, y, sample_weight = self.curvature_data[:3]
+        # The branch runs its own forward pass: products need z in this graph.
+        y_pred, _ = self.forward(x, y, sample_weight)
+        z = self.batch.loss.network_output(y_pred)
+        candidates = [opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega]
+        values, inverse_sets = [], []
+        for gamma in candidates:
+            inverses = opt._damped_inverses(gamma)
+            delta = self.proposal(inverses, learning_rate)
+            curvature_matrix, linear = self.model_terms(delta, z, sample_weight)
+            _, value = self.coefficients(curvature_matrix, linear, learning_rate)
+            values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
+            inverse_sets.append(inverses)
+        best = tf.argmin(tf.stack(values))
+        chosen = keras.tree.map_structure(lambda *options: tf.gather(tf.stack(options), best), *inverse_sets)
+        opt._store_inverses(chosen)
+        opt._gamma.assign(tf.gather(tf.stack(candidates), best))
+        return tf.constant(True)

@@ -1,0 +1,114 @@
+"""The exact-Fisher quadratic model: step size, momentum and reduction ratio.
+
+K-FAC chooses the final update ``δ = αΔ + μδ₀`` — Δ the preconditioned proposal,
+δ₀ the previous update — by minimising the local quadratic model [KFAC §7]
+
+    M(δ) = ½ δᵀ (F + (λ + η) I) δ + ∇hᵀ δ
+
+with F the EXACT Fisher (generalised Gauss-Newton) of the mini-batch, not its
+Kronecker approximation. F enters only through products ``(J u)ᵀ H (J v)``
+(J the Jacobian of the network output z in the parameters, H the loss Hessian in
+z), and ``J v`` is a forward-mode product computed here by differentiating a
+reverse-mode product [KFAC §7; Pearlmutter 1994]. The same model gives the
+reduction ratio ρ of the Levenberg–Marquardt rule [KFAC §6.5].
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_kfac.losses import RegisteredLoss
+
+
+def jacobian_vector_products(
+    z: tf.Tensor, variables: list, directions: list[list[tf.Tensor]]
+) -> list[tf.Tensor]:
+    """``J d`` for each direction d (one tensor per variable), shaped like z.
+
+    ``u ↦ Jᵀu`` is linear in u, so ``J d = ∂⟨Jᵀu, d⟩/∂u``: two reverse-mode
+    passes instead of a forward-mode one, which reuses the recorded graph.
+    """
+    u = tf.zeros_like(z)
+    transposed = tf.gradients(z, variables, grad_ys=u)
+    transposed = [
+        tf.zeros_like(v) if t is None else t for t, v in zip(transposed, variables)
+    ]
+    products = []
+    for direction in directions:
+        (product,) = tf.gradients(
+            transposed, u, grad_ys=[tf.cast(d, t.dtype) for d, t in zip(direction, transposed)]
+        )
+        products.append(tf.zeros_like(z) if product is None else product)
+    return products
+
+
+def fisher_gram(
+    loss: RegisteredLoss, z: tf.Tensor, products: list[tf.Tensor], sample_weight
+) -> tf.Tensor:
+    """The matrix ``[d_iᵀ F d_j]`` from the products ``J d_i`` (float32)."""
+    z = tf.cast(z, tf.float32)
+    products = [tf.cast(p, tf.float32) for p in products]
+    hessian_products = [loss.reduced_hessian_product(z, p, sample_weight) for p in products]
+    return tf.stack(
+        [tf.stack([tf.reduce_sum(p * hp) for hp in hessian_products]) for p in products]
+    )
+
+
+def dot_gram(directions: list[list[tf.Tensor]]) -> tf.Tensor:
+    """The matrix ``[d_iᵀ d_j]`` (float32)."""
+    return tf.stack(
+        [tf.stack([inner(a, b) for b in directions]) for a in directions]
+    )
+
+
+def inner(a: list[tf.Tensor], b: list[tf.Tensor]) -> tf.Tensor:
+    """Σ over variables of ⟨a, b⟩ (float32)."""
+    return tf.add_n(
+        [tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)]
+        or [tf.constant(0.0)]
+    )
+
+
+def solve_coefficients(
+    curvature: tf.Tensor, linear: tf.Tensor, has_previous: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Minimiser x of ``½ xᵀ C x + bᵀ x`` over (α, μ), and the minimum ``M = ½ bᵀ x``.
+
+    ``curvature`` is the 2×2 matrix C = [d_iᵀ (F + (λ+η)I) d_j] for d = (Δ, δ₀)
+    and ``linear`` is b = [∇hᵀΔ, ∇hᵀδ₀] [KFAC §7]. Without a previous update
+    (first step, or δ₀ = 0) the problem is 1×1 in α and μ = 0.
+    """
+    tiny = tf.constant(1e-30, tf.float32)
+    alpha_only = -linear[0] / tf.maximum(curvature[0, 0], tiny)
+    determinant = curvature[0, 0] * curvature[1, 1] - curvature[0, 1] * curvature[1, 0]
+    solvable = tf.logical_and(has_previous, determinant > 1e-12 * curvature[0, 0] * curvature[1, 1])
+    safe_det = tf.where(solvable, determinant, 1.0)
+    alpha_2 = -(curvature[1, 1] * linear[0] - curvature[0, 1] * linear[1]) / safe_det
+    mu_2 = -(curvature[0, 0] * linear[1] - curvature[1, 0] * linear[0]) / safe_det
+    coefficients = tf.where(
+        solvable, tf.stack([alpha_2, mu_2]), tf.stack([alpha_only, tf.constant(0.0)])
+    )
+    change = 0.5 * tf.reduce_sum(linear * coefficients)
+    return coefficients, change
+
+
+def model_value(curvature: tf.Tensor, linear: tf.Tensor, coefficients: tf.Tensor) -> tf.Tensor:
+    """M(δ) = ½ xᵀ C x + bᵀ x for δ = x₀ d₀ + x₁ d₁."""
+    return 0.5 * tf.tensordot(coefficients, tf.linalg.matvec(curvature, coefficients), 1) + tf.tensordot(
+        linear, coefficients, 1
+    )
+
+
+def reduction_ratio(loss_change: tf.Tensor, predicted_change: tf.Tensor) -> tf.Tensor:
+    """ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0)) [KFAC §6.5]."""
+    return loss_change / tf.minimum(predicted_change, -1e-30)
+
+
+def levenberg_marquardt(
+    damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float
+) -> tf.Tensor:
+    """λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4 (ω₁ < 1), else λ [KFAC §6.5]; at least ``min_damping``."""
+    new = tf.where(rho > 0.75, damping * omega, tf.where(rho < 0.25, damping / omega, damping))
+    # A non-finite ρ (a diverging step) counts as a bad one.
+    new = tf.where(tf.math.is_finite(rho), new, damping / omega)
+    return tf.maximum(new, min_damping)

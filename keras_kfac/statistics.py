@@ -1,0 +1,69 @@
+"""Per-batch Kronecker-factor statistics from the recorded training step [KFAC §3, §5].
+
+The second, curvature backward pass of the paper: output vectors drawn from the
+predictive distribution (or its exact Hessian factor, or the data's labels) are
+back-propagated to every recorded pre-activation, and each block turns its
+inputs and those vectors into batch estimates of Ā and G, which enter the
+moving averages.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_kfac.blocks import KroneckerBlock
+from keras_kfac.capture import LayerCall
+from keras_kfac.losses import RegisteredLoss
+
+
+def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
+    """⌈fraction · batch_size⌉ examples, at least one."""
+    if fraction >= 1.0:
+        return batch_size
+    size = tf.cast(tf.math.ceil(fraction * tf.cast(batch_size, tf.float32)), tf.int32)
+    return tf.maximum(size, 1)
+
+
+def update_factors(
+    blocks: list[KroneckerBlock],
+    calls: dict[int, list[LayerCall]],
+    loss: RegisteredLoss,
+    z: tf.Tensor,
+    mode: str,
+    y_true,
+    sample_weight,
+    seed: tf.Tensor,
+    decay: tf.Tensor,
+    fraction: float = 1.0,
+) -> None:
+    """Updates the moving averages of each called block's Ā and G.
+
+    ``fraction`` < 1 takes the statistics on the first ⌈fraction·B⌉ examples of
+    the (shuffled) batch: the paper's τ₁ [KFAC §8], which cuts the cost of the
+    factor products by 1/fraction.
+    """
+    blocks = [b for b in blocks if calls.get(id(b))]
+    if not blocks:
+        return
+    vectors = loss.output_vectors(tf.cast(z, tf.float32), mode, y_true, sample_weight, seed)
+    preactivations = [c.preactivation for b in blocks for c in calls[id(b)]]
+    # One backward pass per vector: ĝ = Jᵀ v at every recorded pre-activation.
+    backpropagated = [
+        [
+            tf.zeros_like(s) if g is None else g
+            for g, s in zip(tf.gradients(z, preactivations, grad_ys=tf.cast(v, z.dtype)), preactivations)
+        ]
+        for v in vectors
+    ]
+    examples = subset_size(tf.shape(z)[0], fraction)
+    position = 0
+    for block in blocks:
+        block_calls = calls[id(block)]
+        span = slice(position, position + len(block_calls))
+        position += len(block_calls)
+        input_stats = block.input_statistics([c.inputs[:examples] for c in block_calls])
+        output_stats = block.output_statistics(
+            [g[:examples] for per_vector in backpropagated for g in per_vector[span]], examples
+        )
+        block.input_factor.update_moving_average(input_stats, decay)
+        block.output_factor.update_moving_average(output_stats, decay)
