@@ -1,0 +1,100 @@
+"""The paper's adaptive recipe inside model.fit: α/μ, LM damping, γ search, fractions."""
+
+import copy
+
+import numpy as np
+import pytest
+import keras
+
+import keras_kfac
+
+
+def _autoencoder():
+    return keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(6, activation="tanh"),
+        keras.layers.Dense(3),
+        keras.layers.Dense(6, activation="tanh"),
+        keras.layers.Dense(12),
+    ])
+
+
+def _images(n=128):
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 12))
+    return (1 / (1 + np.exp(-(rng.normal(size=(n, 3)) @ basis)))).astype("float32")
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_adaptive_recipe_trains_and_exposes_its_state(jit_compile):
+    keras.utils.set_random_seed(0)
+    x = _images()
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2,
+                          gamma_adaptation_period=3, seed=0)
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True), jit_compile=jit_compile)
+    history = model.fit(x, x, batch_size=32, epochs=4, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+    # The paper's λ₀ = 150 in summed-over-units terms: 150 / 12 for Keras's mean.
+    assert float(opt.damping.numpy()) != pytest.approx(150 / 12)
+    assert np.isfinite(float(opt.rho.numpy()))
+    assert float(opt.alpha.numpy()) > 0
+    assert float(opt.quadratic_change.numpy()) < 0
+    gamma, damping = float(opt.gamma.numpy()), float(opt.damping.numpy())
+    assert gamma != pytest.approx(np.sqrt(damping))  # decoupled from λ
+
+
+def test_damping_adaptation_with_a_fixed_learning_rate():
+    keras.utils.set_random_seed(1)
+    x = _images()
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.5, damping=1.0,
+                          adapt_damping=True, damping_adaptation_period=1)
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(x, x, batch_size=32, epochs=2, verbose=0)
+    assert float(opt.alpha.numpy()) == pytest.approx(0.05)
+    assert float(opt.mu.numpy()) == pytest.approx(0.5)
+    rho = float(opt.rho.numpy())
+    assert np.isfinite(rho)
+    # Small, cautious steps are predicted well (ρ > 3/4): λ went down from 1.
+    assert rho > 0.75 and float(opt.damping.numpy()) < 1.0
+    assert float(opt.gamma.numpy()) == pytest.approx(np.sqrt(float(opt.damping.numpy())), rel=1e-5)
+
+
+def test_fractions_of_the_batch():
+    """τ₁: statistics from the first ⌈τ₁B⌉ examples; τ₂: a sub-batch quadratic model."""
+    keras.utils.set_random_seed(2)
+    x = _images(40)
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, use_quadratic_model=True, damping=0.1,
+                          statistics_fraction=0.25, curvature_fraction=0.5)
+    model.compile(optimizer=opt, loss="mse")
+    first = model.layers[0]
+    model.train_on_batch(x, x)
+    rows = np.concatenate([x[:10], np.ones((10, 1), "float32")], 1).astype(np.float64)
+    np.testing.assert_allclose(opt.layer_collection.block_for(first).input_factor.cov.numpy(),
+                               rows.T @ rows / 10, rtol=1e-5, atol=1e-6)
+    history = model.fit(x, x, batch_size=40, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_adaptive_arguments_are_validated_and_round_trip():
+    with pytest.raises(ValueError, match="learning_rate"):
+        keras_kfac.KFAC(adaptive=True, learning_rate=0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        keras_kfac.KFAC(use_quadratic_model=True, momentum=0.9)
+    with pytest.raises(ValueError, match="approximation"):
+        keras_kfac.KFAC(approximation="full")
+    with pytest.raises(ValueError, match="statistics_fraction"):
+        keras_kfac.KFAC(statistics_fraction=0.0)
+    with pytest.raises(ValueError, match="curvature_fraction"):
+        keras_kfac.KFAC(curvature_fraction=1.5)
+    with pytest.raises(ValueError, match="damping_adaptation_period"):
+        keras_kfac.KFAC(adapt_damping=True, damping_adaptation_period=0)
+    opt = keras_kfac.KFAC(adaptive=True, adapt_gamma=False, l2_reg=1e-5, seed=1)
+    config = opt.get_config()
+    assert config["learning_rate"] is None and config["momentum"] is None
+    clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
+    assert clone.get_config() == config
+    assert clone.use_quadratic_model and clone.adapt_damping and not clone.adapt_gamma
