@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_kfac import capture, curvature, losses, quadratic_model, statistics
+from keras_kfac.chain import TridiagonalChain
 from keras_kfac.registration import LayerCollection
 
 _EAGER_MESSAGE = (
@@ -277,8 +278,6 @@ class KFAC(keras.optimizers.Optimizer):
         self._rho = scalar("rho", float("nan"))
         self._quadratic_change = scalar("quadratic_change", 0.0)
         if self.approximation == "block_tridiagonal":
-            from keras_kfac.tridiagonal import TridiagonalChain
-
             self._tridiagonal = TridiagonalChain(self, collection.blocks)
         unowned = [v.path if hasattr(v, "path") else v.name for v in variables if self._var_key(v) not in owned]
         if unowned:
@@ -347,12 +346,13 @@ class KFAC(keras.optimizers.Optimizer):
         """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses."""
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
         decay = curvature.moving_average_decay(self.iterations + 1, self.ema_decay)
-        statistics.update_factors(
+        rows = statistics.update_factors(
             self.blocks, batch.layer_calls, batch.loss, batch.z, self.estimation_mode,
             batch.y_true, batch.sample_weight, seed, decay, self.statistics_fraction,
         )
         if self.approximation == "block_tridiagonal":
-            self._tridiagonal.update_cross_statistics(batch, decay, self.statistics_fraction)
+            examples = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
+            self._tridiagonal.update_cross_statistics(rows, decay, examples)
 
         def refresh_inverses() -> tf.Tensor:
             self._store_inverses(self._damped_inverses(self._gamma))

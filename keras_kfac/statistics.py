@@ -35,8 +35,12 @@ def update_factors(
     seed: tf.Tensor,
     decay: tf.Tensor,
     fraction: float = 1.0,
-) -> None:
+) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
     """Updates the moving averages of each called block's Ā and G.
+
+    Returns, by ``id(block)``, the rows (ā rows, back-propagated ĝ rows) the
+    statistics were computed from, for the cross-layer statistics of
+    ``approximation="block_tridiagonal"``.
 
     ``fraction`` < 1 takes the statistics on the first ⌈fraction·B⌉ examples of
     the (shuffled) batch: the paper's τ₁ [KFAC §8], which cuts the cost of the
@@ -44,7 +48,7 @@ def update_factors(
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
-        return
+        return {}
     vectors = loss.output_vectors(tf.cast(z, tf.float32), mode, y_true, sample_weight, seed)
     preactivations = [c.preactivation for b in blocks for c in calls[id(b)]]
     # One backward pass per vector: ĝ = Jᵀ v at every recorded pre-activation.
@@ -57,13 +61,22 @@ def update_factors(
     ]
     examples = subset_size(tf.shape(z)[0], fraction)
     position = 0
+    rows = {}
     for block in blocks:
         block_calls = calls[id(block)]
         span = slice(position, position + len(block_calls))
         position += len(block_calls)
-        input_stats = block.input_statistics([c.inputs[:examples] for c in block_calls])
-        output_stats = block.output_statistics(
-            [g[:examples] for per_vector in backpropagated for g in per_vector[span]], examples
+        input_rows = block.rows([c.inputs[:examples] for c in block_calls], block.input_rows)
+        output_rows = block.rows(
+            [g[:examples] for per_vector in backpropagated for g in per_vector[span]], block.output_rows
         )
-        block.input_factor.update_moving_average(input_stats, decay)
-        block.output_factor.update_moving_average(output_stats, decay)
+        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay)
+        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay)
+        rows[id(block)] = (input_rows, output_rows)
+    return rows
+
+
+def second_moment(rows: tf.Tensor, count: tf.Tensor, other: tf.Tensor | None = None) -> tf.Tensor:
+    """rowsᵀ other / count (``other`` defaults to ``rows``)."""
+    other = rows if other is None else other
+    return tf.matmul(rows, other, transpose_a=True) / tf.cast(count, tf.float32)

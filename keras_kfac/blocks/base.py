@@ -85,15 +85,10 @@ class KroneckerBlock(abc.ABC):
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
         return tf.reshape(tf.cast(output_gradient, tf.float32), [-1, self.output_dim])
 
-    def input_statistics(self, inputs: list[tf.Tensor]) -> tf.Tensor:
-        """Batch estimate of Ā from the recorded inputs of each call."""
-        rows = tf.concat([self.input_rows(x) for x in inputs], axis=0)
-        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.shape(rows)[0], tf.float32)
-
-    def output_statistics(self, output_gradients: list[tf.Tensor], batch_size: tf.Tensor) -> tf.Tensor:
-        """Batch estimate of G from back-propagated vectors (all calls, all vectors)."""
-        rows = tf.concat([self.output_rows(g) for g in output_gradients], axis=0)
-        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(batch_size, tf.float32)
+    @staticmethod
+    def rows(tensors: list[tf.Tensor], to_rows) -> tf.Tensor:
+        """The rows of every recorded call, stacked: calls count as more locations."""
+        return tf.concat([to_rows(t) for t in tensors], axis=0)
 
     def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
         """∇W̄ of shape (input_dim, output_dim) from the variables' gradients."""

@@ -1,0 +1,104 @@
+"""State of the block-tridiagonal approximation for a chain of Dense blocks [KFAC §4.3].
+
+The registered blocks, in registration order (the model's layer order under
+automatic registration), form the chain. Besides each block's Ā and G this keeps
+moving averages of the cross statistics Ā_{i,i+1} = E[ā_i ā_{i+1}ᵀ] and
+G_{i,i+1} = E[g_i g_{i+1}ᵀ] of consecutive blocks, and the factors of the inverse
+F̂⁻¹ = Ξᵀ Λ Ξ computed by ``tridiagonal``.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_kfac import curvature, tridiagonal
+from keras_kfac.blocks import DenseBlock, KroneckerBlock
+
+
+class TridiagonalChain:
+    """Cross statistics and the stored F̂⁻¹ of a chain of Dense blocks."""
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, blocks: list[KroneckerBlock]):
+        if len(blocks) < 2 or not all(type(b) is DenseBlock for b in blocks):
+            raise ValueError(
+                "approximation='block_tridiagonal' needs a chain of at least two "
+                "Dense layers and no other registered layers; got "
+                f"{[type(b).__name__ for b in blocks]}."
+            )
+        self.blocks = blocks
+        input_dims = [b.input_dim for b in blocks]
+        output_dims = [b.output_dim for b in blocks]
+        self.input_cross = [
+            optimizer.add_variable((n, m), dtype="float32", name=f"chain_{i}_A_cross")
+            for i, (n, m) in enumerate(zip(input_dims[:-1], input_dims[1:]))
+        ]
+        self.output_cross = [
+            optimizer.add_variable((d, e), dtype="float32", name=f"chain_{i}_G_cross")
+            for i, (d, e) in enumerate(zip(output_dims[:-1], output_dims[1:]))
+        ]
+        with tf.init_scope():  # build may run while the train step is traced
+            identity = [
+                t.numpy()
+                for t in tridiagonal.TridiagonalInverse.identity(input_dims, output_dims).to_tensors()
+            ]
+        self.inverse = [
+            optimizer.add_variable(
+                value.shape, dtype="float32", name=f"chain_inverse_{i}",
+                initializer=keras.initializers.Constant(value),
+            )
+            for i, value in enumerate(identity)
+        ]
+
+    def update_cross_statistics(self, rows: dict, decay: tf.Tensor, batch_size: tf.Tensor) -> None:
+        """Moving averages of Ā_{i,i+1} and G_{i,i+1} from the step's aligned rows."""
+        if any(id(b) not in rows for b in self.blocks):
+            raise ValueError(
+                "approximation='block_tridiagonal' needs every Dense layer of the "
+                "chain to be called in each training step."
+            )
+        input_rows = [rows[id(b)][0] for b in self.blocks]
+        output_rows = [rows[id(b)][1] for b in self.blocks]
+        if any(r.shape.rank != 2 for r in input_rows) or len({r.shape[0] for r in input_rows}) > 1:
+            raise ValueError("approximation='block_tridiagonal' needs one row per example in every layer.")
+        input_cross, output_cross = tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size)
+        for variable, batch in zip(self.input_cross + self.output_cross, input_cross + output_cross):
+            variable.assign(tf.where(
+                tf.reduce_all(tf.math.is_finite(batch)), decay * variable + (1.0 - decay) * batch, variable
+            ))
+
+    def inverse_state(self, gamma: tf.Tensor) -> list[tf.Tensor]:
+        """The tensors of F̂⁻¹ for damping γ (not stored)."""
+        inverse = tridiagonal.tridiagonal_inverse(
+            [b.input_factor.cov for b in self.blocks],
+            [b.output_factor.cov for b in self.blocks],
+            [tf.convert_to_tensor(v) for v in self.input_cross],
+            [tf.convert_to_tensor(v) for v in self.output_cross],
+            [curvature.trace_norm_pi(b.input_factor, b.output_factor) for b in self.blocks],
+            gamma,
+        )
+        return inverse.to_tensors()
+
+    def store(self, tensors: list[tf.Tensor]) -> None:
+        """Keeps ``tensors`` as the inverse unless any is non-finite."""
+        ok = curvature.all_finite(tensors)
+        for variable, tensor in zip(self.inverse, tensors):
+            variable.assign(tf.where(ok, tensor, variable))
+
+    def stored(self) -> list:
+        return list(self.inverse)
+
+    def precondition(self, grads: dict, tensors: list, var_key) -> dict:
+        """F̂⁻¹∇h for the chain's variables, by ``var_key``."""
+        keys = [[var_key(v) for v in b.variables] for b in self.blocks]
+        if not all(k in grads for block_keys in keys for k in block_keys):
+            return {}
+        matrices = [b.gradient_matrix([grads[k] for k in block_keys]) for b, block_keys in zip(self.blocks, keys)]
+        results = tridiagonal.apply_tridiagonal_inverse(
+            tridiagonal.TridiagonalInverse.from_tensors(tensors), matrices
+        )
+        updates = {}
+        for block, block_keys, result in zip(self.blocks, keys, results):
+            updates.update(zip(block_keys, block.split_matrix(result)))
+        return updates
+
