@@ -75,10 +75,20 @@ class Recorder:
             calls.setdefault(id(owner), []).append(call)
 
     def pop(self, owner: object) -> list:
-        """Removes and returns ``owner``'s calls recorded in the current graph."""
+        """Removes and returns ``owner``'s calls recorded in the current graph.
+
+        When the current graph is a branch nested in the step's graph (a
+        ``LossScaleOptimizer`` applies the update inside a ``cond``), the
+        records of the nearest enclosing graph that has some are taken.
+        """
         graph = tf.compat.v1.get_default_graph()
         with self._lock:
-            return self._by_graph.get(graph, {}).pop(id(owner), [])
+            while graph is not None:
+                calls = self._by_graph.get(graph, {})
+                if id(owner) in calls:
+                    return calls.pop(id(owner))
+                graph = getattr(graph, "outer_graph", None)
+        return []
 
 
 RECORDER = Recorder()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import warnings
@@ -252,6 +253,10 @@ class KFAC(keras.optimizers.Optimizer):
             return
         super().build(variables)
         collection = self.layer_collection
+        if collection.model is None:
+            model = _calling_model(self)
+            if model is not None:
+                collection.register_model(model)
         collection.prepare()
         trainable = {self._var_key(v) for v in variables}
         owned = set()
@@ -423,6 +428,32 @@ class KFAC(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _calling_model(optimizer: KFAC) -> keras.Model | None:
+    """The model whose code is building ``optimizer``, if any.
+
+    A KFAC restored by ``keras.models.load_model`` (or created from its config)
+    has no model: Keras builds it from the model's own methods
+    (``compile_from_config``, the training step), so the model is found as the
+    ``self`` of a calling frame whose ``optimizer`` is this one (possibly inside
+    a ``LossScaleOptimizer``). Registering it there, before the optimizer's
+    variables exist, recreates them in the order they were saved in.
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.Model):
+                attached = getattr(owner, "optimizer", None)
+                if attached is optimizer or getattr(attached, "inner_optimizer", None) is optimizer:
+                    return owner
+        return None
+    finally:
+        del frame
 
 
 class _Batch:
