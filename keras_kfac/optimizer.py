@@ -378,9 +378,8 @@ class KFAC(keras.optimizers.Optimizer):
         if self.approximation == "block_tridiagonal":
             self._tridiagonal.store(inverses)
             return
-        for block, (inverse_a, inverse_g) in zip(self.blocks, inverses):
-            block.input_factor.assign_inverse(inverse_a)
-            block.output_factor.assign_inverse(inverse_g)
+        for block, block_inverses in zip(self.blocks, inverses):
+            block.store_inverses(block_inverses)
 
     def _stored_inverses(self) -> list:
         if self.approximation == "block_tridiagonal":

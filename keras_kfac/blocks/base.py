@@ -4,7 +4,7 @@ A block owns a layer's kernel and bias as one matrix W̄ in *homogeneous* form: 
 bias is the last row, multiplying the constant 1 appended to each input row ā.
 Its Fisher block is approximated as ``Ā ⊗ G``:
 
-    Ā = (1/N) Σ_rows ā ā,ᵀ        G = (1/B) Σ_rows ĝ ĝᵀ
+    Ā = (1/N) Σ_rows ā āᵀ,        G = (1/B) Σ_rows ĝ ĝᵀ
 
 over the rows of one batch — examples, and for convolutions and inputs of rank
 above 2 also the |T| locations of each example [KFC §3] (and the several calls of
@@ -109,9 +109,9 @@ class KroneckerBlock(abc.ABC):
         """Freshly computed ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) [KFAC §6.3]."""
         return curvature.damped_inverses(self.input_factor, self.output_factor, gamma)
 
-    def update_inverses(self, gamma: tf.Tensor) -> None:
-        """Recomputes and stores the damped inverses (kept if they fail)."""
-        inverse_a, inverse_g = self.damped_inverses(gamma)
+    def store_inverses(self, inverses: tuple[tf.Tensor, tf.Tensor]) -> None:
+        """Keeps the damped inverses (each unless its factorisation failed)."""
+        inverse_a, inverse_g = inverses
         self.input_factor.assign_inverse(inverse_a)
         self.output_factor.assign_inverse(inverse_g)
 
@@ -129,6 +129,3 @@ class KroneckerBlock(abc.ABC):
         inverse_a, inverse_g = inverses
         update = tf.matmul(tf.matmul(inverse_a, self.gradient_matrix(gradients)), inverse_g)
         return self.split_matrix(update)
-
-    def factors(self) -> list[curvature.KroneckerFactor]:
-        return [self.input_factor, self.output_factor]
