@@ -9,6 +9,8 @@ F̂⁻¹ = Ξᵀ Λ Ξ computed by ``tridiagonal``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import keras
 import tensorflow as tf
 
@@ -67,7 +69,7 @@ class TridiagonalChain:
                 tf.reduce_all(tf.math.is_finite(batch)), decay * variable + (1.0 - decay) * batch, variable
             ))
 
-    def inverse_state(self, gamma: tf.Tensor) -> list[tf.Tensor]:
+    def inverses(self, gamma: tf.Tensor) -> list[tf.Tensor]:
         """The tensors of F̂⁻¹ for damping γ (not stored)."""
         inverse = tridiagonal.tridiagonal_inverse(
             [b.input_factor.cov for b in self.blocks],
@@ -88,7 +90,7 @@ class TridiagonalChain:
     def stored(self) -> list:
         return list(self.inverse)
 
-    def precondition(self, grads: dict, tensors: list, var_key) -> dict:
+    def precondition(self, grads: dict, tensors: list, var_key: Callable) -> dict:
         """F̂⁻¹∇h for the chain's variables, by ``var_key``."""
         keys = [[var_key(v) for v in b.variables] for b in self.blocks]
         if not all(k in grads for block_keys in keys for k in block_keys):

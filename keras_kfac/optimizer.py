@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_kfac import capture, curvature, losses, quadratic_model, statistics
 from keras_kfac.chain import TridiagonalChain
+from keras_kfac.preconditioner import BlockDiagonal
 from keras_kfac.registration import LayerCollection
 
 _EAGER_MESSAGE = (
@@ -283,7 +284,9 @@ class KFAC(keras.optimizers.Optimizer):
         self._rho = scalar("rho", float("nan"))
         self._quadratic_change = scalar("quadratic_change", 0.0)
         if self.approximation == "block_tridiagonal":
-            self._tridiagonal = TridiagonalChain(self, collection.blocks)
+            self._preconditioner = TridiagonalChain(self, collection.blocks)
+        else:
+            self._preconditioner = BlockDiagonal(collection.blocks)
         unowned = [v.path if hasattr(v, "path") else v.name for v in variables if self._var_key(v) not in owned]
         if unowned:
             warnings.warn(
@@ -357,10 +360,10 @@ class KFAC(keras.optimizers.Optimizer):
         )
         if self.approximation == "block_tridiagonal":
             examples = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
-            self._tridiagonal.update_cross_statistics(rows, decay, examples)
+            self._preconditioner.update_cross_statistics(rows, decay, examples)
 
         def refresh_inverses() -> tf.Tensor:
-            self._store_inverses(self._damped_inverses(self._gamma))
+            self._preconditioner.store(self._preconditioner.inverses(self._gamma))
             return tf.constant(True)
 
         due = tf.logical_or(
@@ -368,36 +371,10 @@ class KFAC(keras.optimizers.Optimizer):
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
 
-    def _damped_inverses(self, gamma: tf.Tensor) -> list:
-        """The preconditioner's inverse state for a given γ (not stored)."""
-        if self.approximation == "block_tridiagonal":
-            return self._tridiagonal.inverse_state(gamma)
-        return [block.damped_inverses(gamma) for block in self.blocks]
-
-    def _store_inverses(self, inverses: list) -> None:
-        if self.approximation == "block_tridiagonal":
-            self._tridiagonal.store(inverses)
-            return
-        for block, block_inverses in zip(self.blocks, inverses):
-            block.store_inverses(block_inverses)
-
-    def _stored_inverses(self) -> list:
-        if self.approximation == "block_tridiagonal":
-            return self._tridiagonal.stored()
-        return [(b.input_factor.inverse, b.output_factor.inverse) for b in self.blocks]
-
     def _precondition(self, grads: dict, inverses: list) -> dict:
         """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
         updates = dict(grads)
-        if self.approximation == "block_tridiagonal":
-            updates.update(self._tridiagonal.precondition(grads, inverses, self._var_key))
-            return updates
-        for block, block_inverses in zip(self.blocks, inverses):
-            keys = [self._var_key(v) for v in block.variables]
-            if not all(k in grads for k in keys):
-                continue
-            for key, update in zip(keys, block.precondition([grads[k] for k in keys], block_inverses)):
-                updates[key] = update
+        updates.update(self._preconditioner.precondition(grads, inverses, self._var_key))
         return updates
 
     def get_config(self) -> dict:
@@ -550,7 +527,7 @@ class _Step:
 
     def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         """δ per variable, (α, μ) and M(δ) with the stored inverses."""
-        delta = self.proposal(self.opt._stored_inverses(), learning_rate)
+        delta = self.proposal(self.opt._preconditioner.stored(), learning_rate)
         curvature_matrix = linear = None
         if self.needs_model:
             _, _, sample_weight, z, _ = self.curvature_data
@@ -592,7 +569,7 @@ class _Step:
         candidates = [opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega]
         values, inverse_sets = [], []
         for gamma in candidates:
-            inverses = opt._damped_inverses(gamma)
+            inverses = opt._preconditioner.inverses(gamma)
             delta = self.proposal(inverses, learning_rate)
             curvature_matrix, linear = self.model_terms(delta, z, sample_weight)
             _, value = self.coefficients(curvature_matrix, linear, learning_rate)
@@ -600,6 +577,6 @@ class _Step:
             inverse_sets.append(inverses)
         best = tf.argmin(tf.stack(values))
         chosen = keras.tree.map_structure(lambda *options: tf.gather(tf.stack(options), best), *inverse_sets)
-        opt._store_inverses(chosen)
+        opt._preconditioner.store(chosen)
         opt._gamma.assign(tf.gather(tf.stack(candidates), best))
         return tf.constant(True)
