@@ -21,6 +21,7 @@ setup(
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow>=2.16"],
         "benchmarks": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
         "test": ["pytest"],
     },
     classifiers=[

@@ -76,7 +76,7 @@ def test_adam_on_fashion_mnist(tmp_path):
     assert record["results"]["adam"]["test_accuracy"][0] > 0.3  # Chance is 0.1.
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "convnet.py", "autoencoder.py"])
+@pytest.mark.parametrize("script", ["quickstart.py", "convnet.py", "autoencoder.py", "tensorboard_monitoring.py"])
 def test_tutorial_smoke_mode(tmp_path, script):
     """Each tutorial runs end to end in its smoke mode, so none can rot."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
@@ -86,3 +86,5 @@ def test_tutorial_smoke_mode(tmp_path, script):
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "loss" in completed.stdout
+    if script == "tensorboard_monitoring.py":  # it read K-FAC's scalars back from its event files
+        assert "kfac/damping" in completed.stdout and "kfac/rho" in completed.stdout

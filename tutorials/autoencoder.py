@@ -8,13 +8,18 @@ Fisher's quadratic model of the loss (§7), the damping λ follows the
 Levenberg–Marquardt rule (§6.5) and the factored-Tikhonov γ is searched every
 20 steps (§6.6). `KFAC(model=..., adaptive=True)` is all of it.
 
+The paper also grows the mini-batch, m_k = min(m₁·exp((k−1)/b), N) with
+m₁ = 1000 reaching the whole training set at iteration 500:
+`keras_kfac.GrowingBatches` feeds `model.fit` such batches.
+
     python tutorials/autoencoder.py                 # the paper's widths
     python tutorials/autoencoder.py --width 0.25    # a quarter of the widths
     python tutorials/autoencoder.py --smoke
 
 The hidden units here are tanh with Glorot initialisation, the common modern
 variant of the paper's logistic units with sparse initialisation. Each epoch
-prints the optimizer's damping λ, γ, α and μ, and the reduction ratio ρ.
+prints the optimizer's damping λ, γ, α and μ, and the reduction ratio ρ
+(`keras_kfac.KFACMonitor` puts them into the epoch logs).
 """
 
 import keras
@@ -23,15 +28,6 @@ import common
 import keras_kfac
 
 WIDTHS = (1000, 500, 250, 30)
-
-
-class ShowState(keras.callbacks.Callback):
-    """Prints the adaptive K-FAC state at the end of each epoch."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        opt = self.model.optimizer
-        print(f"  λ {float(opt.damping):.3g}  γ {float(opt.gamma):.3g}  α {float(opt.alpha):.3g}"
-              f"  μ {float(opt.mu):.3g}  ρ {float(opt.rho):.3g}")
 
 
 def build(scale: float) -> keras.Model:
@@ -47,15 +43,22 @@ def build(scale: float) -> keras.Model:
 def main() -> None:
     parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=1.0, help="scale of the layer widths")
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1000, help="m₁, the first batch size")
+    parser.add_argument("--full-batch-at", type=int, default=500, help="the iteration where m_k reaches N")
+    parser.add_argument("--steps-per-epoch", type=int, default=50)
     args = parser.parse_args()
     (x_train, _), _ = common.load(args, flatten=True)
 
     model = build(0.1 if args.smoke else args.width)
     optimizer = keras_kfac.KFAC(model=model, adaptive=True, l2_reg=1e-5)
     model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    model.fit(x_train, x_train, batch_size=min(args.batch_size, len(x_train)), epochs=args.epochs,
-              verbose=2, callbacks=[ShowState()])
+    first = min(args.batch_size, len(x_train) // 4)
+    batches = keras_kfac.GrowingBatches(
+        x_train, x_train, initial_batch_size=first,
+        growth_iterations=keras_kfac.callbacks.growth_to_reach(first, len(x_train), args.full_batch_at),
+        steps_per_epoch=2 if args.smoke else args.steps_per_epoch,
+    )
+    model.fit(batches, epochs=args.epochs, verbose=2, callbacks=[keras_kfac.KFACMonitor()])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""The benchmark harness (benchmarks/run.py) on its tiny `smoke` budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "benchmarks" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(out_dir: Path, *flags: str) -> tuple[str, float]:
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, str(RUN), "--budget", "smoke", "--synthetic", "--out-dir", str(out_dir), *flags],
+        cwd=out_dir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
+    return completed.stdout, time.perf_counter() - start
+
+
+def test_autoencoder_smoke_writes_table_json_and_plots(tmp_path):
+    stdout, seconds = run_benchmark(tmp_path, "--problem", "autoencoder")
+    folder = tmp_path / "autoencoder" / "smoke"
+    # The per-interval log lines and the printed tables.
+    assert "[autoencoder seed 0] kfac-adaptive" in stdout
+    assert "Targets from the best baseline" in stdout
+    assert "Training loss at equal training time" in stdout
+    table = (folder / "table.md").read_text()
+    for family in ("K-FAC adaptive", "K-FAC fixed lr", "Adam", "SGD+Nesterov", "Muon"):
+        assert family in table
+    record = json.loads((folder / "results.json").read_text())
+    runs = record["runs"]["0"]
+    assert {r["family"] for r in runs} == {"kfac-adaptive", "kfac-fixed", "adam", "sgd", "muon"}
+    for run in runs:
+        curve = run["curve"]
+        assert run["iterations"] == 3
+        assert len(curve["loss"]) == len(curve["seconds"]) == len(curve["iterations"]) >= 2
+        assert all(math.isfinite(v) for v in curve["loss"])
+        assert run["trace_seconds"] > 0
+    assert record["grid"]["adam"] == [1e-3]
+    assert (folder / "loss.png").stat().st_size > 0
+    # The smoke budget is for the test suite: it must stay fast.
+    assert seconds < 120, f"smoke benchmark took {seconds:.0f} s"
+
+
+def test_nesterov_momentum_schedule():
+    harness = load_harness()
+    assert harness.nesterov_momentum(0, 0.99) == 0.5
+    assert harness.nesterov_momentum(249, 0.99) == 0.5
+    assert harness.nesterov_momentum(250, 0.99) == 0.75
+    assert abs(harness.nesterov_momentum(750, 0.99) - 0.875) < 1e-12
+    assert harness.nesterov_momentum(10**6, 0.99) == 0.99
+    assert harness.nesterov_momentum(10**6, 0.9) == 0.9
+
+
+def test_batch_size_schedule_reaches_n():
+    harness = load_harness()
+    schedule = harness.batch_size_schedule(1000, 60000, 500)
+    assert schedule(1) == 1000
+    assert schedule(500) == 60000
+    assert schedule(800) == 60000
+    assert all(schedule(k) <= schedule(k + 1) for k in range(1, 600))
+    assert harness.batch_size_schedule(250, 60000, None)(77) == 250
+
+
+def test_first_crossing_interpolates():
+    harness = load_harness()
+    xs, losses = [0, 10, 20], [1.0, 0.5, 0.25]
+    assert harness.first_crossing(xs, losses, 0.5) == 10
+    assert abs(harness.first_crossing(xs, losses, math.sqrt(0.5)) - 5) < 1e-9
+    assert harness.first_crossing(xs, losses, 0.1) is None
+    assert harness.first_crossing(xs, [0.1, 0.5, 0.9], 0.7, higher=True) == 15
