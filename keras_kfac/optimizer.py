@@ -107,6 +107,9 @@ class KFAC(keras.optimizers.Optimizer):
             [KFAC §4.3] (the latter couples consecutive Dense layers of a chain).
         statistics_fraction: τ₁ in (0, 1]: the fraction of each batch the
             factor statistics are computed on.
+        statistics_update_period: T_cov ≥ 1: the factor statistics are
+            estimated on every T_cov-th step only (the others skip the factor
+            products); the moving average counts these updates.
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
             Fisher products of the quadratic model are computed on.
         seed: seed of the target sampling; random when None.
@@ -135,6 +138,7 @@ class KFAC(keras.optimizers.Optimizer):
         min_damping: float = 1e-8,
         approximation: str = "block_diagonal",
         statistics_fraction: float = 1.0,
+        statistics_update_period: int = 1,
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         name: str = "kfac",
@@ -171,6 +175,7 @@ class KFAC(keras.optimizers.Optimizer):
         _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0 + 1e-12, low_open=True)
         _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0 + 1e-12, low_open=True)
         _check_period("inverse_update_period", inverse_update_period)
+        _check_period("statistics_update_period", statistics_update_period)
         _check_period("damping_adaptation_period", damping_adaptation_period)
         _check_period("gamma_adaptation_period", gamma_adaptation_period)
         if estimation_mode not in losses.ESTIMATION_MODES:
@@ -204,6 +209,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.min_damping = float(min_damping)
         self.approximation = approximation
         self.statistics_fraction = float(statistics_fraction)
+        self.statistics_update_period = statistics_update_period
         self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # A plain (untracked) object: the optimizer does not own the model.
@@ -351,16 +357,23 @@ class KFAC(keras.optimizers.Optimizer):
         )
 
     def _update_curvature(self, batch: "_Batch") -> None:
-        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses."""
+        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
+
+        Statistics are estimated every ``statistics_update_period`` steps; on
+        the other steps the factor products run on zero rows and the moving
+        averages keep their values.
+        """
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
-        decay = curvature.moving_average_decay(self.iterations + 1, self.ema_decay)
+        period = self.statistics_update_period
+        active = tf.equal(self.iterations % period, 0)
+        decay = curvature.moving_average_decay(self.iterations // period + 1, self.ema_decay)
+        examples = tf.where(active, statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction), 0)
         rows = statistics.update_factors(
             self.blocks, batch.layer_calls, batch.loss, batch.z, self.estimation_mode,
-            batch.y_true, batch.sample_weight, seed, decay, self.statistics_fraction,
+            batch.y_true, batch.sample_weight, seed, decay, examples, active,
         )
         if self.approximation == "block_tridiagonal":
-            examples = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
-            self._preconditioner.update_cross_statistics(rows, decay, examples)
+            self._preconditioner.update_cross_statistics(rows, decay, examples, active)
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
@@ -399,6 +412,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "approximation": self.approximation,
                 "statistics_fraction": self.statistics_fraction,
+                "statistics_update_period": self.statistics_update_period,
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
             }

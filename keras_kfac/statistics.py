@@ -34,7 +34,8 @@ def update_factors(
     sample_weight,
     seed: tf.Tensor,
     decay: tf.Tensor,
-    fraction: float = 1.0,
+    examples: tf.Tensor,
+    active: tf.Tensor,
 ) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
     """Updates the moving averages of each called block's Ā and G.
 
@@ -42,9 +43,10 @@ def update_factors(
     statistics were computed from, for the cross-layer statistics of
     ``approximation="block_tridiagonal"``.
 
-    ``fraction`` < 1 takes the statistics on the first ⌈fraction·B⌉ examples of
-    the (shuffled) batch: the paper's τ₁ [KFAC §8], which cuts the cost of the
-    factor products by 1/fraction.
+    The statistics use the first ``examples`` examples of the (shuffled)
+    batch: ⌈τ₁·B⌉ for the paper's τ₁ [KFAC §8], which cuts the cost of the
+    factor products by 1/τ₁. Where ``active`` is false the moving averages are
+    left as they are (and ``examples`` is 0, so the products cost nothing).
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
@@ -59,7 +61,6 @@ def update_factors(
         ]
         for v in vectors
     ]
-    examples = subset_size(tf.shape(z)[0], fraction)
     position = 0
     rows = {}
     for block in blocks:
@@ -70,13 +71,13 @@ def update_factors(
         output_rows = block.rows(
             [g[:examples] for per_vector in backpropagated for g in per_vector[span]], block.output_rows
         )
-        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay)
-        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay)
+        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay, active)
+        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay, active)
         rows[id(block)] = (input_rows, output_rows)
     return rows
 
 
 def second_moment(rows: tf.Tensor, count: tf.Tensor, other: tf.Tensor | None = None) -> tf.Tensor:
-    """rowsᵀ other / count (``other`` defaults to ``rows``)."""
+    """rowsᵀ other / count (``other`` defaults to ``rows``; 0 for no rows)."""
     other = rows if other is None else other
-    return tf.matmul(rows, other, transpose_a=True) / tf.cast(count, tf.float32)
+    return tf.matmul(rows, other, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)

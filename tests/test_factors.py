@@ -196,3 +196,26 @@ def test_conv2d_factors_match_explicit_patches_and_location_sums(stride, dilatio
         ds = np.sqrt(2.0 / K) * w_head[:, j].reshape(out_shape).reshape(-1, 3)
         g += ds.T @ ds  # (1/B) Σ_n over B identical examples
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
+
+
+def test_statistics_update_period_averages_only_every_period_th_batch():
+    """With T_cov = 3, Ā after 6 steps is the moving average of batches 0 and 3 only (ε = min(1 − 1/k, ε_max))."""
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(8, 3)).astype("float32") for _ in range(6)]
+    labels = rng.integers(0, 2, size=8)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, momentum=0.0, estimation_mode="empirical",
+                          statistics_update_period=3, ema_decay=0.95)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for x in batches:
+        model.train_on_batch(x, labels)
+
+    def a_bar(x):
+        rows = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+        return rows.T @ rows / len(x)
+
+    expected = 0.5 * a_bar(batches[0]) + 0.5 * a_bar(batches[3])
+    np.testing.assert_allclose(opt.blocks[0].input_factor.cov.numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="statistics_update_period"):
+        keras_kfac.KFAC(statistics_update_period=0)

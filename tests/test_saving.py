@@ -59,3 +59,36 @@ def test_mixed_precision_keeps_factors_in_float32():
     for block in opt.blocks:
         assert block.input_factor.cov.dtype == "float32"
         assert np.all(np.isfinite(block.output_factor.inverse.numpy()))
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated preemption")
+
+
+def test_backup_and_restore_resumes_an_interrupted_fit_exactly(tmp_path):
+    """BackupAndRestore brings back K-FAC's factors, λ, γ and step counter with the weights."""
+    x, y = _data()
+
+    def compiled():
+        keras.utils.set_random_seed(0)
+        model = _model()
+        model.compile(optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2, seed=3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    fit = dict(batch_size=32, epochs=4, shuffle=False, verbose=0)
+    interrupted = compiled()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(x, y, callbacks=[keras.callbacks.BackupAndRestore(tmp_path), _Interrupt()], **fit)
+    assert int(interrupted.optimizer.iterations.numpy()) == 8
+
+    resumed = compiled()
+    resumed.fit(x, y, callbacks=[keras.callbacks.BackupAndRestore(tmp_path)], **fit)
+    uninterrupted = compiled()
+    uninterrupted.fit(x, y, **fit)
+    assert int(resumed.optimizer.iterations.numpy()) == 16
+    assert float(resumed.optimizer.damping.numpy()) == float(uninterrupted.optimizer.damping.numpy())
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
