@@ -91,9 +91,9 @@ AUTOENCODER_BUDGETS = {
                     kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
 }
 KFAC_ADAPTIVE_PARAMS = dict(statistics_fraction=0.125, curvature_fraction=0.25)  # the paper's τ₁, τ₂
-# Initial damping of the second adaptive run (the first starts at the paper's):
-# the best λ₀ of the 50-vs-500 comparison.
-KFAC_SMALL_DAMPING = 1e-4
+# Initial dampings λ₀ of the further adaptive runs (the first starts at the
+# paper's): the paper's λ₀ is tuned for runs of thousands of iterations.
+KFAC_INITIAL_DAMPINGS = {"smoke": [1e-2], "small": [1e-2, 1e-4], "default": [1e-2, 1e-4]}
 
 CONVNET_BUDGETS = {
     "smoke": dict(n_train=256, n_eval=256, n_test=256, budget_s=math.inf, max_iters=3, logs=2,
@@ -501,10 +501,10 @@ def convnet_problem(args, cfg):
 # ------------------------------------------------------- 50 vs 500 iterations
 
 
-def kfac_specs(cfg: dict) -> list[Spec]:
-    """Adaptive K-FAC from the paper's initial damping and from a small one, and fixed-lr K-FAC."""
-    adaptive = [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS)),
-                Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS, damping=KFAC_SMALL_DAMPING))]
+def kfac_specs(cfg: dict, budget: str) -> list[Spec]:
+    """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC."""
+    adaptive = [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS))]
+    adaptive += [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS, damping=d)) for d in KFAC_INITIAL_DAMPINGS[budget]]
     return adaptive + [Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]]
 
 
@@ -815,6 +815,10 @@ def main(argv=None) -> None:
     parser.add_argument("--activation", choices=["tanh", "logistic"], default="tanh",
                         help="tanh + Glorot init, or the paper's logistic units + sparse init")
     parser.add_argument("--budget-seconds", type=float, default=None, help="override training seconds per run")
+    parser.add_argument("--kfac-first-batch", type=int, default=None,
+                        help="autoencoder: K-FAC's first batch size m₁ (default: the budget's)")
+    parser.add_argument("--kfac-reach", type=int, default=None,
+                        help="autoencoder: the iteration at which K-FAC's batch reaches N (default: the budget's)")
     parser.add_argument("--grid", default=None,
                         help="override baseline grids, e.g. 'adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3'")
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of Fashion-MNIST")
@@ -826,13 +830,17 @@ def main(argv=None) -> None:
         cfg = dict(AUTOENCODER_BUDGETS[args.budget])
         if args.budget_seconds:
             cfg["budget_s"] = args.budget_seconds
-        kfac = kfac_specs(cfg)
+        if args.kfac_first_batch:
+            cfg["kfac_first"] = args.kfac_first_batch
+        if args.kfac_reach:
+            cfg["kfac_reach"] = args.kfac_reach
+        kfac = kfac_specs(cfg, args.budget)
         run_time_race_problem(args, "autoencoder", autoencoder_problem(args, cfg), cfg, kfac)
     elif args.problem == "convnet":
         cfg = dict(CONVNET_BUDGETS[args.budget])
         if args.budget_seconds:
             cfg["budget_s"] = args.budget_seconds
-        kfac = kfac_specs(cfg)
+        kfac = kfac_specs(cfg, args.budget)
         run_time_race_problem(args, "convnet", convnet_problem(args, cfg), cfg, kfac, accuracy=True)
     elif args.problem == "profile":
         run_profile(args)

@@ -19,6 +19,12 @@ import tensorflow as tf
 
 from keras_kfac.losses import RegisteredLoss
 
+# The 2×2 system is solved only when 1 − cos²(Δ, δ₀), measured in the metric C,
+# exceeds this: below it the determinant is float32 rounding noise (Δ and δ₀
+# nearly parallel, as on the second step when the gradient barely changed) and
+# the "solution" is an arbitrarily large α, μ pair of opposite signs.
+MIN_RELATIVE_DETERMINANT = 1e-5
+
 
 def jacobian_vector_products(
     z: tf.Tensor, variables: list, directions: list[list[tf.Tensor]]
@@ -76,12 +82,13 @@ def solve_coefficients(
 
     ``curvature`` is the 2×2 matrix C = [d_iᵀ (F + (λ+η)I) d_j] for d = (Δ, δ₀)
     and ``linear`` is b = [∇hᵀΔ, ∇hᵀδ₀] [KFAC §7]. Without a previous update
-    (first step, or δ₀ = 0) the problem is 1×1 in α and μ = 0.
+    (first step, or δ₀ = 0), or when Δ and δ₀ are numerically parallel
+    (``MIN_RELATIVE_DETERMINANT``), the problem is 1×1 in α and μ = 0.
     """
     tiny = tf.constant(1e-30, tf.float32)
     alpha_only = -linear[0] / tf.maximum(curvature[0, 0], tiny)
     determinant = curvature[0, 0] * curvature[1, 1] - curvature[0, 1] * curvature[1, 0]
-    solvable = tf.logical_and(has_previous, determinant > 1e-12 * curvature[0, 0] * curvature[1, 1])
+    solvable = tf.logical_and(has_previous, determinant > MIN_RELATIVE_DETERMINANT * curvature[0, 0] * curvature[1, 1])
     safe_det = tf.where(solvable, determinant, 1.0)
     alpha_2 = -(curvature[1, 1] * linear[0] - curvature[0, 1] * linear[1]) / safe_det
     mu_2 = -(curvature[0, 0] * linear[1] - curvature[1, 0] * linear[0]) / safe_det

@@ -33,6 +33,28 @@ def test_two_by_two_solve_matches_numpy_and_first_step_is_one_by_one():
     np.testing.assert_allclose(change, -0.5 * b[0] ** 2 / c[0, 0], rtol=1e-5)
 
 
+def test_numerically_parallel_directions_fall_back_to_the_one_by_one_solve():
+    """Δ ∥ δ₀ makes C singular up to rounding: μ = 0 and α from the 1×1 model, not noise."""
+    rng = np.random.default_rng(3)
+    metric = _spd(4, rng)
+    delta = rng.normal(size=4)
+    previous = -0.3 * delta + 1e-4 * rng.normal(size=4)  # 1 − cos² ≈ 1e-6
+    directions = np.stack([delta, previous])
+    c = directions @ metric @ directions.T
+    gradient = rng.normal(size=4)
+    b = directions @ gradient
+    coefficients, change = _solve(c, b, True)
+    np.testing.assert_allclose(coefficients, [-b[0] / c[0, 0], 0.0], rtol=1e-5)
+    np.testing.assert_allclose(change, -0.5 * b[0] ** 2 / c[0, 0], rtol=1e-5)
+    # Clearly independent directions still get the 2×2 solution.
+    previous = rng.normal(size=4)
+    directions = np.stack([delta, previous])
+    c = directions @ metric @ directions.T
+    b = directions @ gradient
+    coefficients, _ = _solve(c, b, True)
+    np.testing.assert_allclose(coefficients, -np.linalg.solve(c, b), rtol=1e-4)
+
+
 def test_momentum_scheme_reproduces_preconditioned_cg_on_a_fixed_quadratic():
     """δ = αΔ + μδ₀ with (α, μ) minimising the exact model is PCG [KFAC §7]."""
     rng = np.random.default_rng(1)
