@@ -1,7 +1,8 @@
 """Benchmarks of keras_kfac against Adam, SGD with Nesterov momentum and Muon.
 
-One command per problem and budget:
+One command per problem and budget, or all of them in turn:
 
+    python benchmarks/run.py --problem all --budget small --seeds 3 --save-figures
     python benchmarks/run.py --problem autoencoder --budget small
     python benchmarks/run.py --problem autoencoder            # default budget
     python benchmarks/run.py --problem convnet --budget small
@@ -426,6 +427,37 @@ def seed_spread(per_seed: dict[int, dict]) -> str:
             + H.markdown_table(["optimizer", "seeds", "time speedup", "iteration speedup"], rows))
 
 
+def against_each_baseline(runs_by_seed: dict) -> str:
+    """Adaptive K-FAC's speedup to each baseline family's own final loss, per seed.
+
+    Per seed and family the winner is the run with the lowest final loss; the
+    baseline's seconds (iterations) to its final loss — its first crossing —
+    are divided by adaptive K-FAC's to the same loss.
+    """
+    rows = []
+    for seed, runs in runs_by_seed.items():
+        best = {}
+        for run in runs:
+            if run["family"] not in best or run["curve"]["loss"][-1] < best[run["family"]]["curve"]["loss"][-1]:
+                best[run["family"]] = run
+        kfac = best.get("kfac-adaptive")
+        for family in ("adam", "sgd", "muon"):
+            if kfac is None or family not in best:
+                continue
+            curve, target = best[family]["curve"], best[family]["curve"]["loss"][-1]
+            cells = [str(seed), H.FAMILIES[family], best[family]["name"], f"{target:.5f}"]
+            for key in ("seconds", "iterations"):
+                own = H.first_crossing(curve[key], curve["loss"], target)
+                reached = H.first_crossing(kfac["curve"][key], kfac["curve"]["loss"], target)
+                cells += [H.fmt(reached, ".1f" if key == "seconds" else ".0f"),
+                          f"{own / reached:.2f}×" if reached and own else "—"]
+            rows.append(cells)
+    return ("Adaptive K-FAC (its best initial damping) against each baseline: seconds and iterations "
+            "to that baseline's final loss, and the baseline's own seconds (iterations) to it ÷ K-FAC's:\n\n"
+            + H.markdown_table(["seed", "baseline", "winner", "its final loss", "K-FAC s", "time speedup",
+                                "K-FAC iters", "iteration speedup"], rows))
+
+
 def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_specs, accuracy=False):
     out_dir = output_dir(args, name)
     grid = parse_grid_overrides(args.grid, cfg["grid"])
@@ -448,6 +480,7 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     table = race_tables(analyses[args.seed], all_summaries[0], accuracy)
     if seeds > 1:
         table += "\n\n" + seed_spread(analyses)
+    table += "\n\n" + against_each_baseline(all_summaries)
     settings = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in cfg.items()
                 if k != "grid"}
     header = (f"## {name} — budget `{args.budget}`\n\n"
@@ -801,11 +834,14 @@ def save_figures(args, name: str, pngs: list[Path]) -> None:
         shutil.copy(png, target / f"{name}_{args.budget}_{png.name}")
 
 
+PROBLEMS = ["autoencoder", "autoencoder-50-vs-500", "convnet", "profile"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--problem", required=True,
-                        choices=["autoencoder", "convnet", "profile", "autoencoder-50-vs-500"])
+    parser.add_argument("--problem", required=True, choices=PROBLEMS + ["all"],
+                        help="one problem, or all of them in turn")
     parser.add_argument("--budget", default="default", choices=["smoke", "small", "default"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None,
@@ -825,6 +861,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
     args = parser.parse_args(argv)
+    for problem in PROBLEMS if args.problem == "all" else [args.problem]:
+        run_problem(argparse.Namespace(**{**vars(args), "problem": problem}))
+
+
+def run_problem(args: argparse.Namespace) -> None:
     keras.utils.set_random_seed(args.seed)
     if args.problem == "autoencoder":
         cfg = dict(AUTOENCODER_BUDGETS[args.budget])

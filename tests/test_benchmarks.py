@@ -32,8 +32,19 @@ def run_benchmark(out_dir: Path, *flags: str) -> str:
     return completed.stdout
 
 
-def test_autoencoder_smoke_writes_table_json_and_plots(tmp_path):
-    stdout = run_benchmark(tmp_path, "--problem", "autoencoder")
+def test_all_problems_smoke_write_tables_json_and_plots(tmp_path):
+    stdout = run_benchmark(tmp_path, "--problem", "all")
+    expected = {
+        "autoencoder-50-vs-500": ("step time adaptive / fixed K-FAC", ["loss.png"]),
+        "convnet": ("Time to test accuracy", ["loss.png", "accuracy.png"]),
+        "profile": ("Where the time goes", ["step_time.png"]),
+    }
+    for problem, (heading, plots) in expected.items():
+        folder = tmp_path / problem / "smoke"
+        assert heading in (folder / "table.md").read_text()
+        assert json.loads((folder / "results.json").read_text())
+        for plot in plots:
+            assert (folder / plot).stat().st_size > 0
     folder = tmp_path / "autoencoder" / "smoke"
     # The per-interval log lines and the printed tables.
     assert "[autoencoder seed 0] kfac-adaptive" in stdout
