@@ -531,14 +531,14 @@ def convnet_problem(args, cfg):
     return factory
 
 
-# ------------------------------------------------------- 50 vs 500 iterations
-
-
 def kfac_specs(cfg: dict, budget: str) -> list[Spec]:
     """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC."""
     adaptive = [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS))]
     adaptive += [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS, damping=d)) for d in KFAC_INITIAL_DAMPINGS[budget]]
     return adaptive + [Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]]
+
+
+# ------------------------------------------------------- 50 vs 500 iterations
 
 
 def mean_step(summary: dict) -> float:
