@@ -430,16 +430,14 @@ def seed_spread(per_seed: dict[int, dict]) -> str:
 def against_each_baseline(runs_by_seed: dict) -> str:
     """Adaptive K-FAC's speedup to each baseline family's own final loss, per seed.
 
-    Per seed and family the winner is the run with the lowest final loss; the
+    Per seed and family the winner is `harness.best_of` the family's runs; the
     baseline's seconds (iterations) to its final loss — its first crossing —
     are divided by adaptive K-FAC's to the same loss.
     """
     rows = []
     for seed, runs in runs_by_seed.items():
-        best = {}
-        for run in runs:
-            if run["family"] not in best or run["curve"]["loss"][-1] < best[run["family"]]["curve"]["loss"][-1]:
-                best[run["family"]] = run
+        families = {run["family"] for run in runs}
+        best = {f: H.best_of([run for run in runs if run["family"] == f]) for f in families}
         kfac = best.get("kfac-adaptive")
         for family in ("adam", "sgd", "muon"):
             if kfac is None or family not in best:
