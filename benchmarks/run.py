@@ -531,8 +531,9 @@ def convnet_problem(args, cfg):
 
 def kfac_specs(cfg: dict, budget: str) -> list[Spec]:
     """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC."""
-    adaptive = [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS))]
-    adaptive += [Spec("kfac-adaptive", dict(KFAC_ADAPTIVE_PARAMS, damping=d)) for d in KFAC_INITIAL_DAMPINGS[budget]]
+    params = dict(KFAC_ADAPTIVE_PARAMS, **cfg.get("kfac_adaptive", {}))
+    adaptive = [Spec("kfac-adaptive", dict(params))]
+    adaptive += [Spec("kfac-adaptive", dict(params, damping=d)) for d in KFAC_INITIAL_DAMPINGS[budget]]
     return adaptive + [Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]]
 
 

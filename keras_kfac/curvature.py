@@ -58,11 +58,10 @@ class KroneckerFactor:
             (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
         )
 
-    def update_moving_average(self, batch_cov: tf.Tensor, decay: tf.Tensor, active: tf.Tensor = True) -> None:
-        """cov ← ε·cov + (1 − ε)·batch_cov where ``active``; a non-finite batch estimate is skipped."""
+    def update_moving_average(self, batch_cov: tf.Tensor, decay: tf.Tensor) -> None:
+        """cov ← ε·cov + (1 − ε)·batch_cov; a non-finite batch estimate is skipped."""
         new_cov = decay * self.cov + (1.0 - decay) * batch_cov
-        ok = tf.logical_and(active, tf.reduce_all(tf.math.is_finite(batch_cov)))
-        self.cov.assign(tf.where(ok, new_cov, self.cov))
+        self.cov.assign(tf.where(tf.reduce_all(tf.math.is_finite(batch_cov)), new_cov, self.cov))
 
     def mean_eigenvalue(self) -> tf.Tensor:
         """tr(cov) / dim."""

@@ -106,10 +106,16 @@ class KFAC(keras.optimizers.Optimizer):
         approximation: ``"block_diagonal"`` or ``"block_tridiagonal"``
             [KFAC §4.3] (the latter couples consecutive Dense layers of a chain).
         statistics_fraction: τ₁ in (0, 1]: the fraction of each batch the
-            factor statistics are computed on.
+            factor statistics are computed on. Below 1 they come from a
+            forward and backward pass of that fraction alone.
         statistics_update_period: T_cov ≥ 1: the factor statistics are
-            estimated on every T_cov-th step only (the others skip the factor
-            products); the moving average counts these updates.
+            estimated on every T_cov-th step only (the others skip their
+            passes and products); the moving average counts these updates.
+        patch_fraction: in (0, 1]: the fraction of a Conv2D layer's patch rows
+            (examples × |T| locations) its Ā statistics are computed on, drawn
+            uniformly at random each step (an unbiased estimate of the KFC
+            expectation [KFC §3.1]; G uses every location). Ā's product, the
+            bulk of a convolution's statistics, costs this fraction.
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
             Fisher products of the quadratic model are computed on.
         seed: seed of the target sampling; random when None.
@@ -139,6 +145,7 @@ class KFAC(keras.optimizers.Optimizer):
         approximation: str = "block_diagonal",
         statistics_fraction: float = 1.0,
         statistics_update_period: int = 1,
+        patch_fraction: float = 1.0,
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         name: str = "kfac",
@@ -174,6 +181,7 @@ class KFAC(keras.optimizers.Optimizer):
             _check_range("norm_constraint", norm_constraint, 0.0, low_open=True)
         _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0 + 1e-12, low_open=True)
         _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0 + 1e-12, low_open=True)
+        _check_range("patch_fraction", patch_fraction, 0.0, 1.0 + 1e-12, low_open=True)
         _check_period("inverse_update_period", inverse_update_period)
         _check_period("statistics_update_period", statistics_update_period)
         _check_period("damping_adaptation_period", damping_adaptation_period)
@@ -210,6 +218,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.approximation = approximation
         self.statistics_fraction = float(statistics_fraction)
         self.statistics_update_period = statistics_update_period
+        self.patch_fraction = float(patch_fraction)
         self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # A plain (untracked) object: the optimizer does not own the model.
@@ -359,21 +368,41 @@ class KFAC(keras.optimizers.Optimizer):
     def _update_curvature(self, batch: "_Batch") -> None:
         """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
 
-        Statistics are estimated every ``statistics_update_period`` steps; on
-        the other steps the factor products run on zero rows and the moving
-        averages keep their values.
+        With τ₁ = 1 and T_cov = 1 the statistics use the training step's own
+        forward pass and one more backward pass, from the sampled outputs. With
+        τ₁ < 1 or T_cov > 1 they come from a forward and backward pass of the
+        first ⌈τ₁B⌉ examples alone, run on every T_cov-th step only (a
+        ``tf.cond``): these passes then cost about τ₁/T_cov of the training
+        step's. No tensor shape depends on the step counter, so XLA compiles
+        the step once.
         """
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
         period = self.statistics_update_period
-        active = tf.equal(self.iterations % period, 0)
         decay = curvature.moving_average_decay(self.iterations // period + 1, self.ema_decay)
-        examples = tf.where(active, statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction), 0)
-        rows = statistics.update_factors(
-            self.blocks, batch.layer_calls, batch.loss, batch.z, self.estimation_mode,
-            batch.y_true, batch.sample_weight, seed, decay, examples, active,
-        )
-        if self.approximation == "block_tridiagonal":
-            self._preconditioner.update_cross_statistics(rows, decay, examples, active)
+
+        def accumulate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tf.Tensor:
+            examples = tf.shape(z)[0]
+            rows = statistics.factor_rows(
+                self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed, examples
+            )
+            statistics.update_factors(self.blocks, rows, examples, decay, seed, self.patch_fraction)
+            if self.approximation == "block_tridiagonal":
+                self._preconditioner.update_cross_statistics(rows, decay, examples)
+            return tf.constant(True)
+
+        def accumulate_sub_batch() -> tf.Tensor:
+            size = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
+            x, y_true, sample_weight = _first_examples((batch.loss_call.x, batch.y_true, batch.sample_weight), size)
+            y_pred, layer_calls = self._forward(x)
+            return accumulate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
+
+        if self.statistics_fraction >= 1.0 and period == 1:
+            accumulate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)
+        elif period == 1:
+            accumulate_sub_batch()
+        else:
+            active = tf.equal(self.iterations % period, 0)
+            tf.cond(active, accumulate_sub_batch, lambda: tf.constant(False))
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
@@ -383,6 +412,18 @@ class KFAC(keras.optimizers.Optimizer):
             self.iterations < 3, tf.equal(self.iterations % self.inverse_update_period, 0)
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
+
+    def _forward(self, x) -> tuple[Any, dict]:
+        """The model's output on ``x`` at the current weights, and its blocks' layer calls.
+
+        Runs in a ``keras.StatelessScope``: state updates of training mode
+        (BatchNormalization's moving statistics, ...) belong to the training
+        step's own forward pass, not to K-FAC's extra ones.
+        """
+        model = self.layer_collection.model
+        with keras.StatelessScope():
+            y_pred = model(x, training=True)
+        return y_pred, {id(b): capture.RECORDER.pop(b.layer) for b in self.blocks}
 
     def _precondition(self, grads: dict, inverses: list) -> dict:
         """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
@@ -413,6 +454,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "approximation": self.approximation,
                 "statistics_fraction": self.statistics_fraction,
                 "statistics_update_period": self.statistics_update_period,
+                "patch_fraction": self.patch_fraction,
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
             }
@@ -444,6 +486,11 @@ def _calling_model(optimizer: KFAC) -> keras.Model | None:
         return None
     finally:
         del frame
+
+
+def _first_examples(structure: Any, size: tf.Tensor) -> Any:
+    """Every tensor of ``structure`` cut to its first ``size`` examples (None stays None)."""
+    return keras.tree.map_structure(lambda a: None if a is None else a[:size], structure)
 
 
 class _Batch:
@@ -486,18 +533,15 @@ class _Step:
         if opt.curvature_fraction >= 1.0:
             return call.x, call.y_true, call.sample_weight, batch.z, call.loss
         size = statistics.subset_size(tf.shape(batch.z)[0], opt.curvature_fraction)
-        take = lambda t: keras.tree.map_structure(lambda a: None if a is None else a[:size], t)  # noqa: E731
-        x, y, sample_weight = take(call.x), take(call.y_true), take(call.sample_weight)
+        x, y, sample_weight = _first_examples((call.x, call.y_true, call.sample_weight), size)
         y_pred, loss = self.forward(x, y, sample_weight)
         return x, y, sample_weight, batch.loss.network_output(y_pred), loss
 
     def forward(self, x, y, sample_weight) -> tuple:
         """The model's output and training loss at the current weights, recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred = model(x, training=True)
+        y_pred, _ = self.opt._forward(x)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        for block in self.opt.blocks:
-            capture.RECORDER.pop(block.layer)
         return keras.tree.flatten(y_pred)[0], loss
 
     # Proposals and their quadratic model.

@@ -24,7 +24,21 @@ def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
     return tf.maximum(size, 1)
 
 
-def update_factors(
+def subsample_rows(rows: tf.Tensor, fraction: float, seed: tf.Tensor) -> tf.Tensor:
+    """⌈fraction · n⌉ of the n rows, drawn uniformly without replacement.
+
+    The mean of ``ā āᵀ`` over the drawn rows is an unbiased estimate of its mean
+    over all of them, at ``fraction`` of the cost of the product.
+    """
+    if fraction >= 1.0:
+        return rows
+    count = tf.shape(rows)[0]
+    size = tf.minimum(subset_size(count, fraction), count)
+    order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
+    return tf.gather(rows, order[:size])
+
+
+def factor_rows(
     blocks: list[KroneckerBlock],
     calls: dict[int, list[LayerCall]],
     loss: RegisteredLoss,
@@ -33,20 +47,15 @@ def update_factors(
     y_true,
     sample_weight,
     seed: tf.Tensor,
-    decay: tf.Tensor,
     examples: tf.Tensor,
-    active: tf.Tensor,
 ) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
-    """Updates the moving averages of each called block's Ā and G.
+    """Each called block's rows (ā rows, back-propagated ĝ rows), by ``id(block)``.
 
-    Returns, by ``id(block)``, the rows (ā rows, back-propagated ĝ rows) the
-    statistics were computed from, for the cross-layer statistics of
-    ``approximation="block_tridiagonal"``.
-
-    The statistics use the first ``examples`` examples of the (shuffled)
-    batch: ⌈τ₁·B⌉ for the paper's τ₁ [KFAC §8], which cuts the cost of the
-    factor products by 1/τ₁. Where ``active`` is false the moving averages are
-    left as they are (and ``examples`` is 0, so the products cost nothing).
+    The second backward pass of [KFAC §5]: the output vectors of ``mode``
+    (sampled targets, the exact Hessian factor or the labels) are
+    back-propagated from z to every recorded pre-activation. The rows are those
+    of the first ``examples`` examples of the (shuffled) batch: ⌈τ₁·B⌉ for the
+    paper's τ₁ [KFAC §8], which cuts the cost of the factor products by 1/τ₁.
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
@@ -71,10 +80,35 @@ def update_factors(
         output_rows = block.rows(
             [g[:examples] for per_vector in backpropagated for g in per_vector[span]], block.output_rows
         )
-        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay, active)
-        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay, active)
         rows[id(block)] = (input_rows, output_rows)
     return rows
+
+
+def update_factors(
+    blocks: list[KroneckerBlock],
+    rows: dict[int, tuple[tf.Tensor, tf.Tensor]],
+    examples: tf.Tensor,
+    decay: tf.Tensor,
+    seed: tf.Tensor,
+    patch_fraction: float = 1.0,
+) -> None:
+    """Moving averages [KFAC §5] of Ā = mean of ā āᵀ and G = (1/examples) Σ ĝ ĝᵀ.
+
+    For blocks whose rows are patch locations (Conv2D), Ā is estimated from a
+    random ``patch_fraction`` of the |T|·examples patch rows: the expectation
+    E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which cuts the
+    dominant (rows × dim Ā²) product by that fraction. G keeps every location.
+    """
+    for index, block in enumerate(blocks):
+        if id(block) not in rows:
+            continue
+        input_rows, output_rows = rows[id(block)]
+        if block.rows_are_patch_locations:
+            # A stream of its own: the target sampling uses ``seed`` itself.
+            block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
+            input_rows = subsample_rows(input_rows, patch_fraction, block_seed)
+        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay)
+        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay)
 
 
 def second_moment(rows: tf.Tensor, count: tf.Tensor, other: tf.Tensor | None = None) -> tf.Tensor:

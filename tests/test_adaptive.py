@@ -98,3 +98,23 @@ def test_adaptive_arguments_are_validated_and_round_trip():
     clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
     assert clone.get_config() == config
     assert clone.use_quadratic_model and clone.adapt_damping and not clone.adapt_gamma
+
+
+def test_extra_forward_passes_leave_batch_normalization_statistics_alone():
+    """τ₁, τ₂ < 1 and the LM check run forward passes of their own; only the training pass updates moving statistics."""
+    keras.utils.set_random_seed(3)
+    x = _images(40)
+    dense = keras.layers.Dense(6, activation="tanh")
+    norm = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Sequential([keras.Input((12,)), dense, norm, keras.layers.Dense(12)])
+    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=1,
+                          statistics_fraction=0.25, curvature_fraction=0.5, seed=0)
+    model.compile(optimizer=opt, loss="mse")
+    with pytest.warns(UserWarning, match="plain momentum"):
+        model.build((None, 12))
+        opt.build(model.trainable_variables)
+    kernel, bias = (v.numpy().astype(np.float64) for v in dense.weights)
+    model.train_on_batch(x, x)
+    h = np.tanh(x.astype(np.float64) @ kernel + bias)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), 0.1 * h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), 0.9 + 0.1 * h.var(0), rtol=1e-4, atol=1e-6)

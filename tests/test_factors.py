@@ -219,3 +219,54 @@ def test_statistics_update_period_averages_only_every_period_th_batch():
     np.testing.assert_allclose(opt.blocks[0].input_factor.cov.numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="statistics_update_period"):
         keras_kfac.KFAC(statistics_update_period=0)
+
+
+def test_subsampled_rows_are_a_uniform_draw_without_replacement():
+    import tensorflow as tf
+
+    from keras_kfac import statistics
+
+    rows = tf.reshape(tf.range(10, dtype=tf.float32), [10, 1])
+    counts = np.zeros(10)
+    for step in range(400):
+        drawn = statistics.subsample_rows(rows, 0.3, tf.constant([7, step])).numpy()[:, 0]
+        assert len(drawn) == 3 and len(set(drawn)) == 3 and set(drawn) <= set(range(10))
+        counts[drawn.astype(int)] += 1
+    # Each row is drawn with probability 3/10: 120 of 400 expected, sd ≈ 9.2.
+    assert np.all(np.abs(counts - 120) < 40), counts
+    np.testing.assert_array_equal(statistics.subsample_rows(rows, 1.0, tf.constant([7, 0])).numpy(), rows.numpy())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_patch_fraction_gives_an_unbiased_conv2d_input_factor(jit_compile):
+    """Ā from a random quarter of the patch rows: the running mean of the draws → E_{n,t}[ā_t ā_tᵀ]; G from all."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(4, 5, 5, 2)).astype("float32")
+    y = rng.normal(size=(4, K)).astype("float32")
+    conv = keras.layers.Conv2D(3, (2, 2), padding="valid")
+    model = keras.Sequential([keras.Input((5, 5, 2)), conv, keras.layers.Flatten(), keras.layers.Dense(K)])
+    # ema_decay → 1: ε_k = 1 − 1/k, so the factor is the plain mean of the steps' estimates.
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, momentum=0.0, estimation_mode="exact",
+                          ema_decay=1 - 1e-9, patch_fraction=0.25, seed=3)
+    model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
+    block = opt.layer_collection.block_for(conv)
+
+    patches = _patches(x.astype(np.float64), 2, 2, 1, 1, "valid")
+    rows = np.concatenate([patches.reshape(-1, 8), np.ones((64, 1))], 1)  # 4 examples × 16 locations
+    full = rows.T @ rows / len(rows)
+    # E‖mean of k of N rows − full‖² (without replacement), k = 16 of N = 64.
+    outer = np.einsum("ni,nj->nij", rows, rows) - full
+    one_draw = np.sqrt((64 - 16) / (63 * 16) * np.mean(np.sum(outer**2, axis=(1, 2))))
+
+    model.train_on_batch(x, y)
+    first_a, first_g = block.input_factor.cov.numpy(), block.output_factor.cov.numpy()
+    assert np.linalg.norm(first_a - full) > 0.2 * one_draw  # a subsample, not all rows
+    assert first_a[-1, -1] == pytest.approx(1.0)
+    steps = 200
+    for _ in range(steps - 1):
+        model.train_on_batch(x, y)
+    assert np.linalg.norm(block.input_factor.cov.numpy() - full) < 3 * one_draw / np.sqrt(steps)
+    # G is not subsampled: every step's estimate is the same, and so is their mean.
+    np.testing.assert_allclose(block.output_factor.cov.numpy(), first_g, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="patch_fraction"):
+        keras_kfac.KFAC(patch_fraction=1.5)

@@ -27,6 +27,10 @@ from keras_kfac import curvature
 class KroneckerBlock(abc.ABC):
     """Curvature block ``Ā ⊗ G`` of one layer, with its factors' state."""
 
+    # Whether the rows ā are the patches at the |T| locations of each example
+    # (convolutions), which ``patch_fraction`` may subsample for Ā.
+    rows_are_patch_locations: bool = False
+
     def __init__(self, layer: keras.layers.Layer):
         self.layer = layer
         self.input_factor: curvature.KroneckerFactor | None = None

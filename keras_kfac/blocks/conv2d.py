@@ -18,6 +18,8 @@ from keras_kfac.blocks.base import KroneckerBlock
 class Conv2DBlock(KroneckerBlock):
     """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``."""
 
+    rows_are_patch_locations = True
+
     def __init__(self, layer: keras.layers.Layer):
         if not isinstance(layer, keras.layers.Conv2D):
             raise TypeError(f"register_conv2d takes a keras.layers.Conv2D; got {layer!r}.")
