@@ -96,20 +96,26 @@ KFAC_ADAPTIVE_PARAMS = dict(statistics_fraction=0.125, curvature_fraction=0.25) 
 # paper's): the paper's λ₀ is tuned for runs of thousands of iterations.
 KFAC_INITIAL_DAMPINGS = {"smoke": [1e-2], "small": [1e-2, 1e-4], "default": [1e-2, 1e-4]}
 
+# Conv2D layers: Ā from a quarter of the patch rows, and the fixed-lr run on τ₁ = 1/8 too.
+CONVNET_KFAC = dict(patch_fraction=0.25)
+KFAC_FIXED = dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
 CONVNET_BUDGETS = {
     "smoke": dict(n_train=256, n_eval=256, n_test=256, budget_s=math.inf, max_iters=3, logs=2,
                   baseline_batch=64, kfac_batch=64, seeds=1,
                   grid={"adam": [1e-3], "sgd": [(0.05, 0.99)], "muon": [1e-3]},
-                  kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                  kfac_adaptive=CONVNET_KFAC,
+                  kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
     "small": dict(n_train=10000, n_eval=5000, n_test=5000, budget_s=15.0, max_iters=None, logs=10,
                   baseline_batch=128, kfac_batch=512, seeds=1,
                   grid={"adam": [1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)], "muon": [3e-3]},
-                  kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                  kfac_adaptive=CONVNET_KFAC,
+                  kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
     "default": dict(n_train=60000, n_eval=5000, n_test=10000, budget_s=60.0, max_iters=None, logs=15,
                     baseline_batch=128, kfac_batch=512, seeds=1,
                     grid={"adam": [3e-4, 1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)],
                           "muon": [1e-3, 3e-3]},
-                    kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                    kfac_adaptive=CONVNET_KFAC,
+                    kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
 }
 
 FIFTY_BUDGETS = {
@@ -680,6 +686,9 @@ PROFILE_VARIANTS = [
     ("kfac adaptive, τ2=1/4", Spec("kfac-adaptive", {"curvature_fraction": 0.25})),
     ("kfac adaptive, τ1=1/8, τ2=1/4 (paper)", Spec("kfac-adaptive", {"statistics_fraction": 0.125,
                                                                     "curvature_fraction": 0.25})),
+    ("kfac adaptive, paper, Conv2D patches 1/4", Spec("kfac-adaptive", {"statistics_fraction": 0.125,
+                                                                       "curvature_fraction": 0.25,
+                                                                       "patch_fraction": 0.25})),
 ]
 
 
