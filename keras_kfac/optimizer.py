@@ -25,12 +25,28 @@ _EAGER_MESSAGE = (
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 
 
-def _check_range(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
-    """Raises ValueError naming ``name`` unless low ≤ value < high (low < value if low_open)."""
+def _check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_closed: bool = False,
+) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` lies in the interval.
+
+    The interval is [low, high), with ``low_open`` (low, …, and with
+    ``high_closed`` …, high].
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"`{name}` must be a number; got {value!r}.")
-    if value < low or (low_open and value == low) or (high is not None and value >= high):
-        interval = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high})"
+    above = high is not None and (value > high if high_closed else value >= high)
+    if value < low or (low_open and value == low) or above:
+        interval = (
+            f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}"
+            f"{']' if high_closed else ')'}"
+        )
         raise ValueError(f"`{name}` must be in {interval}; got {value!r}.")
 
 
@@ -107,7 +123,9 @@ class KFAC(keras.optimizers.Optimizer):
             [KFAC §4.3] (the latter couples consecutive Dense layers of a chain).
         statistics_fraction: τ₁ in (0, 1]: the fraction of each batch the
             factor statistics are computed on. Below 1 they come from a
-            forward and backward pass of that fraction alone.
+            forward and backward pass of that fraction alone (where the model
+            has BatchNormalization, it normalises with that fraction's
+            statistics in this pass).
         statistics_update_period: T_cov ≥ 1: the factor statistics are
             estimated on every T_cov-th step only (the others skip their
             passes and products); the moving average counts these updates.
@@ -179,9 +197,9 @@ class KFAC(keras.optimizers.Optimizer):
         _check_range("min_damping", min_damping, 0.0)
         if norm_constraint is not None:
             _check_range("norm_constraint", norm_constraint, 0.0, low_open=True)
-        _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0 + 1e-12, low_open=True)
-        _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0 + 1e-12, low_open=True)
-        _check_range("patch_fraction", patch_fraction, 0.0, 1.0 + 1e-12, low_open=True)
+        _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0, low_open=True, high_closed=True)
+        _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0, low_open=True, high_closed=True)
+        _check_range("patch_fraction", patch_fraction, 0.0, 1.0, low_open=True, high_closed=True)
         _check_period("inverse_update_period", inverse_update_period)
         _check_period("statistics_update_period", statistics_update_period)
         _check_period("damping_adaptation_period", damping_adaptation_period)
@@ -393,7 +411,7 @@ class KFAC(keras.optimizers.Optimizer):
         def accumulate_sub_batch() -> tf.Tensor:
             size = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
             x, y_true, sample_weight = _first_examples((batch.loss_call.x, batch.y_true, batch.sample_weight), size)
-            y_pred, layer_calls = self._forward(x)
+            y_pred, layer_calls, _ = self._forward(x)
             return accumulate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
 
         if self.statistics_fraction >= 1.0 and period == 1:
@@ -413,17 +431,25 @@ class KFAC(keras.optimizers.Optimizer):
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
 
-    def _forward(self, x) -> tuple[Any, dict]:
-        """The model's output on ``x`` at the current weights, and its blocks' layer calls.
+    def _forward(self, x) -> tuple[Any, dict, list]:
+        """The model's output on ``x`` at the current weights, its blocks' layer calls
+        and the losses its layers added (activity regularization).
 
         Runs in a ``keras.StatelessScope``: state updates of training mode
         (BatchNormalization's moving statistics, ...) belong to the training
-        step's own forward pass, not to K-FAC's extra ones.
+        step's own forward pass, not to K-FAC's extra ones. Random seeds do
+        advance, so each pass draws its own dropout masks.
         """
         model = self.layer_collection.model
-        with keras.StatelessScope():
+        with keras.StatelessScope(collect_losses=True) as scope:
             y_pred = model(x, training=True)
-        return y_pred, {id(b): capture.RECORDER.pop(b.layer) for b in self.blocks}
+        weights = {id(w) for w in model.weights}
+        for seed_state in (v for v in model.variables if id(v) not in weights):
+            advanced = scope.get_current_value(seed_state)
+            if advanced is not None:
+                seed_state.assign(advanced)
+        layer_calls = {id(b): capture.RECORDER.pop(b.layer) for b in self.blocks}
+        return y_pred, layer_calls, list(scope.losses)
 
     def _precondition(self, grads: dict, inverses: list) -> dict:
         """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
@@ -540,8 +566,12 @@ class _Step:
     def forward(self, x, y, sample_weight) -> tuple:
         """The model's output and training loss at the current weights, recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred, _ = self.opt._forward(x)
+        y_pred, _, layer_losses = self.opt._forward(x)
+        # Outside the scope, where weight regularizers read the variables; the
+        # scoped pass's layer losses are added as Keras' compute_loss adds them.
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        for extra in layer_losses:
+            loss = loss + tf.cast(tf.reduce_sum(extra), loss.dtype)
         return keras.tree.flatten(y_pred)[0], loss
 
     # Proposals and their quadratic model.

@@ -118,3 +118,45 @@ def test_extra_forward_passes_leave_batch_normalization_statistics_alone():
     h = np.tanh(x.astype(np.float64) @ kernel + bias)
     np.testing.assert_allclose(norm.moving_mean.numpy(), 0.1 * h.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(norm.moving_variance.numpy(), 0.9 + 0.1 * h.var(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("curvature_fraction", [1.0, 0.5])
+def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
+    """ρ = (h(θ+δ) − h(θ)) / M(δ) [KFAC §6.5] with h the whole training loss, activity penalty included."""
+    keras.utils.set_random_seed(4)
+    x = _images(32)
+    hidden = keras.layers.Dense(6, activation="tanh", activity_regularizer=keras.regularizers.L2(0.05))
+    output = keras.layers.Dense(12)
+    model = keras.Sequential([keras.Input((12,)), hidden, output])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.0, damping=1.0, adapt_damping=True,
+                          damping_adaptation_period=1, curvature_fraction=curvature_fraction)
+    model.compile(optimizer=opt, loss="mse")
+    rows = x[: int(np.ceil(curvature_fraction * len(x)))].astype(np.float64)
+
+    def h() -> float:
+        w1, b1, w2, b2 = (v.numpy().astype(np.float64) for v in model.trainable_variables)
+        a = np.tanh(rows @ w1 + b1)
+        return np.mean((a @ w2 + b2 - rows) ** 2) + 0.05 * np.sum(a**2) / len(rows)
+
+    before = h()
+    model.train_on_batch(x, x)
+    expected = (h() - before) / float(opt.quadratic_change.numpy())
+    assert float(opt.rho.numpy()) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+def test_extra_forward_passes_draw_fresh_dropout_masks():
+    """The τ₁ pass advances the dropout seed as a training pass does: its mask is not the next step's."""
+    advances = []
+    for fraction in (1.0, 0.5):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(6, activation="tanh"),
+                                  keras.layers.Dropout(0.5), keras.layers.Dense(12)])
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1.0, statistics_fraction=fraction)
+        model.compile(optimizer=opt, loss="mse")
+        model.build((None, 12))
+        weights = {id(w) for w in model.weights}
+        (seed_state,) = [v for v in model.variables if id(v) not in weights]
+        start = seed_state.numpy().astype(np.int64)
+        model.train_on_batch(_images(16), _images(16))
+        advances.append(int(np.sum(seed_state.numpy().astype(np.int64) - start)))
+    assert advances[0] > 0 and advances[1] == 2 * advances[0], advances

@@ -171,12 +171,14 @@ def test_learning_rate_schedule_and_config_round_trip():
     opt = keras_kfac.KFAC(
         learning_rate=schedule, damping=0.02, momentum=0.5, ema_decay=0.9,
         inverse_update_period=7, estimation_mode="exact", l2_reg=1e-4, seed=11,
+        statistics_fraction=0.5, curvature_fraction=0.25, patch_fraction=0.3,
     )
     config = opt.get_config()
     clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
     assert clone.get_config() == config
     for key, value in dict(damping=0.02, momentum=0.5, ema_decay=0.9, inverse_update_period=7,
-                           estimation_mode="exact", l2_reg=1e-4, seed=11).items():
+                           estimation_mode="exact", l2_reg=1e-4, seed=11, statistics_fraction=0.5,
+                           curvature_fraction=0.25, patch_fraction=0.3).items():
         assert config[key] == value
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, keras_kfac.KFAC)
@@ -195,6 +197,8 @@ def test_learning_rate_schedule_and_config_round_trip():
         (dict(inverse_update_period=2.5), "inverse_update_period"),
         (dict(estimation_mode="fisher"), "estimation_mode"),
         (dict(l2_reg=-1e-3), "l2_reg"),
+        (dict(patch_fraction=0.0), r"`patch_fraction` must be in \(0, 1\]"),
+        (dict(statistics_fraction=1.5), r"`statistics_fraction` must be in \(0, 1\]"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
