@@ -34,7 +34,10 @@ def subsample_rows(rows: tf.Tensor, fraction: float, seed: tf.Tensor) -> tf.Tens
         return rows
     count = tf.shape(rows)[0]
     size = tf.minimum(subset_size(count, fraction), count)
-    order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
+    # Full-range int32 keys: float32 keys take only 2²³ values, and ties at the
+    # cut would favour the rows that come first.
+    keys = tf.random.stateless_uniform([count], seed=seed, minval=None, maxval=None, dtype=tf.int32)
+    order = tf.argsort(keys)
     return tf.gather(rows, order[:size])
 
 
