@@ -76,20 +76,23 @@ L2 = 1e-5
 # Each budget: data size, model size, seconds per run, grids. "smoke" is for
 # the test suite (a few iterations); "small" fits in a few minutes on 2 cores.
 
+# The fixed-lr K-FAC run of every race (not tuned).
+KFAC_FIXED = dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
+
 AUTOENCODER_BUDGETS = {
     "smoke": dict(n_train=256, n_eval=256, width=0.02, budget_s=math.inf, max_iters=3, logs=2,
                   baseline_batch=64, kfac_first=64, kfac_reach=None, seeds=1,
                   grid={"adam": [1e-3], "sgd": [(0.3, 0.99)], "muon": [1e-3]},
-                  kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                  kfac_fixed=[KFAC_FIXED]),
     "small": dict(n_train=10000, n_eval=5000, width=0.25, budget_s=12.0, max_iters=None, logs=12,
                   baseline_batch=250, kfac_first=500, kfac_reach=150, seeds=1,
                   grid={"adam": [1e-3, 3e-3], "sgd": [(1.0, 0.99), (3.0, 0.99)], "muon": [1e-2, 3e-2]},
-                  kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                  kfac_fixed=[KFAC_FIXED]),
     "default": dict(n_train=60000, n_eval=5000, width=1.0, budget_s=60.0, max_iters=None, logs=18,
                     baseline_batch=250, kfac_first=1000, kfac_reach=500, seeds=1,
                     grid={"adam": [1e-3, 3e-3], "sgd": [(0.3, 0.99), (1.0, 0.99), (3.0, 0.99)],
                           "muon": [3e-3, 1e-2, 3e-2]},
-                    kfac_fixed=[dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)]),
+                    kfac_fixed=[KFAC_FIXED]),
 }
 KFAC_ADAPTIVE_PARAMS = dict(statistics_fraction=0.125, curvature_fraction=0.25)  # the paper's τ₁, τ₂
 # Initial dampings λ₀ of the further adaptive runs (the first starts at the
@@ -98,24 +101,24 @@ KFAC_INITIAL_DAMPINGS = {"smoke": [1e-2], "small": [1e-2, 1e-4], "default": [1e-
 
 # Conv2D layers: Ā from a quarter of the patch rows, and the fixed-lr run on τ₁ = 1/8 too.
 CONVNET_KFAC = dict(patch_fraction=0.25)
-KFAC_FIXED = dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
+CONVNET_KFAC_FIXED = dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)
 CONVNET_BUDGETS = {
     "smoke": dict(n_train=256, n_eval=256, n_test=256, budget_s=math.inf, max_iters=3, logs=2,
                   baseline_batch=64, kfac_batch=64, seeds=1,
                   grid={"adam": [1e-3], "sgd": [(0.05, 0.99)], "muon": [1e-3]},
                   kfac_adaptive=CONVNET_KFAC,
-                  kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
+                  kfac_fixed=[CONVNET_KFAC_FIXED]),
     "small": dict(n_train=10000, n_eval=5000, n_test=5000, budget_s=15.0, max_iters=None, logs=10,
                   baseline_batch=128, kfac_batch=512, seeds=1,
                   grid={"adam": [1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)], "muon": [3e-3]},
                   kfac_adaptive=CONVNET_KFAC,
-                  kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
+                  kfac_fixed=[CONVNET_KFAC_FIXED]),
     "default": dict(n_train=60000, n_eval=5000, n_test=10000, budget_s=60.0, max_iters=None, logs=15,
                     baseline_batch=128, kfac_batch=512, seeds=1,
                     grid={"adam": [3e-4, 1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)],
                           "muon": [1e-3, 3e-3]},
                     kfac_adaptive=CONVNET_KFAC,
-                    kfac_fixed=[dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)]),
+                    kfac_fixed=[CONVNET_KFAC_FIXED]),
 }
 
 FIFTY_BUDGETS = {
