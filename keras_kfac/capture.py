@@ -20,6 +20,8 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from keras_kfac import replicas
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerCall:
@@ -48,11 +50,15 @@ def _graph_of(tensor: Any) -> tf.Graph | None:
 
 
 class Recorder:
-    """Per-graph store of recorded calls, keyed by the object that made them."""
+    """Per-graph store of recorded calls, keyed by the object that made them.
+
+    Under a ``tf.distribute`` strategy the replicas trace their steps into one
+    graph, so records are also keyed by the replica that made them.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_graph: "weakref.WeakKeyDictionary[tf.Graph, dict[int, list]]" = (
+        self._by_graph: "weakref.WeakKeyDictionary[tf.Graph, dict[tuple[int, int], list]]" = (
             weakref.WeakKeyDictionary()
         )
 
@@ -72,7 +78,7 @@ class Recorder:
             for stale in [g for g in self._by_graph if g not in live]:
                 del self._by_graph[stale]
             calls = self._by_graph.setdefault(graph, {})
-            calls.setdefault(id(owner), []).append(call)
+            calls.setdefault((replicas.index(), id(owner)), []).append(call)
 
     def pop(self, owner: object) -> list:
         """Removes and returns ``owner``'s calls recorded in the current graph.
@@ -82,11 +88,12 @@ class Recorder:
         records of the nearest enclosing graph that has some are taken.
         """
         graph = tf.compat.v1.get_default_graph()
+        key = (replicas.index(), id(owner))
         with self._lock:
             while graph is not None:
                 calls = self._by_graph.get(graph, {})
-                if id(owner) in calls:
-                    return calls.pop(id(owner))
+                if key in calls:
+                    return calls.pop(key)
                 graph = getattr(graph, "outer_graph", None)
         return []
 

@@ -52,8 +52,8 @@ class TridiagonalChain:
             for i, value in enumerate(identity)
         ]
 
-    def update_cross_statistics(self, rows: dict, decay: tf.Tensor, batch_size: tf.Tensor) -> None:
-        """Moving averages of Ā_{i,i+1} and G_{i,i+1} from the step's aligned rows."""
+    def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """Batch estimates of (``input_cross``, ``output_cross``) from the step's aligned rows."""
         if any(id(b) not in rows for b in self.blocks):
             raise ValueError(
                 "approximation='block_tridiagonal' needs every Dense layer of the "
@@ -63,10 +63,7 @@ class TridiagonalChain:
         output_rows = [rows[id(b)][1] for b in self.blocks]
         if any(r.shape.rank != 2 for r in input_rows) or len({r.shape[0] for r in input_rows}) > 1:
             raise ValueError("approximation='block_tridiagonal' needs one row per example in every layer.")
-        input_cross, output_cross = tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size)
-        for variable, batch in zip(self.input_cross + self.output_cross, input_cross + output_cross):
-            ok = tf.reduce_all(tf.math.is_finite(batch))
-            variable.assign(tf.where(ok, decay * variable + (1.0 - decay) * batch, variable))
+        return tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size)
 
     def inverses(self, gamma: tf.Tensor) -> list[tf.Tensor]:
         """The tensors of F̂⁻¹ for damping γ (not stored)."""

@@ -41,6 +41,17 @@ def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
     )
 
 
+def update_moving_average(
+    variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor, active: tf.Tensor | bool = True
+) -> None:
+    """variable ← ε·variable + (1 − ε)·estimate [KFAC §5] where ``active``.
+
+    A non-finite batch estimate is skipped, so it never enters the statistics.
+    """
+    keep = tf.logical_and(active, tf.reduce_all(tf.math.is_finite(estimate)))
+    variable.assign(tf.where(keep, decay * variable + (1.0 - decay) * estimate, variable))
+
+
 class KroneckerFactor:
     """One Kronecker factor (Ā or G) of a block, stored in optimizer variables.
 
@@ -57,11 +68,6 @@ class KroneckerFactor:
         self.inverse = optimizer.add_variable(
             (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
         )
-
-    def update_moving_average(self, batch_cov: tf.Tensor, decay: tf.Tensor) -> None:
-        """cov ← ε·cov + (1 − ε)·batch_cov; a non-finite batch estimate is skipped."""
-        new_cov = decay * self.cov + (1.0 - decay) * batch_cov
-        self.cov.assign(tf.where(tf.reduce_all(tf.math.is_finite(batch_cov)), new_cov, self.cov))
 
     def mean_eigenvalue(self) -> tf.Tensor:
         """tr(cov) / dim."""

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, curvature, losses, quadratic_model, statistics
+from keras_kfac import capture, curvature, losses, quadratic_model, replicas, statistics
 from keras_kfac.chain import TridiagonalChain
 from keras_kfac.preconditioner import BlockDiagonal
 from keras_kfac.registration import LayerCollection
@@ -84,6 +84,9 @@ class KFAC(keras.optimizers.Optimizer):
 
     The optimizer reads what it needs from the graph Keras traces for
     ``model.fit``/``train_on_batch``, so the model must not run eagerly.
+    Under a ``tf.distribute`` strategy the replicas all-reduce gradients,
+    statistics, exact-Fisher products and losses (``replicas``), so each
+    computes the update of the global batch.
 
     Args:
         model: the ``keras.Model`` being trained. Its Dense and Conv2D layers are
@@ -333,14 +336,14 @@ class KFAC(keras.optimizers.Optimizer):
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
         if tf.executing_eagerly():
             raise RuntimeError(_EAGER_MESSAGE)
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            raise NotImplementedError("KFAC does not support multi-replica tf.distribute strategies yet.")
         if self.layer_collection.model is None:
             raise RuntimeError(
                 "KFAC has no model: create it with KFAC(model=model) or a "
                 "LayerCollection that registered the model."
             )
-        grads = [tf.convert_to_tensor(g) for g in grads]
+        # Keras scales each replica's loss by 1/replicas (or sums it): the
+        # replicas' gradients add up to the global batch's.
+        grads = replicas.total([tf.convert_to_tensor(g) for g in grads])
         if self.l2_reg:
             grads = [g + tf.cast(self.l2_reg, g.dtype) * v for g, v in zip(grads, trainable_variables)]
         batch = self._take_records()
@@ -352,8 +355,7 @@ class KFAC(keras.optimizers.Optimizer):
         self._update_curvature(batch)
         step = _Step(self, batch, trainable_variables, grads)
         if self.adapt_gamma:
-            due = tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0)
-            tf.cond(due, lambda: step.adapt_gamma(learning_rate), lambda: tf.constant(False))
+            step.adapt_gamma(learning_rate, tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0))
         update, coefficients, change = step.update(learning_rate)
         finite = curvature.all_finite(update + [coefficients, change])
         for variable, velocity, delta in zip(trainable_variables, step.velocities, update):
@@ -364,7 +366,7 @@ class KFAC(keras.optimizers.Optimizer):
         self._quadratic_change.assign(tf.where(finite, change, self._quadratic_change))
         if self.adapt_damping:
             due = tf.logical_and(finite, tf.equal((self.iterations + 1) % self.damping_adaptation_period, 0))
-            tf.cond(due, lambda: step.adapt_damping(update, change), lambda: tf.constant(False))
+            step.adapt_damping(update, change, due)
         if not self.adapt_gamma:
             self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
 
@@ -392,35 +394,57 @@ class KFAC(keras.optimizers.Optimizer):
         first ⌈τ₁B⌉ examples alone, run on every T_cov-th step only (a
         ``tf.cond``): these passes then cost about τ₁/T_cov of the training
         step's. No tensor shape depends on the step counter, so XLA compiles
-        the step once.
+        the step once. Under a ``tf.distribute`` strategy the replicas' batch
+        estimates are all-reduced before they enter the moving averages.
         """
-        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
+        seed = self._sampling_seed()
         period = self.statistics_update_period
         decay = curvature.moving_average_decay(self.iterations // period + 1, self.ema_decay)
+        called = [b for b in self.blocks if batch.layer_calls.get(id(b))]
+        input_targets = [b.input_factor.cov for b in called]
+        output_targets = [b.output_factor.cov for b in called]
+        if self.approximation == "block_tridiagonal":
+            input_targets += self._preconditioner.input_cross
+            output_targets += self._preconditioner.output_cross
 
-        def accumulate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tf.Tensor:
+        def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list]:
             examples = tf.shape(z)[0]
             rows = statistics.factor_rows(
                 self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed, examples
             )
-            statistics.update_factors(self.blocks, rows, examples, decay, seed, self.patch_fraction)
+            input_estimates, output_estimates = statistics.factor_estimates(
+                self.blocks, rows, examples, seed, self.patch_fraction
+            )
             if self.approximation == "block_tridiagonal":
-                self._preconditioner.update_cross_statistics(rows, decay, examples)
-            return tf.constant(True)
+                input_cross, output_cross = self._preconditioner.cross_estimates(rows, examples)
+                input_estimates += input_cross
+                output_estimates += output_cross
+            if len(input_estimates) != len(input_targets):
+                raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
+            return input_estimates, output_estimates
 
-        def accumulate_sub_batch() -> tf.Tensor:
+        def estimate_sub_batch() -> tuple[list, list]:
             size = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
             x, y_true, sample_weight = _first_examples((batch.loss_call.x, batch.y_true, batch.sample_weight), size)
             y_pred, layer_calls, _ = self._forward(x)
-            return accumulate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
+            return estimate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
 
-        if self.statistics_fraction >= 1.0 and period == 1:
-            accumulate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)
-        elif period == 1:
-            accumulate_sub_batch()
-        else:
-            active = tf.equal(self.iterations % period, 0)
-            tf.cond(active, accumulate_sub_batch, lambda: tf.constant(False))
+        def skip() -> tuple[list, list]:
+            return [tf.zeros(t.shape) for t in input_targets], [tf.zeros(t.shape) for t in output_targets]
+
+        if input_targets:
+            active = True
+            if self.statistics_fraction >= 1.0 and period == 1:
+                estimates = estimate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)
+            elif period == 1:
+                estimates = estimate_sub_batch()
+            else:
+                active = tf.equal(self.iterations % period, 0)
+                estimates = tf.cond(active, estimate_sub_batch, skip)
+            input_estimates = replicas.mean(list(estimates[0]))
+            output_estimates = self._global_curvature(list(estimates[1]), batch.loss)
+            for variable, value in zip(input_targets + output_targets, input_estimates + output_estimates):
+                curvature.update_moving_average(variable, value, decay, active)
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
@@ -430,6 +454,25 @@ class KFAC(keras.optimizers.Optimizer):
             self.iterations < 3, tf.equal(self.iterations % self.inverse_update_period, 0)
         )
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
+
+    def _sampling_seed(self) -> tf.Tensor:
+        """The stateless seed of this step's sampled targets (one stream per replica)."""
+        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(self.iterations, tf.int32)])
+        if replicas.count() > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, replicas.index_tensor())
+        return seed
+
+    @staticmethod
+    def _global_curvature(values: Any, loss: losses.RegisteredLoss) -> Any:
+        """The global batch's curvature (G, exact-Fisher products) from each replica's.
+
+        Each replica's value is the curvature of its share of the loss as Keras
+        reduces it: a mean over examples for the averaging reductions, which
+        the global batch's is the mean of, or a sum, which adds up.
+        """
+        if loss.reduction == "sum":
+            return replicas.total(values)
+        return replicas.mean(values)
 
     def _forward(self, x) -> tuple[Any, dict, list]:
         """The model's output on ``x`` at the current weights, its blocks' layer calls
@@ -534,7 +577,12 @@ class _Batch:
 
 
 class _Step:
-    """One update δ = αΔ + μδ₀ and the quadratic model that judges it [KFAC §6-7]."""
+    """One update δ = αΔ + μδ₀ and the quadratic model that judges it [KFAC §6-7].
+
+    Under a ``tf.distribute`` strategy each replica computes its share of the
+    losses and exact-Fisher products in ``tf.cond`` branches; the all-reduces
+    that combine them run outside the branches (``replicas``).
+    """
 
     def __init__(self, optimizer: KFAC, batch: _Batch, variables: list, grads: list):
         self.opt = optimizer
@@ -553,25 +601,32 @@ class _Step:
     # The curvature batch: the step's own records, or a sub-batch forward pass (τ₂).
 
     def curvature_batch(self) -> tuple:
-        """(x, y, sample_weight, network output z, loss h(θ)) for the quadratic model."""
+        """(x, y, sample_weight, network output z, loss h(θ)) for the quadratic model.
+
+        h(θ) is the global batch's: the replicas' shares added up.
+        """
         opt, batch = self.opt, self.batch
         call = batch.loss_call
         if opt.curvature_fraction >= 1.0:
-            return call.x, call.y_true, call.sample_weight, batch.z, call.loss
-        size = statistics.subset_size(tf.shape(batch.z)[0], opt.curvature_fraction)
-        x, y, sample_weight = _first_examples((call.x, call.y_true, call.sample_weight), size)
-        y_pred, loss = self.forward(x, y, sample_weight)
-        return x, y, sample_weight, batch.loss.network_output(y_pred), loss
+            x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
+        else:
+            size = statistics.subset_size(tf.shape(batch.z)[0], opt.curvature_fraction)
+            x, y, sample_weight = _first_examples((call.x, call.y_true, call.sample_weight), size)
+            y_pred, loss = self.forward(x, y, sample_weight)
+            z = batch.loss.network_output(y_pred)
+        return x, y, sample_weight, z, replicas.total(tf.cast(loss, tf.float32))
 
     def forward(self, x, y, sample_weight) -> tuple:
-        """The model's output and training loss at the current weights, recording nothing."""
+        """The model's output and this replica's share of the training loss at the
+        current weights (the whole loss without a strategy), recording nothing."""
         model = self.opt.layer_collection.model
         y_pred, _, layer_losses = self.opt._forward(x)
         # Outside the scope, where weight regularizers read the variables; the
-        # scoped pass's layer losses are added as Keras' compute_loss adds them.
+        # scoped pass's layer losses are added as Keras' train step adds them
+        # (divided among the replicas).
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
         for extra in layer_losses:
-            loss = loss + tf.cast(tf.reduce_sum(extra), loss.dtype)
+            loss = loss + tf.cast(tf.reduce_sum(extra) / replicas.count(), loss.dtype)
         return keras.tree.flatten(y_pred)[0], loss
 
     # Proposals and their quadratic model.
@@ -592,17 +647,20 @@ class _Step:
             delta = [scale * d for d in delta]
         return delta
 
-    def model_terms(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tuple[tf.Tensor, tf.Tensor]:
-        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] and b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
-        directions = [delta, self.previous]
+    def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
+        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7])."""
         products = quadratic_model.jacobian_vector_products(
-            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], directions
+            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], [delta, self.previous]
         )
-        fisher = quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
-        damping = self.opt._damping + self.opt.l2_reg
-        curvature_matrix = fisher + damping * quadratic_model.dot_gram(directions)
-        linear = tf.stack([quadratic_model.inner(self.grads, d) for d in directions])
-        return curvature_matrix, linear
+        return quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
+
+    def linear_terms(self, delta: list[tf.Tensor]) -> tf.Tensor:
+        """b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
+        return tf.stack([quadratic_model.inner(self.grads, d) for d in (delta, self.previous)])
+
+    def damped_curvature(self, fisher: tf.Tensor, dots: tf.Tensor) -> tf.Tensor:
+        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7]."""
+        return fisher + (self.opt._damping + self.opt.l2_reg) * dots
 
     def coefficients(self, curvature_matrix, linear, learning_rate) -> tuple[tf.Tensor, tf.Tensor]:
         """(α, μ) and M(δ): from the quadratic model, or the fixed lr and momentum."""
@@ -619,22 +677,29 @@ class _Step:
         curvature_matrix = linear = None
         if self.needs_model:
             _, _, sample_weight, z, _ = self.curvature_data
-            curvature_matrix, linear = self.model_terms(delta, z, sample_weight)
+            fisher = self.opt._global_curvature(self.local_fisher(delta, z, sample_weight), self.batch.loss)
+            curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
+            linear = self.linear_terms(delta)
         coefficients, change = self.coefficients(curvature_matrix, linear, learning_rate)
         update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
         return update, coefficients, change
 
-    # Adaptation, each inside its own tf.cond branch.
+    # Adaptation: local passes in tf.cond branches, decisions outside them.
 
-    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor) -> tf.Tensor:
+    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, due: tf.Tensor) -> None:
         """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
 
-        Runs after θ ← θ + δ. The l2 term ½η‖θ‖² is part of h.
+        Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
+        The l2 term ½η‖θ‖² is part of h.
         """
         opt = self.opt
         x, y, sample_weight, _, loss_before = self.curvature_data
-        _, loss_after = self.forward(x, y, sample_weight)
-        loss_change = tf.cast(loss_after - loss_before, tf.float32)
+
+        def local_loss_after() -> tf.Tensor:
+            return tf.cast(self.forward(x, y, sample_weight)[1], tf.float32)
+
+        loss_after = replicas.total(tf.cond(due, local_loss_after, lambda: tf.constant(0.0)))
+        loss_change = loss_after - loss_before
         if opt.l2_reg:
             new_weights = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
             loss_change += opt.l2_reg * (
@@ -642,29 +707,47 @@ class _Step:
             )
         rho = quadratic_model.reduction_ratio(loss_change, change)
         omega = (19.0 / 20.0) ** opt.damping_adaptation_period
-        opt._rho.assign(rho)
-        opt._damping.assign(quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt.min_damping))
-        return tf.constant(True)
+        damping = quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt.min_damping)
+        opt._rho.assign(tf.where(due, rho, opt._rho))
+        opt._damping.assign(tf.where(due, damping, opt._damping))
 
-    def adapt_gamma(self, learning_rate: Any) -> tf.Tensor:
-        """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6]."""
+    def adapt_gamma(self, learning_rate: Any, due: tf.Tensor) -> None:
+        """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].
+
+        When ``due``, one branch computes each candidate's proposal and exact-Fisher
+        products, and a second one stores the inverses of the chosen γ.
+        """
         opt = self.opt
         omega = math.sqrt(19.0 / 20.0) ** opt.gamma_adaptation_period
         x, y, sample_weight = self.curvature_data[:3]
-        # The branch runs its own forward pass: products need z in this graph.
-        y_pred, _ = self.forward(x, y, sample_weight)
-        z = self.batch.loss.network_output(y_pred)
-        candidates = [opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega]
-        values, inverse_sets = [], []
-        for gamma in candidates:
-            inverses = opt._preconditioner.inverses(gamma)
-            delta = self.proposal(inverses, learning_rate)
-            curvature_matrix, linear = self.model_terms(delta, z, sample_weight)
-            _, value = self.coefficients(curvature_matrix, linear, learning_rate)
+        candidates = tf.stack([opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega])
+
+        def local_terms() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            # The branch runs its own forward pass: products need z in this graph.
+            y_pred, _ = self.forward(x, y, sample_weight)
+            z = self.batch.loss.network_output(y_pred)
+            fishers, dots, linears = [], [], []
+            for index in range(3):
+                delta = self.proposal(opt._preconditioner.inverses(candidates[index]), learning_rate)
+                fishers.append(self.local_fisher(delta, z, sample_weight))
+                dots.append(quadratic_model.dot_gram([delta, self.previous]))
+                linears.append(self.linear_terms(delta))
+            return tf.stack(fishers), tf.stack(dots), tf.stack(linears)
+
+        def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2])
+
+        fishers, dots, linears = tf.cond(due, local_terms, skip)
+        fishers = opt._global_curvature(fishers, self.batch.loss)
+        values = []
+        for index in range(3):
+            _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index], learning_rate)
             values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
-            inverse_sets.append(inverses)
-        best = tf.argmin(tf.stack(values))
-        chosen = keras.tree.map_structure(lambda *options: tf.gather(tf.stack(options), best), *inverse_sets)
-        opt._preconditioner.store(chosen)
-        opt._gamma.assign(tf.gather(tf.stack(candidates), best))
-        return tf.constant(True)
+        chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
+
+        def store() -> tf.Tensor:
+            opt._preconditioner.store(opt._preconditioner.inverses(chosen))
+            opt._gamma.assign(chosen)
+            return tf.constant(True)
+
+        tf.cond(due, store, lambda: tf.constant(False))

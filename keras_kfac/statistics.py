@@ -87,21 +87,22 @@ def factor_rows(
     return rows
 
 
-def update_factors(
+def factor_estimates(
     blocks: list[KroneckerBlock],
     rows: dict[int, tuple[tf.Tensor, tf.Tensor]],
     examples: tf.Tensor,
-    decay: tf.Tensor,
     seed: tf.Tensor,
     patch_fraction: float = 1.0,
-) -> None:
-    """Moving averages [KFAC §5] of Ā = mean of ā āᵀ and G = (1/examples) Σ ĝ ĝᵀ.
+) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Batch estimates ([Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
 
-    For blocks whose rows are patch locations (Conv2D), Ā is estimated from a
-    random ``patch_fraction`` of the |T|·examples patch rows: the expectation
+    Ā = mean of ā āᵀ over the rows and G = (1/examples) Σ ĝ ĝᵀ. For blocks whose
+    rows are patch locations (Conv2D), Ā is estimated from a random
+    ``patch_fraction`` of the |T|·examples patch rows: the expectation
     E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which cuts the
     dominant (rows × dim Ā²) product by that fraction. G keeps every location.
     """
+    input_estimates, output_estimates = [], []
     for index, block in enumerate(blocks):
         if id(block) not in rows:
             continue
@@ -110,8 +111,9 @@ def update_factors(
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows = subsample_rows(input_rows, patch_fraction, block_seed)
-        block.input_factor.update_moving_average(second_moment(input_rows, tf.shape(input_rows)[0]), decay)
-        block.output_factor.update_moving_average(second_moment(output_rows, examples), decay)
+        input_estimates.append(second_moment(input_rows, tf.shape(input_rows)[0]))
+        output_estimates.append(second_moment(output_rows, examples))
+    return input_estimates, output_estimates
 
 
 def second_moment(rows: tf.Tensor, count: tf.Tensor, other: tf.Tensor | None = None) -> tf.Tensor:

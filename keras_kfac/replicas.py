@@ -1,0 +1,73 @@
+"""Agreement between the replicas of a ``tf.distribute`` strategy.
+
+Under a strategy, Keras runs the training step, and with it ``optimizer.apply``,
+once per replica on that replica's share of the global batch. K-FAC keeps its
+state (factors, inverses, damping, velocities) in mirrored variables that every
+replica updates locally, so every replica must compute the same values: each
+per-batch quantity that depends on the replica's examples — gradients, factor
+statistics, exact-Fisher products, losses — is all-reduced before it is used,
+and everything computed from reduced values is then identical on each replica.
+
+An all-reduce is a synchronisation point that a strategy cannot place inside a
+``tf.cond`` branch: callers compute local values in branches and reduce them
+outside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+
+def count() -> int:
+    """Replicas taking part in the current step (1 without a strategy)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return context.num_replicas_in_sync
+
+
+def index() -> int:
+    """This replica's position in its sync group while its step is traced; 0
+    outside a replica context, and where the strategy traces one program for
+    all replicas (TPUs)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return 0
+    value = tf.get_static_value(context.replica_id_in_sync_group)
+    return 0 if value is None else int(value)
+
+
+def index_tensor() -> tf.Tensor:
+    """This replica's position in its sync group as an int32 tensor (also on TPUs)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return tf.constant(0)
+    return tf.cast(context.replica_id_in_sync_group, tf.int32)
+
+
+def _reduce(operation: tf.distribute.ReduceOp, values: Any) -> Any:
+    if count() == 1:
+        return values
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            "KFAC's update must run once per replica (inside model.fit or "
+            "strategy.run), not in the strategy's cross-replica context."
+        )
+    return context.all_reduce(operation, values)
+
+
+def mean(values: Any) -> Any:
+    """The mean over replicas of each tensor of ``values`` (a nested structure).
+
+    Per-replica averages over equal shares of the batch give the global
+    average, the way Keras combines per-replica gradients.
+    """
+    return _reduce(tf.distribute.ReduceOp.MEAN, values)
+
+
+def total(values: Any) -> Any:
+    """The sum over replicas of each tensor of ``values``."""
+    return _reduce(tf.distribute.ReduceOp.SUM, values)
