@@ -341,6 +341,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "KFAC has no model: create it with KFAC(model=model) or a "
                 "LayerCollection that registered the model."
             )
+        self._check_replicated_passes()
         # Keras scales each replica's loss by 1/replicas (or sums it): the
         # replicas' gradients add up to the global batch's.
         grads = replicas.total([tf.convert_to_tensor(g) for g in grads])
@@ -370,6 +371,34 @@ class KFAC(keras.optimizers.Optimizer):
         if not self.adapt_gamma:
             self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
 
+    def _check_replicated_passes(self) -> None:
+        """Rejects, under several replicas, layers that all-reduce in their forward
+        pass when K-FAC runs extra forward passes in ``tf.cond`` branches: a
+        strategy cannot all-reduce inside a branch."""
+        if replicas.count() == 1:
+            return
+        model = self.layer_collection.model
+        synchronized = [
+            layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
+            if getattr(layer, "synchronized", False)
+        ]
+        conditional = [
+            name
+            for name, used in (
+                ("statistics_update_period > 1", self.statistics_update_period > 1),
+                ("adapt_damping", self.adapt_damping),
+                ("adapt_gamma", self.adapt_gamma),
+            )
+            if used
+        ]
+        if synchronized and conditional:
+            raise NotImplementedError(
+                f"Under a multi-replica strategy, the synchronized layers {synchronized} "
+                "all-reduce in their forward pass, which tf.distribute cannot do inside "
+                f"the tf.cond branches where KFAC runs the extra passes of {conditional}. "
+                "Use BatchNormalization(synchronized=False) or turn those options off."
+            )
+
     def _take_records(self) -> "_Batch":
         """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
@@ -395,7 +424,9 @@ class KFAC(keras.optimizers.Optimizer):
         ``tf.cond``): these passes then cost about τ₁/T_cov of the training
         step's. No tensor shape depends on the step counter, so XLA compiles
         the step once. Under a ``tf.distribute`` strategy the replicas' batch
-        estimates are all-reduced before they enter the moving averages.
+        estimates are all-reduced before they enter the moving averages; the
+        all-reduce runs on every step (a strategy cannot place it in the
+        ``tf.cond``), also on those that skip the passes.
         """
         seed = self._sampling_seed()
         period = self.statistics_update_period
@@ -412,6 +443,8 @@ class KFAC(keras.optimizers.Optimizer):
             rows = statistics.factor_rows(
                 self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed, examples
             )
+            if [b for b in self.blocks if id(b) in rows] != called:
+                raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
             input_estimates, output_estimates = statistics.factor_estimates(
                 self.blocks, rows, examples, seed, self.patch_fraction
             )
@@ -419,8 +452,6 @@ class KFAC(keras.optimizers.Optimizer):
                 input_cross, output_cross = self._preconditioner.cross_estimates(rows, examples)
                 input_estimates += input_cross
                 output_estimates += output_cross
-            if len(input_estimates) != len(input_targets):
-                raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
             return input_estimates, output_estimates
 
         def estimate_sub_batch() -> tuple[list, list]:
@@ -442,7 +473,7 @@ class KFAC(keras.optimizers.Optimizer):
                 active = tf.equal(self.iterations % period, 0)
                 estimates = tf.cond(active, estimate_sub_batch, skip)
             input_estimates = replicas.mean(list(estimates[0]))
-            output_estimates = self._global_curvature(list(estimates[1]), batch.loss)
+            output_estimates = replicas.curvature(list(estimates[1]), batch.loss.reduction)
             for variable, value in zip(input_targets + output_targets, input_estimates + output_estimates):
                 curvature.update_moving_average(variable, value, decay, active)
 
@@ -461,18 +492,6 @@ class KFAC(keras.optimizers.Optimizer):
         if replicas.count() > 1:
             seed = tf.random.experimental.stateless_fold_in(seed, replicas.index_tensor())
         return seed
-
-    @staticmethod
-    def _global_curvature(values: Any, loss: losses.RegisteredLoss) -> Any:
-        """The global batch's curvature (G, exact-Fisher products) from each replica's.
-
-        Each replica's value is the curvature of its share of the loss as Keras
-        reduces it: a mean over examples for the averaging reductions, which
-        the global batch's is the mean of, or a sum, which adds up.
-        """
-        if loss.reduction == "sum":
-            return replicas.total(values)
-        return replicas.mean(values)
 
     def _forward(self, x) -> tuple[Any, dict, list]:
         """The model's output on ``x`` at the current weights, its blocks' layer calls
@@ -677,7 +696,7 @@ class _Step:
         curvature_matrix = linear = None
         if self.needs_model:
             _, _, sample_weight, z, _ = self.curvature_data
-            fisher = self.opt._global_curvature(self.local_fisher(delta, z, sample_weight), self.batch.loss)
+            fisher = replicas.curvature(self.local_fisher(delta, z, sample_weight), self.batch.loss.reduction)
             curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
             linear = self.linear_terms(delta)
         coefficients, change = self.coefficients(curvature_matrix, linear, learning_rate)
@@ -715,7 +734,9 @@ class _Step:
         """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].
 
         When ``due``, one branch computes each candidate's proposal and exact-Fisher
-        products, and a second one stores the inverses of the chosen γ.
+        products, and a second one recomputes and stores the chosen γ's inverses:
+        one more inversion every T₂ steps, where carrying the three candidates'
+        inverses out of the first branch would cost a copy of them on every step.
         """
         opt = self.opt
         omega = math.sqrt(19.0 / 20.0) ** opt.gamma_adaptation_period
@@ -738,7 +759,7 @@ class _Step:
             return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2])
 
         fishers, dots, linears = tf.cond(due, local_terms, skip)
-        fishers = opt._global_curvature(fishers, self.batch.loss)
+        fishers = replicas.curvature(fishers, self.batch.loss.reduction)
         values = []
         for index in range(3):
             _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index], learning_rate)

@@ -71,3 +71,13 @@ def mean(values: Any) -> Any:
 def total(values: Any) -> Any:
     """The sum over replicas of each tensor of ``values``."""
     return _reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def curvature(values: Any, reduction: str) -> Any:
+    """The global batch's curvature (G, exact-Fisher products) from each replica's.
+
+    Each replica's value is the curvature of its share of the loss as Keras
+    reduces it with ``reduction``: a mean over examples, which the global
+    batch's is the mean of, or for ``"sum"`` a sum, which adds up.
+    """
+    return total(values) if reduction == "sum" else mean(values)
