@@ -41,15 +41,13 @@ def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
     )
 
 
-def update_moving_average(
-    variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor, active: tf.Tensor | bool = True
-) -> None:
-    """variable ← ε·variable + (1 − ε)·estimate [KFAC §5] where ``active``.
+def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor) -> None:
+    """variable ← ε·variable + (1 − ε)·estimate [KFAC §5].
 
     A non-finite batch estimate is skipped, so it never enters the statistics.
     """
-    keep = tf.logical_and(active, tf.reduce_all(tf.math.is_finite(estimate)))
-    variable.assign(tf.where(keep, decay * variable + (1.0 - decay) * estimate, variable))
+    finite = tf.reduce_all(tf.math.is_finite(estimate))
+    variable.assign(tf.where(finite, decay * variable + (1.0 - decay) * estimate, variable))
 
 
 class KroneckerFactor:

@@ -463,19 +463,26 @@ class KFAC(keras.optimizers.Optimizer):
         def skip() -> tuple[list, list]:
             return [tf.zeros(t.shape) for t in input_targets], [tf.zeros(t.shape) for t in output_targets]
 
-        if input_targets:
-            active = True
-            if self.statistics_fraction >= 1.0 and period == 1:
-                estimates = estimate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)
-            elif period == 1:
-                estimates = estimate_sub_batch()
-            else:
-                active = tf.equal(self.iterations % period, 0)
-                estimates = tf.cond(active, estimate_sub_batch, skip)
-            input_estimates = replicas.mean(list(estimates[0]))
-            output_estimates = replicas.curvature(list(estimates[1]), batch.loss.reduction)
-            for variable, value in zip(input_targets + output_targets, input_estimates + output_estimates):
-                curvature.update_moving_average(variable, value, decay, active)
+        def combine(estimates: tuple[list, list]) -> tuple[list, list]:
+            """The global batch's estimates (identity without a strategy)."""
+            return replicas.mean(list(estimates[0])), replicas.curvature(list(estimates[1]), batch.loss.reduction)
+
+        def update(estimates: tuple[list, list]) -> tf.Tensor:
+            for variable, value in zip(input_targets + output_targets, estimates[0] + estimates[1]):
+                curvature.update_moving_average(variable, value, decay)
+            return tf.constant(True)
+
+        if not input_targets:  # no registered layer ran in this step
+            pass
+        elif self.statistics_fraction >= 1.0 and period == 1:
+            update(combine(estimate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)))
+        elif period == 1:
+            update(combine(estimate_sub_batch()))
+        else:
+            active = tf.equal(self.iterations % period, 0)
+            # ``combine`` all-reduces, which cannot run inside a branch.
+            estimates = combine(tf.cond(active, estimate_sub_batch, skip))
+            tf.cond(active, lambda: update(estimates), lambda: tf.constant(False))
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
