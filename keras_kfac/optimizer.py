@@ -89,8 +89,8 @@ class KFAC(keras.optimizers.Optimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense and Conv2D layers are
-            registered automatically, and its compiled loss defines the Fisher.
+        model: the ``keras.Model`` being trained. Its Dense, Conv1D and Conv2D
+            layers are registered automatically, and its compiled loss defines the Fisher.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
             addition to) automatic registration.
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule
@@ -132,7 +132,7 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_update_period: T_cov ≥ 1: the factor statistics are
             estimated on every T_cov-th step only (the others skip their
             passes and products); the moving average counts these updates.
-        patch_fraction: in (0, 1]: the fraction of a Conv2D layer's patch rows
+        patch_fraction: in (0, 1]: the fraction of a convolution's patch rows
             (examples × |T| locations) its Ā statistics are computed on, drawn
             uniformly at random each step (an unbiased estimate of the KFC
             expectation [KFC §3.1]; G uses every location). Ā's product, the

@@ -1,7 +1,8 @@
 """Layer registration: which layers get Kronecker blocks, and which loss is the model's.
 
 A ``LayerCollection`` maps layers to curvature blocks (``register_dense``,
-``register_conv2d`` or ``auto_register`` for every supported layer of a model) and
+``register_conv1d``, ``register_conv2d`` or ``auto_register`` for every supported
+layer of a model) and
 names the loss whose predictive distribution defines the Fisher
 (``register_loss``; by default the loss the model is compiled with).
 """
@@ -14,11 +15,12 @@ from typing import Any
 import keras
 
 from keras_kfac import capture, losses
-from keras_kfac.blocks import Conv2DBlock, DenseBlock, KroneckerBlock
+from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, KroneckerBlock
 
 # Layer types auto-registration knows, most specific first.
 _BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
     (keras.layers.Conv2D, Conv2DBlock),
+    (keras.layers.Conv1D, Conv1DBlock),
     (keras.layers.Dense, DenseBlock),
 )
 
@@ -67,6 +69,10 @@ class LayerCollection:
         """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
         return self._register(DenseBlock(layer))
 
+    def register_conv1d(self, layer: keras.layers.Conv1D) -> KroneckerBlock:
+        """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016)."""
+        return self._register(Conv1DBlock(layer))
+
     def register_conv2d(self, layer: keras.layers.Conv2D) -> KroneckerBlock:
         """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
         return self._register(Conv2DBlock(layer))
@@ -90,7 +96,7 @@ class LayerCollection:
         self.model = model
 
     def auto_register(self, model: keras.Model) -> None:
-        """Registers ``model`` and every trainable Dense and Conv2D layer in it.
+        """Registers ``model`` and every trainable Dense, Conv1D and Conv2D layer in it.
 
         Nested models are searched too. Layers registered already are kept;
         unsupported layers are left to the optimizer's plain momentum step.

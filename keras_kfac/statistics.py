@@ -97,7 +97,7 @@ def factor_estimates(
     """Batch estimates ([Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
 
     Ā = mean of ā āᵀ over the rows and G = (1/examples) Σ ĝ ĝᵀ. For blocks whose
-    rows are patch locations (Conv2D), Ā is estimated from a random
+    rows are patch locations (Conv1D, Conv2D), Ā is estimated from a random
     ``patch_fraction`` of the |T|·examples patch rows: the expectation
     E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which cuts the
     dominant (rows × dim Ā²) product by that fraction. G keeps every location.

@@ -1,4 +1,4 @@
-"""Ā and G of Dense and Conv2D blocks against explicit float64 numpy computations.
+"""Ā and G of Dense, Conv1D and Conv2D blocks against explicit float64 numpy computations.
 
 The references build per-example Jacobians by the chain rule, the loss Hessian of
 the compiled (reduced) loss, and convolution patches by explicit loops; nothing is
@@ -194,6 +194,61 @@ def test_conv2d_factors_match_explicit_patches_and_location_sums(stride, dilatio
     g = np.zeros((3, 3))
     for j in range(K):
         ds = np.sqrt(2.0 / K) * w_head[:, j].reshape(out_shape).reshape(-1, 3)
+        g += ds.T @ ds  # (1/B) Σ_n over B identical examples
+    np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
+
+
+
+def _sequence_patches(x, size, stride, dilation, padding):
+    """(B, T, size·c) Conv1D patches by loops, with 'valid', 'same' (TensorFlow's split) or 'causal' padding."""
+    b, length, channels = x.shape
+    span = (size - 1) * dilation + 1
+    if padding == "valid":
+        steps, left = (length - span) // stride + 1, 0
+    elif padding == "same":
+        steps = -(-length // stride)
+        left = max((steps - 1) * stride + span - length, 0) // 2
+    else:  # causal: the output at t sees inputs t − (size − 1)·dilation … t
+        steps, left = -(-length // stride), span - 1
+    out = np.zeros((b, steps, size * channels))
+    for t in range(steps):
+        values = []
+        for k in range(size):
+            position = t * stride + k * dilation - left
+            values.append(x[:, position, :] if 0 <= position < length else np.zeros((b, channels)))
+        out[:, t] = np.concatenate(values, axis=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "stride, dilation, padding",
+    [(1, 1, "valid"), (1, 1, "same"), (2, 1, "same"), (2, 1, "valid"), (1, 2, "same"), (1, 2, "causal"),
+     (2, 1, "causal")],
+)
+def test_conv1d_factors_match_explicit_patches_and_step_sums(stride, dilation, padding):
+    """KFC over output steps: Ā = E_{n,t}[ā_t ā_tᵀ], G = (1/B) Σ_{n,t} ds_t ds_tᵀ for exact MSE."""
+    rng = np.random.default_rng(stride * 10 + dilation + len(padding))
+    x = rng.normal(size=(4, 7, 2)).astype("float32")
+    conv = keras.layers.Conv1D(3, 3, strides=stride, dilation_rate=dilation, padding=padding)
+    head = keras.layers.Dense(K)
+    model = keras.Sequential([keras.Input((7, 2)), conv, keras.layers.Flatten(), head])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+    model.compile(optimizer=opt, loss="mse")
+    model.train_on_batch(x, rng.normal(size=(4, K)).astype("float32"))
+
+    patches = _sequence_patches(x.astype(np.float64), 3, stride, dilation, padding)
+    assert conv.compute_output_shape((4, 7, 2))[1] == patches.shape[1]
+    rows = np.concatenate([patches.reshape(-1, patches.shape[-1]), np.ones((patches[..., 0].size, 1))], 1)
+    block = opt.layer_collection.block_for(conv)
+    assert type(block).__name__ == "Conv1DBlock"
+    np.testing.assert_allclose(block.input_factor.cov.numpy(), rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+
+    # Linear head and MSE: the j-th exact output vector sqrt(2/K)·e_j reaches the
+    # conv output as ds = sqrt(2/K)·W_head[:, j], the same for every example.
+    w_head = head.kernel.numpy().astype(np.float64)
+    g = np.zeros((3, 3))
+    for j in range(K):
+        ds = np.sqrt(2.0 / K) * w_head[:, j].reshape(patches.shape[1], 3)
         g += ds.T @ ds  # (1/B) Σ_n over B identical examples
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
 

@@ -149,6 +149,26 @@ def test_hand_made_layer_collection():
         collection.register_dense(keras.layers.Conv2D(2, 3))
 
 
+
+@pytest.mark.parametrize("register, layer", [
+    ("register_conv1d", keras.layers.Conv1D(4, 3, groups=2, name="grouped")),
+    ("register_conv1d", keras.layers.Conv1D(4, 3, data_format="channels_first", name="transposed")),
+    ("register_conv2d", keras.layers.Conv2D(4, 3, groups=2, name="grouped")),
+    ("register_conv2d", keras.layers.Conv2D(4, 3, data_format="channels_first", name="transposed")),
+])
+def test_unsupported_convolutions_are_named_and_left_to_the_momentum_step(register, layer):
+    collection = keras_kfac.LayerCollection()
+    with pytest.raises(ValueError, match=f"'{layer.name}'.*(groups|channels_first)"):
+        getattr(collection, register)(layer)
+    with pytest.raises(TypeError, match="Conv1D" if register == "register_conv1d" else "Conv2D"):
+        getattr(collection, register)(keras.layers.Dense(2))
+    rank = 1 if register == "register_conv1d" else 2
+    model = keras.Sequential([keras.Input((4,) * rank + (4,)), layer, keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.warns(UserWarning, match=f"plain momentum.*'{layer.name}'"):
+        collection.auto_register(model)
+    assert [b.layer for b in collection.blocks] == [model.layers[-1]]
+
+
 def test_layer_used_twice_counts_as_more_locations():
     """A shared layer's calls are rows of one block, like convolution locations."""
     shared = keras.layers.Dense(4, activation="tanh")

@@ -33,6 +33,17 @@ def _train_once(model, x, y, loss, **kwargs):
     return opt, [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
 
 
+def _assert_same_training_step(conv_model, dense_model, conv_x, dense_x, y, loss):
+    """Same factors and same update for a one-location convolution and its Dense twin."""
+    conv_opt, conv_steps = _train_once(conv_model, conv_x, y, loss, learning_rate=0.5, damping=0.01)
+    dense_opt, dense_steps = _train_once(dense_model, dense_x, y, loss, learning_rate=0.5, damping=0.01)
+    conv_block, dense_block = conv_opt.blocks[0], dense_opt.blocks[0]
+    np.testing.assert_allclose(conv_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(conv_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(conv_steps[0].reshape(dense_steps[0].shape), dense_steps[0], rtol=1e-4, atol=1e-6)
+    for conv_step, dense_step in zip(conv_steps[1:], dense_steps[1:]):
+        np.testing.assert_allclose(conv_step, dense_step, rtol=1e-4, atol=1e-6)
+
 def test_conv_with_one_output_location_equals_dense_on_flattened_input():
     """KFC with |T| = 1 is exactly the Dense block on the flattened patch."""
     rng = np.random.default_rng(1)
@@ -54,15 +65,31 @@ def test_conv_with_one_output_location_equals_dense_on_flattened_input():
     ])
     dense_model.set_weights([kernel.reshape(18, 5), bias, head_kernel, head_bias])
 
-    conv_opt, conv_steps = _train_once(conv_model, x, y, loss, learning_rate=0.5, damping=0.01)
-    dense_opt, dense_steps = _train_once(dense_model, x.reshape(20, 18), y, loss, learning_rate=0.5, damping=0.01)
+    _assert_same_training_step(conv_model, dense_model, x, x.reshape(20, 18), y, loss)
 
-    conv_block, dense_block = conv_opt.blocks[0], dense_opt.blocks[0]
-    np.testing.assert_allclose(conv_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(conv_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(conv_steps[0].reshape(18, 5), dense_steps[0], rtol=1e-4, atol=1e-6)
-    for conv_step, dense_step in zip(conv_steps[1:], dense_steps[1:]):
-        np.testing.assert_allclose(conv_step, dense_step, rtol=1e-4, atol=1e-6)
+
+
+def test_conv1d_with_one_output_step_equals_dense_on_flattened_input():
+    """A Conv1D whose kernel spans the whole sequence ('valid') is the Dense block on the flattened input."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 4, 3)).astype("float32")
+    y = rng.normal(size=(20, 2)).astype("float32")
+    kernel = rng.normal(size=(4, 3, 5)).astype("float32") * 0.3
+    bias = rng.normal(size=5).astype("float32") * 0.1
+    head_kernel = rng.normal(size=(5, 2)).astype("float32") * 0.3
+    head_bias = np.zeros(2, "float32")
+
+    conv_model = keras.Sequential([
+        keras.Input((4, 3)), keras.layers.Conv1D(5, 4, activation="tanh"),
+        keras.layers.Flatten(), keras.layers.Dense(2),
+    ])
+    conv_model.set_weights([kernel, bias, head_kernel, head_bias])
+    dense_model = keras.Sequential([
+        keras.Input((12,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2),
+    ])
+    dense_model.set_weights([kernel.reshape(12, 5), bias, head_kernel, head_bias])
+
+    _assert_same_training_step(conv_model, dense_model, x, x.reshape(20, 12), y, "mse")
 
 
 def _factor_g(mode, iterations, x, y, weights, ema_decay=0.999):

@@ -1,4 +1,4 @@
-"""K-FAC against SGD with the same budget on a small MLP and a small convnet."""
+"""K-FAC against SGD with the same budget on a small MLP, a small convnet and a Conv1D net."""
 
 import numpy as np
 import pytest
@@ -28,6 +28,16 @@ def _convnet():
     ])
 
 
+def _sequence_net():
+    return keras.Sequential([
+        keras.Input((16, 2)),
+        keras.layers.Conv1D(8, 3, padding="causal", activation="relu"),
+        keras.layers.Conv1D(8, 3, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4),
+    ])
+
+
 def _problem(kind):
     rng = np.random.default_rng(0)
     if kind == "mlp":
@@ -36,6 +46,11 @@ def _problem(kind):
         h = np.tanh(x @ rng.normal(size=(10, 16)))
         y = np.argmax(h @ rng.normal(size=(16, 4)), axis=1)
         return _mlp, x, y.astype("int32")
+    if kind == "sequence":
+        # The quarter of the sequence with the largest mean.
+        x = rng.normal(size=(384, 16, 2)).astype("float32")
+        quarters = np.stack([x[:, 4 * i:4 * i + 4].mean((1, 2)) for i in range(4)], 1)
+        return _sequence_net, x, np.argmax(quarters, axis=1).astype("int32")
     x = rng.normal(size=(384, 8, 8, 1)).astype("float32")
     quadrants = np.stack([x[:, :4, :4].mean((1, 2, 3)), x[:, :4, 4:].mean((1, 2, 3)),
                           x[:, 4:, :4].mean((1, 2, 3)), x[:, 4:, 4:].mean((1, 2, 3))], 1)
@@ -51,7 +66,9 @@ def _final_loss(build, x, y, optimizer_factory, epochs):
     return history.history["loss"][-1]
 
 
-@pytest.mark.parametrize("kind, learning_rate, damping", [("mlp", 0.03, 1e-2), ("convnet", 0.03, 0.1)])
+@pytest.mark.parametrize(
+    "kind, learning_rate, damping", [("mlp", 0.03, 1e-2), ("convnet", 0.03, 0.1), ("sequence", 0.03, 0.1)]
+)
 def test_kfac_reaches_a_loss_sgd_does_not_with_the_same_budget(kind, learning_rate, damping):
     build, x, y = _problem(kind)
     epochs = 6

@@ -1,7 +1,8 @@
 """Curvature blocks, one module per layer kind."""
 
 from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.conv1d import Conv1DBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
 
-__all__ = ["Conv2DBlock", "DenseBlock", "KroneckerBlock"]
+__all__ = ["Conv1DBlock", "Conv2DBlock", "DenseBlock", "KroneckerBlock"]

@@ -12,28 +12,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.convolution import ConvolutionBlock
 
 
-class Conv2DBlock(KroneckerBlock):
+class Conv2DBlock(ConvolutionBlock):
     """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``."""
 
-    rows_are_patch_locations = True
-
-    def __init__(self, layer: keras.layers.Layer):
-        if not isinstance(layer, keras.layers.Conv2D):
-            raise TypeError(f"register_conv2d takes a keras.layers.Conv2D; got {layer!r}.")
-        if layer.data_format != "channels_last":
-            raise ValueError(
-                f"Conv2D layer '{layer.name}' uses data_format='{layer.data_format}'; "
-                "KFAC supports channels_last convolutions only."
-            )
-        if getattr(layer, "groups", 1) != 1:
-            raise ValueError(
-                f"Conv2D layer '{layer.name}' has groups={layer.groups}; KFAC supports "
-                "groups=1 only."
-            )
-        super().__init__(layer)
+    layer_type = keras.layers.Conv2D
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         """Patches in the kernel's (kh, kw, c_in) row-major order, one row a location."""

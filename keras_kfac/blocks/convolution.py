@@ -1,0 +1,34 @@
+"""Checks shared by the convolution blocks (KFC, Grosse & Martens 2016)."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_kfac.blocks.base import KroneckerBlock
+
+
+class ConvolutionBlock(KroneckerBlock):
+    """A block whose rows are the input patches at the output locations [KFC §3.1].
+
+    Subclasses name the ``layer_type`` they take; only ``channels_last``
+    convolutions with ``groups=1`` have a single Kronecker-factored block.
+    """
+
+    rows_are_patch_locations = True
+    layer_type: type = keras.layers.Layer
+
+    def __init__(self, layer: keras.layers.Layer):
+        kind = self.layer_type.__name__
+        if not isinstance(layer, self.layer_type):
+            raise TypeError(f"register_{kind.lower()} takes a keras.layers.{kind}; got {layer!r}.")
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"{kind} layer '{layer.name}' uses data_format='{layer.data_format}'; "
+                "KFAC supports channels_last convolutions only."
+            )
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(
+                f"{kind} layer '{layer.name}' has groups={layer.groups}; KFAC supports "
+                "groups=1 only."
+            )
+        super().__init__(layer)
