@@ -106,20 +106,24 @@ def hook_layer(layer: keras.layers.Layer) -> None:
 
     The layer's activation is split off its ``call``: the wrapped call runs the
     original one with the activation switched off, records the pre-activation s,
-    then applies the activation. The layer's configuration is untouched.
+    then applies the activation. The layer's configuration is untouched. A
+    layer without an activation (``Embedding``) records its output.
     """
     if getattr(layer, "_kfac_hooked", False):
         return
     original_call = layer.call
+    has_activation = hasattr(layer, "activation")
 
     @functools.wraps(original_call)
     def call(inputs, *args, **kwargs):
-        activation = layer.activation
-        object.__setattr__(layer, "activation", None)
+        activation = layer.activation if has_activation else None
+        if has_activation:
+            object.__setattr__(layer, "activation", None)
         try:
             preactivation = original_call(inputs, *args, **kwargs)
         finally:
-            object.__setattr__(layer, "activation", activation)
+            if has_activation:
+                object.__setattr__(layer, "activation", activation)
         graph = _graph_of(preactivation)
         if graph is not None:
             RECORDER.record(layer, graph, LayerCall(inputs, preactivation))

@@ -41,6 +41,11 @@ def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
     )
 
 
+def second_moment(rows: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """rowsᵀ rows / count (0 for no rows): a batch estimate of E[r rᵀ] [KFAC §3]."""
+    return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
+
+
 def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor) -> None:
     """variable ← ε·variable + (1 − ε)·estimate [KFAC §5].
 
@@ -83,6 +88,38 @@ class KroneckerFactor:
         """Stores ``inverse`` unless the factorisation failed (non-finite values)."""
         ok = tf.reduce_all(tf.math.is_finite(inverse))
         self.inverse.assign(tf.where(ok, inverse, self.inverse))
+
+    @staticmethod
+    def left_multiply(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+        """``inverse @ matrix`` for an inverse of this kind of factor."""
+        return tf.matmul(inverse, matrix)
+
+
+class DiagonalFactor(KroneckerFactor):
+    """A Kronecker factor that is diagonal by construction, stored as its diagonal.
+
+    An embedding's input ā is a one-hot row, so ``Ā = E[ā āᵀ]`` is the diagonal
+    matrix of the tokens' frequencies [KFAC §3 with one-hot inputs]: its
+    (vocabulary)² entries are never formed, and its damped inverse is
+    elementwise.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
+        self.dim = dim
+        self.cov = optimizer.add_variable((dim,), initializer="zeros", dtype="float32", name=f"{name}_cov")
+        self.inverse = optimizer.add_variable((dim,), initializer="ones", dtype="float32", name=f"{name}_inverse")
+
+    def mean_eigenvalue(self) -> tf.Tensor:
+        return tf.maximum(tf.reduce_sum(self.cov) / self.dim, _MIN_MEAN_EIGENVALUE)
+
+    def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
+        """diag(cov + damping)⁻¹, as a vector."""
+        jitter = _JITTER * self.mean_eigenvalue()
+        return 1.0 / (tf.convert_to_tensor(self.cov) + damping + jitter)
+
+    @staticmethod
+    def left_multiply(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+        return inverse[:, tf.newaxis] * matrix
 
 
 def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor) -> tf.Tensor:

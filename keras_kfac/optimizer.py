@@ -89,8 +89,8 @@ class KFAC(keras.optimizers.Optimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense, Conv1D and Conv2D
-            layers are registered automatically, and its compiled loss defines the Fisher.
+        model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
+            Embedding layers are registered automatically, and its compiled loss defines the Fisher.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
             addition to) automatic registration.
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule

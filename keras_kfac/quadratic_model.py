@@ -36,8 +36,10 @@ def jacobian_vector_products(
     """
     u = tf.zeros_like(z)
     transposed = tf.gradients(z, variables, grad_ys=u)
+    # An embedding's gradient is sparse (IndexedSlices): made dense, it is a
+    # tensor that the second pass can differentiate in u.
     transposed = [
-        tf.zeros_like(v) if t is None else t for t, v in zip(transposed, variables)
+        tf.zeros_like(v) if t is None else tf.convert_to_tensor(t) for t, v in zip(transposed, variables)
     ]
     products = []
     for direction in directions:

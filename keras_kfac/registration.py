@@ -1,8 +1,8 @@
 """Layer registration: which layers get Kronecker blocks, and which loss is the model's.
 
 A ``LayerCollection`` maps layers to curvature blocks (``register_dense``,
-``register_conv1d``, ``register_conv2d`` or ``auto_register`` for every supported
-layer of a model) and
+``register_conv1d``, ``register_conv2d``, ``register_embedding`` or
+``auto_register`` for every supported layer of a model) and
 names the loss whose predictive distribution defines the Fisher
 (``register_loss``; by default the loss the model is compiled with).
 """
@@ -15,13 +15,14 @@ from typing import Any
 import keras
 
 from keras_kfac import capture, losses
-from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, KroneckerBlock
+from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, EmbeddingBlock, KroneckerBlock
 
 # Layer types auto-registration knows, most specific first.
 _BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
     (keras.layers.Conv2D, Conv2DBlock),
     (keras.layers.Conv1D, Conv1DBlock),
     (keras.layers.Dense, DenseBlock),
+    (keras.layers.Embedding, EmbeddingBlock),
 )
 
 
@@ -77,6 +78,10 @@ class LayerCollection:
         """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
         return self._register(Conv2DBlock(layer))
 
+    def register_embedding(self, layer: keras.layers.Embedding) -> KroneckerBlock:
+        """Registers an Embedding layer: a Dense block on one-hot inputs, Ā diagonal [KFAC §3]."""
+        return self._register(EmbeddingBlock(layer))
+
     def register_loss(self, loss: Any, loss_weight: float = 1.0) -> None:
         """Sets the loss whose predictive distribution defines the Fisher.
 
@@ -96,7 +101,7 @@ class LayerCollection:
         self.model = model
 
     def auto_register(self, model: keras.Model) -> None:
-        """Registers ``model`` and every trainable Dense, Conv1D and Conv2D layer in it.
+        """Registers ``model`` and every trainable Dense, Conv1D, Conv2D and Embedding layer in it.
 
         Nested models are searched too. Layers registered already are kept;
         unsupported layers are left to the optimizer's plain momentum step.

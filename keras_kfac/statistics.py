@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_kfac import curvature
 from keras_kfac.blocks import KroneckerBlock
 from keras_kfac.capture import LayerCall
 from keras_kfac.losses import RegisteredLoss
@@ -111,12 +112,7 @@ def factor_estimates(
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows = subsample_rows(input_rows, patch_fraction, block_seed)
-        input_estimates.append(second_moment(input_rows, tf.shape(input_rows)[0]))
-        output_estimates.append(second_moment(output_rows, examples))
+        input_estimates.append(block.input_second_moment(input_rows))
+        output_estimates.append(curvature.second_moment(output_rows, examples))
     return input_estimates, output_estimates
 
-
-def second_moment(rows: tf.Tensor, count: tf.Tensor, other: tf.Tensor | None = None) -> tf.Tensor:
-    """rowsᵀ other / count (``other`` defaults to ``rows``; 0 for no rows)."""
-    other = rows if other is None else other
-    return tf.matmul(rows, other, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)

@@ -1,4 +1,4 @@
-"""Ā and G of Dense, Conv1D and Conv2D blocks against explicit float64 numpy computations.
+"""Ā and G of Dense, Conv1D, Conv2D and Embedding blocks against explicit float64 numpy computations.
 
 The references build per-example Jacobians by the chain rule, the loss Hessian of
 the compiled (reduced) loss, and convolution patches by explicit loops; nothing is
@@ -251,6 +251,34 @@ def test_conv1d_factors_match_explicit_patches_and_step_sums(stride, dilation, p
         ds = np.sqrt(2.0 / K) * w_head[:, j].reshape(patches.shape[1], 3)
         g += ds.T @ ds  # (1/B) Σ_n over B identical examples
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
+
+
+
+def test_embedding_factors_are_token_frequencies_and_output_sums():
+    """diag Ā = count(token)/(B·steps); G = (1/B) Σ_{n,t} ds_t ds_tᵀ for exact MSE through a linear head."""
+    rng = np.random.default_rng(4)
+    vocabulary, steps = 9, 5
+    ids = rng.integers(0, vocabulary - 2, size=(6, steps)).astype("int32")  # the last two tokens unseen
+    embedding = keras.layers.Embedding(vocabulary, 3)
+    head = keras.layers.Dense(K)
+    model = keras.Sequential([keras.Input((steps,), dtype="int32"), embedding, keras.layers.Flatten(), head])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, estimation_mode="exact")
+    model.compile(optimizer=opt, loss="mse")
+    model.build((None, steps))
+    table = embedding.embeddings.numpy().copy()
+    w_head = head.kernel.numpy().astype(np.float64)  # before the step moves it
+    model.train_on_batch(ids, rng.normal(size=(6, K)).astype("float32"))
+
+    block = opt.layer_collection.block_for(embedding)
+    frequencies = np.bincount(ids.ravel(), minlength=vocabulary) / ids.size
+    np.testing.assert_allclose(block.input_factor.cov.numpy(), frequencies, rtol=1e-6)
+    # The j-th exact output vector sqrt(2/K)·e_j reaches position t as sqrt(2/K)·W_head[3t:3t+3, j].
+    ds = (np.sqrt(2.0 / K) * w_head.T).reshape(K * steps, 3)
+    np.testing.assert_allclose(block.output_factor.cov.numpy(), ds.T @ ds, rtol=1e-4, atol=1e-7)
+    # Unseen tokens have no gradient, so their rows do not move.
+    moved = embedding.embeddings.numpy()
+    np.testing.assert_array_equal(moved[-2:], table[-2:])
+    assert not np.allclose(moved[:-2], table[:-2])
 
 
 def test_statistics_update_period_averages_only_every_period_th_batch():

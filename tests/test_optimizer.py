@@ -147,6 +147,8 @@ def test_hand_made_layer_collection():
         collection.register_dense(model.layers[1])
     with pytest.raises(TypeError, match="Dense"):
         collection.register_dense(keras.layers.Conv2D(2, 3))
+    with pytest.raises(TypeError, match="Embedding"):
+        collection.register_embedding(keras.layers.Dense(2))
 
 
 

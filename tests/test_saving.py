@@ -17,11 +17,21 @@ def _model():
     return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(2)])
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive):
+def _token_model():
+    """Embedding (a diagonal Ā) and Conv1D blocks."""
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4),
+        keras.layers.Conv1D(3, 2, padding="causal"), keras.layers.Flatten(), keras.layers.Dense(2),
+    ])
+
+
+@pytest.mark.parametrize("adaptive, tokens", [(False, False), (True, False), (True, True)])
+def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, tokens):
     x, y = _data()
+    if tokens:
+        x = np.abs(x * 5).astype("int32") % 20
     keras.utils.set_random_seed(0)
-    model = _model()
+    model = _token_model() if tokens else _model()
     kwargs = dict(adaptive=True, damping_adaptation_period=2) if adaptive else dict(learning_rate=0.05, damping=0.01)
     opt = keras_kfac.KFAC(model=model, seed=7, **kwargs)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

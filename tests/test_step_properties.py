@@ -1,6 +1,7 @@
 """Properties of the K-FAC step that follow from the math (spec §6), in float64 numpy."""
 
 import numpy as np
+import pytest
 import keras
 
 import keras_kfac
@@ -90,6 +91,49 @@ def test_conv1d_with_one_output_step_equals_dense_on_flattened_input():
     dense_model.set_weights([kernel.reshape(12, 5), bias, head_kernel, head_bias])
 
     _assert_same_training_step(conv_model, dense_model, x, x.reshape(20, 12), y, "mse")
+
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_embedding_equals_dense_on_one_hot_inputs(adaptive):
+    """An Embedding is a bias-free Dense layer on one-hot rows: same Ā (diagonal), G and steps."""
+    rng = np.random.default_rng(3)
+    vocabulary, steps = 6, 4
+    ids = rng.integers(-vocabulary, vocabulary - 1, size=(24, steps)).astype("int32")  # negative ids too
+    one_hot = np.eye(vocabulary, dtype="float32")[ids % vocabulary]
+    y = rng.normal(size=(24, 2)).astype("float32")
+    table = rng.normal(size=(vocabulary, 3)).astype("float32") * 0.5
+    head_kernel = rng.normal(size=(steps * 3, 2)).astype("float32") * 0.3
+    head_bias = np.zeros(2, "float32")
+    embedding_model = keras.Sequential([
+        keras.Input((steps,), dtype="int32"), keras.layers.Embedding(vocabulary, 3),
+        keras.layers.Flatten(), keras.layers.Dense(2),
+    ])
+    embedding_model.set_weights([table, head_kernel, head_bias])
+    dense_model = keras.Sequential([
+        keras.Input((steps, vocabulary)), keras.layers.Dense(3, use_bias=False),
+        keras.layers.Flatten(), keras.layers.Dense(2),
+    ])
+    dense_model.set_weights([table, head_kernel, head_bias])
+    options = dict(adaptive=True, damping=0.01) if adaptive else dict(learning_rate=0.5, damping=0.01, momentum=0.5)
+
+    def train(model, x):
+        opt = keras_kfac.KFAC(model=model, estimation_mode="exact", **options)
+        model.compile(optimizer=opt, loss="mse")
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        return opt
+
+    embedding_opt, dense_opt = train(embedding_model, ids), train(dense_model, one_hot)
+    embedding_block, dense_block = embedding_opt.blocks[0], dense_opt.blocks[0]
+    assert type(embedding_block).__name__ == "EmbeddingBlock"
+    np.testing.assert_allclose(np.diag(embedding_block.input_factor.cov.numpy()), dense_block.input_factor.cov.numpy(), atol=1e-7)
+    np.testing.assert_allclose(embedding_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+    for name in ("alpha", "mu", "damping"):
+        assert getattr(embedding_opt, name).numpy() == pytest.approx(getattr(dense_opt, name).numpy(), rel=1e-4, abs=1e-7)
+    for embedding_weight, dense_weight in zip(embedding_model.get_weights(), dense_model.get_weights()):
+        np.testing.assert_allclose(embedding_weight, dense_weight, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(embedding_model.get_weights()[0], table)
 
 
 def _factor_g(mode, iterations, x, y, weights, ema_decay=0.999):

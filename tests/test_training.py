@@ -1,4 +1,4 @@
-"""K-FAC against SGD with the same budget on a small MLP, a small convnet and a Conv1D net."""
+"""K-FAC against SGD with the same budget on a small MLP, a convnet, a Conv1D net and an embedding model."""
 
 import numpy as np
 import pytest
@@ -38,6 +38,16 @@ def _sequence_net():
     ])
 
 
+def _token_net():
+    return keras.Sequential([
+        keras.Input((12,), dtype="int32"),
+        keras.layers.Embedding(50, 8),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(4),
+    ])
+
+
 def _problem(kind):
     rng = np.random.default_rng(0)
     if kind == "mlp":
@@ -46,6 +56,11 @@ def _problem(kind):
         h = np.tanh(x @ rng.normal(size=(10, 16)))
         y = np.argmax(h @ rng.normal(size=(16, 4)), axis=1)
         return _mlp, x, y.astype("int32")
+    if kind == "tokens":
+        # Each token votes for the classes with a fixed random score; the label is the sum's argmax.
+        x = rng.integers(0, 50, size=(384, 12)).astype("int32")
+        scores = rng.normal(size=(50, 4))
+        return _token_net, x, np.argmax(scores[x].sum(1), axis=1).astype("int32")
     if kind == "sequence":
         # The quarter of the sequence with the largest mean.
         x = rng.normal(size=(384, 16, 2)).astype("float32")
@@ -67,7 +82,8 @@ def _final_loss(build, x, y, optimizer_factory, epochs):
 
 
 @pytest.mark.parametrize(
-    "kind, learning_rate, damping", [("mlp", 0.03, 1e-2), ("convnet", 0.03, 0.1), ("sequence", 0.03, 0.1)]
+    "kind, learning_rate, damping", [("mlp", 0.03, 1e-2), ("convnet", 0.03, 0.1), ("sequence", 0.03, 0.1),
+                                      ("tokens", 0.03, 1e-2)]
 )
 def test_kfac_reaches_a_loss_sgd_does_not_with_the_same_budget(kind, learning_rate, damping):
     build, x, y = _problem(kind)

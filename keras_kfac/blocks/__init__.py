@@ -4,5 +4,6 @@ from keras_kfac.blocks.base import KroneckerBlock
 from keras_kfac.blocks.conv1d import Conv1DBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.embedding import EmbeddingBlock
 
-__all__ = ["Conv1DBlock", "Conv2DBlock", "DenseBlock", "KroneckerBlock"]
+__all__ = ["Conv1DBlock", "Conv2DBlock", "DenseBlock", "EmbeddingBlock", "KroneckerBlock"]

@@ -30,6 +30,8 @@ class KroneckerBlock(abc.ABC):
     # Whether the rows ā are the patches at the |T| locations of each example
     # (convolutions), which ``patch_fraction`` may subsample for Ā.
     rows_are_patch_locations: bool = False
+    # How Ā is stored: dense, or diagonal where ā is one-hot (embeddings).
+    input_factor_type: type[curvature.KroneckerFactor] = curvature.KroneckerFactor
 
     def __init__(self, layer: keras.layers.Layer):
         self.layer = layer
@@ -41,13 +43,18 @@ class KroneckerBlock(abc.ABC):
         return self.layer.name
 
     @property
+    def kernel(self) -> keras.Variable:
+        """The weight matrix (or tensor) of the layer, without its bias."""
+        return self.layer.kernel
+
+    @property
     def has_bias(self) -> bool:
         return getattr(self.layer, "bias", None) is not None
 
     @property
     def variables(self) -> list:
         """The layer variables this block preconditions, kernel first."""
-        return [self.layer.kernel] + ([self.layer.bias] if self.has_bias else [])
+        return [self.kernel] + ([self.layer.bias] if self.has_bias else [])
 
     @property
     def input_dim(self) -> int:
@@ -56,12 +63,12 @@ class KroneckerBlock(abc.ABC):
 
     @property
     def output_dim(self) -> int:
-        return int(self.layer.kernel.shape[-1])
+        return int(self.kernel.shape[-1])
 
     @property
     def kernel_matrix_rows(self) -> int:
         """Rows of the kernel seen as a (inputs, outputs) matrix."""
-        shape = self.layer.kernel.shape
+        shape = self.kernel.shape
         rows = 1
         for size in shape[:-1]:
             rows *= int(size)
@@ -71,7 +78,7 @@ class KroneckerBlock(abc.ABC):
         """Creates the factor variables (called from ``optimizer.build``)."""
         prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name))
         prefix = prefix.lstrip("_.-") or "layer"
-        self.input_factor = curvature.KroneckerFactor(optimizer, self.input_dim, f"{prefix}_A")
+        self.input_factor = self.input_factor_type(optimizer, self.input_dim, f"{prefix}_A")
         self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
 
     @abc.abstractmethod
@@ -84,6 +91,10 @@ class KroneckerBlock(abc.ABC):
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
         return rows
+
+    def input_second_moment(self, input_rows: tf.Tensor) -> tf.Tensor:
+        """The batch estimate of Ā: the mean of ā āᵀ over the rows [KFAC §3]."""
+        return curvature.second_moment(input_rows, tf.shape(input_rows)[0])
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
@@ -104,7 +115,7 @@ class KroneckerBlock(abc.ABC):
 
     def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
         """Inverse of ``gradient_matrix``: per-variable tensors of W̄-shaped ``matrix``."""
-        parts = [tf.reshape(matrix[: self.kernel_matrix_rows], self.layer.kernel.shape)]
+        parts = [tf.reshape(matrix[: self.kernel_matrix_rows], self.kernel.shape)]
         if self.has_bias:
             parts.append(matrix[self.kernel_matrix_rows])
         return parts
@@ -131,5 +142,5 @@ class KroneckerBlock(abc.ABC):
         if inverses is None:
             inverses = (self.input_factor.inverse, self.output_factor.inverse)
         inverse_a, inverse_g = inverses
-        update = tf.matmul(tf.matmul(inverse_a, self.gradient_matrix(gradients)), inverse_g)
+        update = tf.matmul(self.input_factor.left_multiply(inverse_a, self.gradient_matrix(gradients)), inverse_g)
         return self.split_matrix(update)

@@ -1,0 +1,53 @@
+"""Embedding block: a Dense layer on one-hot inputs, with a diagonal Ā [KFAC §3].
+
+An embedding looks up row i of its table W (vocabulary V × output D) for token
+i: it is ``s = ā W`` with ā the one-hot row of i and no bias. Its Kronecker
+factors are those of that Dense layer, with every token of every example a row
+(like the locations of a convolution): Ā = E[ā āᵀ] is the diagonal of the
+tokens' frequencies and G = (1/B) Σ ĝ ĝᵀ over the looked-up positions. The
+preconditioned gradient ``(Ā + πγI)⁻¹ ∇W (G + (γ/π)I)⁻¹`` scales each token's
+row by 1/(frequency + πγ) instead of inverting a V × V matrix.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_kfac import curvature
+from keras_kfac.blocks.base import KroneckerBlock
+
+
+class EmbeddingBlock(KroneckerBlock):
+    """The table (V, D) of a ``keras.layers.Embedding`` as one block."""
+
+    input_factor_type = curvature.DiagonalFactor
+
+    def __init__(self, layer: keras.layers.Layer):
+        if not isinstance(layer, keras.layers.Embedding):
+            raise TypeError(f"register_embedding takes a keras.layers.Embedding; got {layer!r}.")
+        super().__init__(layer)
+
+    @property
+    def kernel(self) -> keras.Variable:
+        return self.layer.embeddings
+
+    @property
+    def has_bias(self) -> bool:
+        return False
+
+    def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The token ids, one per row (negative ids count from the end, as in the lookup)."""
+        ids = tf.reshape(tf.cast(inputs, tf.int32), [-1])
+        return tf.where(ids < 0, ids + self.input_dim, ids)
+
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The rows ā are one-hot: kept as their token ids."""
+        return self.input_patches(inputs)
+
+    def input_second_moment(self, input_rows: tf.Tensor) -> tf.Tensor:
+        """diag(Ā): each token's count among the rows, divided by the number of rows."""
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(input_rows, dtype=tf.float32), input_rows, self.input_dim
+        )
+        return counts / tf.cast(tf.maximum(tf.shape(input_rows)[0], 1), tf.float32)
