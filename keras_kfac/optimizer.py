@@ -455,8 +455,10 @@ class KFAC(keras.optimizers.Optimizer):
             return input_estimates, output_estimates
 
         def estimate_sub_batch() -> tuple[list, list]:
-            size = statistics.subset_size(tf.shape(batch.z)[0], self.statistics_fraction)
-            x, y_true, sample_weight = _first_examples((batch.loss_call.x, batch.y_true, batch.sample_weight), size)
+            x, y_true, sample_weight = _sub_batch(
+                (batch.loss_call.x, batch.y_true, batch.sample_weight),
+                tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
+            )
             y_pred, layer_calls, _ = self._forward(x)
             return estimate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
 
@@ -583,9 +585,22 @@ def _calling_model(optimizer: KFAC) -> keras.Model | None:
         del frame
 
 
-def _first_examples(structure: Any, size: tf.Tensor) -> Any:
-    """Every tensor of ``structure`` cut to its first ``size`` examples (None stays None)."""
-    return keras.tree.map_structure(lambda a: None if a is None else a[:size], structure)
+def _sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str) -> tuple:
+    """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
+
+    A ``sum`` loss grows with the number of examples, so the sub-batch's
+    examples are weighted by B/⌈fraction·B⌉: its loss and its curvature then
+    estimate the whole batch's, as a mean loss's sub-batch does unweighted.
+    """
+    size = statistics.subset_size(batch_size, fraction)
+    x, y, sample_weight = keras.tree.map_structure(lambda a: None if a is None else a[:size], data)
+    if reduction == "sum":
+        scale = tf.cast(batch_size, tf.float32) / tf.cast(size, tf.float32)
+        if sample_weight is None:
+            sample_weight = tf.fill([size], scale)
+        else:
+            sample_weight = keras.tree.map_structure(lambda w: w * tf.cast(scale, w.dtype), sample_weight)
+    return x, y, sample_weight
 
 
 class _Batch:
@@ -636,8 +651,10 @@ class _Step:
         if opt.curvature_fraction >= 1.0:
             x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
         else:
-            size = statistics.subset_size(tf.shape(batch.z)[0], opt.curvature_fraction)
-            x, y, sample_weight = _first_examples((call.x, call.y_true, call.sample_weight), size)
+            x, y, sample_weight = _sub_batch(
+                (call.x, call.y_true, call.sample_weight), tf.shape(batch.z)[0], opt.curvature_fraction,
+                batch.loss.reduction,
+            )
             y_pred, loss = self.forward(x, y, sample_weight)
             z = batch.loss.network_output(y_pred)
         return x, y, sample_weight, z, replicas.total(tf.cast(loss, tf.float32))

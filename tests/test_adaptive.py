@@ -144,6 +144,39 @@ def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
     assert float(opt.rho.numpy()) == pytest.approx(expected, rel=1e-3, abs=1e-4)
 
 
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_sub_batches_estimate_the_whole_batch_for_mean_and_sum_losses(reduction):
+    """τ₁ = τ₂ = 1/2 on a batch of two identical halves: the same factors, α, μ, M and ρ as the whole batch.
+
+    A `sum` loss grows with the batch, so a half batch's loss and curvature count double;
+    a weight regularizer's penalty does not depend on the batch and must not be scaled.
+    """
+    rng = np.random.default_rng(6)
+    half = _images(8)
+    x = np.concatenate([half, half])
+    weights = np.tile(rng.uniform(0.5, 2.0, size=8).astype("float32"), 2)
+    results = []
+    for fraction in (1.0, 0.5):
+        keras.utils.set_random_seed(6)
+        model = keras.Sequential([
+            keras.Input((12,)), keras.layers.Dense(5, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)),
+            keras.layers.Dense(12),
+        ])
+        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
+                              estimation_mode="exact", statistics_fraction=fraction, curvature_fraction=fraction)
+        model.compile(optimizer=opt, loss=keras.losses.MeanSquaredError(reduction=reduction))
+        for _ in range(3):
+            model.train_on_batch(x, x, sample_weight=weights)
+        results.append(opt)
+    whole, halves = results
+    for a, b in zip(whole.blocks, halves.blocks):
+        np.testing.assert_allclose(b.input_factor.cov.numpy(), a.input_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b.output_factor.cov.numpy(), a.output_factor.cov.numpy(), rtol=1e-4, atol=1e-7)
+    for name in ("alpha", "mu", "quadratic_change", "rho", "damping"):
+        assert float(getattr(halves, name).numpy()) == pytest.approx(float(getattr(whole, name).numpy()), rel=1e-3), name
+
+
 def test_extra_forward_passes_draw_fresh_dropout_masks():
     """The τ₁ pass advances the dropout seed as a training pass does: its mask is not the next step's."""
     advances = []
