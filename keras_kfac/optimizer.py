@@ -644,11 +644,15 @@ class _Step:
     def curvature_batch(self) -> tuple:
         """(x, y, sample_weight, network output z, loss h(θ)) for the quadratic model.
 
-        h(θ) is the global batch's: the replicas' shares added up.
+        h(θ) is the global batch's: the replicas' shares added up. The
+        exact-Fisher products need z in the graph they are built in: when the
+        update runs in a branch of the step's graph (a ``LossScaleOptimizer``,
+        gradient accumulation), z comes from a forward pass of its own there.
         """
         opt, batch = self.opt, self.batch
         call = batch.loss_call
-        if opt.curvature_fraction >= 1.0:
+        in_step_graph = getattr(batch.z, "graph", None) is tf.compat.v1.get_default_graph()
+        if opt.curvature_fraction >= 1.0 and in_step_graph:
             x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
         else:
             x, y, sample_weight = _sub_batch(

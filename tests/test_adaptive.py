@@ -177,6 +177,32 @@ def test_sub_batches_estimate_the_whole_batch_for_mean_and_sum_losses(reduction)
         assert float(getattr(halves, name).numpy()) == pytest.approx(float(getattr(whole, name).numpy()), rel=1e-3), name
 
 
+
+@pytest.mark.parametrize("wrapper", ["loss_scale", "gradient_accumulation"])
+def test_quadratic_model_inside_a_conditional_update(wrapper):
+    """A LossScaleOptimizer or gradient accumulation applies the update in a tf.cond: same α, μ, ρ and weights."""
+    x = _images(32)
+    runs = []
+    for wrapped in (False, True):
+        keras.utils.set_random_seed(7)
+        model = _autoencoder()
+        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.01, damping_adaptation_period=1,
+                              gradient_accumulation_steps=2 if wrapped and wrapper == "gradient_accumulation" else None)
+        optimizer = keras.optimizers.LossScaleOptimizer(opt) if wrapped and wrapper == "loss_scale" else opt
+        model.compile(optimizer=optimizer, loss="mse")
+        for _ in range(2):
+            batches = (x, x) if wrapped and wrapper == "gradient_accumulation" else (x,)
+            for batch in batches:  # two accumulated copies of a batch have its gradient
+                model.train_on_batch(batch, batch)
+        runs.append((opt, model))
+    (plain, plain_model), (wrapped_opt, wrapped_model) = runs
+    assert float(plain.alpha.numpy()) != 0.0
+    for name in ("alpha", "mu", "rho", "quadratic_change"):
+        assert float(getattr(wrapped_opt, name).numpy()) == pytest.approx(float(getattr(plain, name).numpy()), rel=1e-4), name
+    for a, b in zip(plain_model.get_weights(), wrapped_model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_extra_forward_passes_draw_fresh_dropout_masks():
     """The τ₁ pass advances the dropout seed as a training pass does: its mask is not the next step's."""
     advances = []
