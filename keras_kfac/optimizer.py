@@ -441,7 +441,7 @@ class KFAC(keras.optimizers.Optimizer):
         def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list]:
             examples = tf.shape(z)[0]
             rows = statistics.factor_rows(
-                self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed, examples
+                self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed
             )
             if [b for b in self.blocks if id(b) in rows] != called:
                 raise RuntimeError("KFAC's statistics pass called other layers than the training step.")

@@ -51,15 +51,16 @@ def factor_rows(
     y_true,
     sample_weight,
     seed: tf.Tensor,
-    examples: tf.Tensor,
 ) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
     """Each called block's rows (ā rows, back-propagated ĝ rows), by ``id(block)``.
 
     The second backward pass of [KFAC §5]: the output vectors of ``mode``
     (sampled targets, the exact Hessian factor or the labels) are
-    back-propagated from z to every recorded pre-activation. The rows are those
-    of the first ``examples`` examples of the (shuffled) batch: ⌈τ₁·B⌉ for the
-    paper's τ₁ [KFAC §8], which cuts the cost of the factor products by 1/τ₁.
+    back-propagated from z to every recorded pre-activation. The calls are
+    those of the forward pass that produced z — the training step's, or one of
+    the first ⌈τ₁·B⌉ examples for the paper's τ₁ [KFAC §8] — and every row of
+    theirs counts, whatever the layer's leading axis (a model may fold
+    positions into it).
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
@@ -80,10 +81,8 @@ def factor_rows(
         block_calls = calls[id(block)]
         span = slice(position, position + len(block_calls))
         position += len(block_calls)
-        input_rows = block.rows([c.inputs[:examples] for c in block_calls], block.input_rows)
-        output_rows = block.rows(
-            [g[:examples] for per_vector in backpropagated for g in per_vector[span]], block.output_rows
-        )
+        input_rows = block.rows([c.inputs for c in block_calls], block.input_rows)
+        output_rows = block.rows([g for per_vector in backpropagated for g in per_vector[span]], block.output_rows)
         rows[id(block)] = (input_rows, output_rows)
     return rows
 

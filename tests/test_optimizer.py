@@ -188,6 +188,32 @@ def test_layer_used_twice_counts_as_more_locations():
     np.testing.assert_allclose(a, rows.T @ rows / 32, rtol=1e-4, atol=1e-6)
 
 
+
+def test_positions_folded_into_the_batch_axis_count_as_locations():
+    """A Dense layer on (B·T, D) rows (a model that reshapes) has the factors of the Dense on (B, T, D)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 5, 4)).astype("float32")
+    y = rng.normal(size=(8, 5, 2)).astype("float32")
+    factors = []
+    for fold in (False, True):
+        keras.utils.set_random_seed(0)
+        dense = keras.layers.Dense(2, activation="tanh")
+        inputs = keras.Input((5, 4))
+        if fold:
+            rows = keras.ops.reshape(inputs, (-1, 4))
+            outputs = keras.ops.reshape(dense(rows), (-1, 5, 2))
+        else:
+            outputs = dense(inputs)
+        model = keras.Model(inputs, outputs)
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(x, y)
+        factors.append((opt.blocks[0].input_factor.cov.numpy(), opt.blocks[0].output_factor.cov.numpy()))
+    rows = np.concatenate([x.reshape(40, 4), np.ones((40, 1))], 1).astype(np.float64)
+    np.testing.assert_allclose(factors[1][0], rows.T @ rows / 40, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(factors[1][1], factors[0][1], rtol=1e-5, atol=1e-7)
+
+
 def test_learning_rate_schedule_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
     opt = keras_kfac.KFAC(
