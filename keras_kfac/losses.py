@@ -60,8 +60,18 @@ class PredictiveDistribution(abc.ABC):
         """∇²_z NLL · v, per example."""
 
     def labels(self, y_true: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
-        """The data's targets in the form ``nll_gradient`` takes."""
-        return tf.cast(y_true, z.dtype)
+        """The data's targets in the form ``nll_gradient`` takes, shaped like z.
+
+        As Keras' losses do, targets one rank below z (labels (B,) for an
+        output (B, 1)) gain a last axis, and one rank above with a last axis
+        of 1 lose it.
+        """
+        y = tf.cast(y_true, z.dtype)
+        if y.shape.rank == z.shape.rank - 1:
+            y = y[..., tf.newaxis]
+        elif y.shape.rank == z.shape.rank + 1 and y.shape[-1] == 1:
+            y = tf.squeeze(y, -1)
+        return tf.broadcast_to(y, tf.shape(z))
 
 
 class CategoricalLogits(PredictiveDistribution):
@@ -95,7 +105,7 @@ class CategoricalLogits(PredictiveDistribution):
         if self.sparse:
             classes = tf.cast(tf.reshape(y_true, tf.shape(z)[:-1]), tf.int32)
             return tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype)
-        return tf.cast(y_true, z.dtype)
+        return super().labels(y_true, z)
 
 
 class BernoulliLogits(PredictiveDistribution):

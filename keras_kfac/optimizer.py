@@ -610,7 +610,13 @@ class _Batch:
         self.loss_call = loss_call
         self.layer_calls = layer_calls
         self.loss = loss
-        self.y_pred = keras.tree.flatten(loss_call.y_pred)[0]
+        outputs = keras.tree.flatten(loss_call.y_pred)
+        if len(outputs) != 1:
+            raise NotImplementedError(
+                f"KFAC supports models with a single output; this model has {len(outputs)}. "
+                "Its Fisher would need the predictive distribution of every output with a loss."
+            )
+        self.y_pred = outputs[0]
         self.z = loss.network_output(self.y_pred)
         y_true = loss_call.y_true
         self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]

@@ -115,6 +115,31 @@ def test_dense_factors_match_explicit_fisher(name, mode, weighted):
         np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
 
 
+
+@pytest.mark.parametrize("loss", ["binary_crossentropy", "mse"])
+def test_empirical_fisher_takes_labels_one_rank_below_the_output(loss):
+    """Labels (B,) for an output (B, 1), as Keras' losses accept: G of the output block = mean of (∇_z NLL)²."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(B, D_IN)).astype("float32")
+    y = rng.integers(0, 2, size=B).astype("float32")
+    g_out = []
+    for labels in (y, y[:, None]):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((D_IN,)), keras.layers.Dense(1, activation="sigmoid" if loss != "mse" else None),
+        ])
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="empirical")
+        model.compile(optimizer=opt, loss=loss)
+        model.build((None, D_IN))
+        kernel, bias = (w.numpy().astype(np.float64) for w in model.weights)
+        model.train_on_batch(x, labels)
+        g_out.append(opt.blocks[0].output_factor.cov.numpy()[0, 0])
+    z = x.astype(np.float64) @ kernel[:, 0] + bias[0]
+    gradient = 1 / (1 + np.exp(-z)) - y if loss != "mse" else 2.0 * (z - y)
+    assert g_out[0] == pytest.approx(np.mean(gradient**2), rel=1e-4)
+    assert g_out[1] == pytest.approx(g_out[0], rel=1e-6)
+
+
 @pytest.mark.parametrize("name", ["cce_logits", "bce_logits", "mse"])
 def test_one_example_kronecker_block_is_the_exact_fisher_block(name):
     """With B = 1, Ā ⊗ G equals the layer's block of F = Jᵀ H̃ J built parameter by parameter."""

@@ -214,6 +214,19 @@ def test_positions_folded_into_the_batch_axis_count_as_locations():
     np.testing.assert_allclose(factors[1][1], factors[0][1], rtol=1e-5, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("loss", ["mse", {"first": None, "second": "mse"}])
+def test_models_with_several_outputs_are_rejected_clearly(loss):
+    """One loss on two outputs, or a loss on the second only: the Fisher is not the first output's."""
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(2, name="first")(hidden), keras.layers.Dense(2, name="second")(hidden)])
+    model.compile(optimizer=keras_kfac.KFAC(model=model, learning_rate=0.1), loss=loss)
+    x = np.zeros((4, 6), "float32")
+    with pytest.raises((NotImplementedError, ValueError), match=r"single (output; this model has 2|loss; got 2)"):
+        model.train_on_batch(x, [np.zeros((4, 2), "float32")] * 2)
+
+
 def test_learning_rate_schedule_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
     opt = keras_kfac.KFAC(
