@@ -46,13 +46,13 @@ def second_moment(rows: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
 
 
-def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor) -> None:
-    """variable ← ε·variable + (1 − ε)·estimate [KFAC §5].
+def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor, accept: tf.Tensor) -> None:
+    """variable ← ε·variable + (1 − ε)·estimate [KFAC §5] when ``accept`` is true.
 
-    A non-finite batch estimate is skipped, so it never enters the statistics.
+    The caller rejects a batch whose estimates or gradients are not all finite,
+    so such a batch never enters the statistics.
     """
-    finite = tf.reduce_all(tf.math.is_finite(estimate))
-    variable.assign(tf.where(finite, decay * variable + (1.0 - decay) * estimate, variable))
+    variable.assign(tf.where(accept, decay * variable + (1.0 - decay) * estimate, variable))
 
 
 class KroneckerFactor:

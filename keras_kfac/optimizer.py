@@ -353,7 +353,7 @@ class KFAC(keras.optimizers.Optimizer):
             first = tf.equal(self.iterations, 0)
             self._damping.assign(tf.where(first, self.initial_damping / units, self._damping))
             self._gamma.assign(tf.where(first, tf.sqrt(self._damping + self.l2_reg), self._gamma))
-        self._update_curvature(batch)
+        self._update_curvature(batch, curvature.all_finite(grads))
         step = _Step(self, batch, trainable_variables, grads)
         if self.adapt_gamma:
             step.adapt_gamma(learning_rate, tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0))
@@ -414,7 +414,7 @@ class KFAC(keras.optimizers.Optimizer):
             loss=collection.loss(),
         )
 
-    def _update_curvature(self, batch: "_Batch") -> None:
+    def _update_curvature(self, batch: "_Batch", gradients_finite: tf.Tensor) -> None:
         """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
 
         With τ₁ = 1 and T_cov = 1 the statistics use the training step's own
@@ -470,8 +470,11 @@ class KFAC(keras.optimizers.Optimizer):
             return replicas.mean(list(estimates[0])), replicas.curvature(list(estimates[1]), batch.loss.reduction)
 
         def update(estimates: tuple[list, list]) -> tf.Tensor:
+            # A batch enters the statistics whole or not at all: not when one
+            # of its estimates, or its gradient (bad labels), is not finite.
+            accept = tf.logical_and(gradients_finite, curvature.all_finite(estimates[0] + estimates[1]))
             for variable, value in zip(input_targets + output_targets, estimates[0] + estimates[1]):
-                curvature.update_moving_average(variable, value, decay)
+                curvature.update_moving_average(variable, value, decay, accept)
             return tf.constant(True)
 
         if not input_targets:  # no registered layer ran in this step
