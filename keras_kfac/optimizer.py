@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import random
 import warnings
 from typing import Any
@@ -39,8 +40,8 @@ def _check_range(
     The interval is [low, high), with ``low_open`` (low, …, and with
     ``high_closed`` …, high].
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"`{name}` must be a number; got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
     above = high is not None and (value > high if high_closed else value >= high)
     if value < low or (low_open and value == low) or above:
         interval = (
@@ -50,9 +51,11 @@ def _check_range(
         raise ValueError(f"`{name}` must be in {interval}; got {value!r}.")
 
 
-def _check_period(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_period(name: str, value: Any) -> int:
+    """``value`` as an int, or ValueError naming ``name`` unless it is an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -203,10 +206,13 @@ class KFAC(keras.optimizers.Optimizer):
         _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0, low_open=True, high_closed=True)
         _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0, low_open=True, high_closed=True)
         _check_range("patch_fraction", patch_fraction, 0.0, 1.0, low_open=True, high_closed=True)
-        _check_period("inverse_update_period", inverse_update_period)
-        _check_period("statistics_update_period", statistics_update_period)
-        _check_period("damping_adaptation_period", damping_adaptation_period)
-        _check_period("gamma_adaptation_period", gamma_adaptation_period)
+        inverse_update_period = _check_period("inverse_update_period", inverse_update_period)
+        statistics_update_period = _check_period("statistics_update_period", statistics_update_period)
+        damping_adaptation_period = _check_period("damping_adaptation_period", damping_adaptation_period)
+        gamma_adaptation_period = _check_period("gamma_adaptation_period", gamma_adaptation_period)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**31):
+            raise ValueError(f"`seed` must be an integer in [0, 2**31); got {seed!r}.")
         if estimation_mode not in losses.ESTIMATION_MODES:
             raise ValueError(
                 f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; "

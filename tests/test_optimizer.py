@@ -260,11 +260,24 @@ def test_learning_rate_schedule_and_config_round_trip():
         (dict(l2_reg=-1e-3), "l2_reg"),
         (dict(patch_fraction=0.0), r"`patch_fraction` must be in \(0, 1\]"),
         (dict(statistics_fraction=1.5), r"`statistics_fraction` must be in \(0, 1\]"),
+        (dict(damping=float("inf")), "`damping` must be a finite number"),
+        (dict(l2_reg=float("nan")), "`l2_reg` must be a finite number"),
+        (dict(seed=2**31), r"`seed` must be an integer in \[0, 2\*\*31\)"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         keras_kfac.KFAC(**kwargs)
+
+
+def test_numpy_scalars_are_valid_hyperparameters():
+    opt = keras_kfac.KFAC(damping=np.float32(1e-3), learning_rate=np.float64(0.1), inverse_update_period=np.int64(5),
+                          seed=np.int64(3))
+    config = opt.get_config()
+    assert config["inverse_update_period"] == 5 and type(config["inverse_update_period"]) is int
+    assert config["damping"] == pytest.approx(1e-3) and type(config["damping"]) is float
+    assert type(config["seed"]) is int
 
 
 def test_unsupported_loss_says_how_to_register_one():
