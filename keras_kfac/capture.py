@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import threading
 import weakref
 from typing import Any, Callable
@@ -141,14 +142,18 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
     inside the first traced step, after the forward pass, which is too late to
     hook the layers of that step.
 
-    Keras's ``train_step`` evaluates the compiled loss through
-    ``model._compute_loss``; wrapping it on the instance reaches subclassed
-    models that override ``compute_loss`` too.
+    The loss is recorded where it is computed, ``model.compute_loss``: Keras's
+    ``train_step`` reaches it through ``_compute_loss``, and a custom
+    ``train_step`` calls it directly (the pattern of Keras's guide to
+    customizing ``fit``). Wrapping it on the instance reaches subclassed
+    models that override it too; calls with ``training=False`` (``evaluate``)
+    are not recorded.
     """
     if getattr(model, "_kfac_hooked", False):
         return
     original_call = model.call
-    original_compute_loss = model._compute_loss
+    original_compute_loss = model.compute_loss
+    signature = inspect.signature(original_compute_loss)
 
     @functools.wraps(original_call)
     def call(*args, **kwargs):
@@ -156,15 +161,29 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
         return original_call(*args, **kwargs)
 
     @functools.wraps(original_compute_loss)
-    def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = original_compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-        )
+    def compute_loss(*args, **kwargs):
+        loss = original_compute_loss(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
         graph = _graph_of(loss)
-        if training and graph is not None:
-            RECORDER.record(model, graph, LossCall(x, y, y_pred, sample_weight, loss))
+        if arguments.get("training", True) and graph is not None:
+            call = LossCall(
+                arguments.get("x"), arguments.get("y"), arguments.get("y_pred"), arguments.get("sample_weight"), loss
+            )
+            RECORDER.record(model, graph, call)
         return loss
 
     object.__setattr__(model, "call", call)
-    object.__setattr__(model, "_compute_loss", compute_loss)
+    object.__setattr__(model, "compute_loss", compute_loss)
+    object.__setattr__(model, "_kfac_compute_loss", original_compute_loss)
     object.__setattr__(model, "_kfac_hooked", True)
+
+
+def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:
+    """The model's training loss, as ``compute_loss`` computes it, without recording it."""
+    compute = getattr(model, "_kfac_compute_loss", model.compute_loss)
+    kwargs = dict(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+    if "training" in inspect.signature(compute).parameters:
+        kwargs["training"] = True
+    return compute(**kwargs)

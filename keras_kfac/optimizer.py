@@ -300,8 +300,17 @@ class KFAC(keras.optimizers.Optimizer):
             model = _calling_model(self)
             if model is not None:
                 collection.register_model(model)
+                self._model_found_in_build = True
         collection.prepare()
         trainable = {self._var_key(v) for v in variables}
+        if collection.blocks and not any(
+            self._var_key(v) in trainable for b in collection.blocks for v in b.variables
+        ):
+            raise ValueError(
+                f"KFAC was created for the model '{collection.model.name}', but it is asked to "
+                "train none of that model's registered layers: create one KFAC per model, with "
+                "`KFAC(model=model)` for the model you compile it with."
+            )
         owned = set()
         for block in collection.blocks:
             keys = [self._var_key(v) for v in block.variables]
@@ -409,6 +418,12 @@ class KFAC(keras.optimizers.Optimizer):
         """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
+        if not loss_calls and getattr(self, "_model_found_in_build", False):
+            raise RuntimeError(
+                "KFAC was created without `model=`, so it met its model only when Keras built it "
+                "inside the first training step, too late to record that step's activations. "
+                "Create it with the model it trains: `KFAC(model=model, ...)`."
+            )
         if not loss_calls:
             raise RuntimeError(
                 "KFAC found no training loss in this step's graph. It must run inside "
@@ -462,7 +477,7 @@ class KFAC(keras.optimizers.Optimizer):
 
         def estimate_sub_batch() -> tuple[list, list]:
             x, y_true, sample_weight = _sub_batch(
-                (batch.loss_call.x, batch.y_true, batch.sample_weight),
+                (_require_inputs(batch.loss_call.x), batch.y_true, batch.sample_weight),
                 tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
             )
             y_pred, layer_calls, _ = self._forward(x)
@@ -594,6 +609,18 @@ def _calling_model(optimizer: KFAC) -> keras.Model | None:
         del frame
 
 
+def _require_inputs(x: Any) -> Any:
+    """``x``, the step's model inputs that K-FAC's extra forward passes run on."""
+    if x is None:
+        raise ValueError(
+            "KFAC's extra forward passes (statistics_fraction < 1, statistics_update_period > 1, "
+            "curvature_fraction < 1, adapt_damping, adapt_gamma) need the model inputs, but the "
+            "training loss was computed without them: a custom train_step must pass them, as in "
+            "`self.compute_loss(x=x, y=y, y_pred=y_pred)`."
+        )
+    return x
+
+
 def _sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str) -> tuple:
     """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
 
@@ -682,11 +709,11 @@ class _Step:
         """The model's output and this replica's share of the training loss at the
         current weights (the whole loss without a strategy), recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred, _, layer_losses = self.opt._forward(x)
+        y_pred, _, layer_losses = self.opt._forward(_require_inputs(x))
         # Outside the scope, where weight regularizers read the variables; the
         # scoped pass's layer losses are added as Keras' train step adds them
         # (divided among the replicas).
-        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        loss = capture.training_loss(model, x, y, y_pred, sample_weight)
         for extra in layer_losses:
             loss = loss + tf.cast(tf.reduce_sum(extra) / replicas.count(), loss.dtype)
         return keras.tree.flatten(y_pred)[0], loss

@@ -227,6 +227,61 @@ def test_models_with_several_outputs_are_rejected_clearly(loss):
         model.train_on_batch(x, [np.zeros((4, 2), "float32")] * 2)
 
 
+
+class GuideStepNet(keras.Model):
+    """The custom train_step of Keras' guide to customizing fit(): compute_loss, then apply."""
+
+    def __init__(self, pass_inputs: bool):
+        super().__init__()
+        self.pass_inputs = pass_inputs
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            inputs = {"x": x} if self.pass_inputs else {}
+            loss = self.compute_loss(y=y, y_pred=y_pred, **inputs)
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_custom_train_step_of_the_keras_guide_trains_as_fit_does(adaptive):
+    x, y = _data(n=64)
+    options = dict(adaptive=True, damping=1e-2) if adaptive else dict(learning_rate=0.1, damping=1e-2)
+    weights = []
+    for custom in (False, True):
+        keras.utils.set_random_seed(0)
+        model = GuideStepNet(pass_inputs=True) if custom else SubclassedNet()
+        model.compile(optimizer=keras_kfac.KFAC(model=model, seed=1, **options), loss=_loss_for("subclassed"))
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if adaptive:  # its extra forward passes need x
+        model = GuideStepNet(pass_inputs=False)
+        model.compile(optimizer=keras_kfac.KFAC(model=model, **options), loss=_loss_for("subclassed"))
+        with pytest.raises(ValueError, match=r"need the model inputs.*compute_loss\(x=x"):
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+
+def test_optimizer_without_its_model_or_for_another_model_says_so():
+    x, y = _data(n=32)
+    model = _sequential()
+    model.compile(optimizer=keras_kfac.KFAC(learning_rate=0.1), loss=_loss_for("sequential"))
+    with pytest.raises(RuntimeError, match="created without `model=`"):
+        model.fit(x, y, epochs=1, verbose=0)
+    other = _sequential()
+    other.compile(optimizer=keras_kfac.KFAC(model=_sequential(), learning_rate=0.1), loss=_loss_for("sequential"))
+    with pytest.raises(ValueError, match="create one KFAC per model"):
+        other.fit(x, y, epochs=1, verbose=0)
+
+
 def test_learning_rate_schedule_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
     opt = keras_kfac.KFAC(
