@@ -95,7 +95,9 @@ class KFAC(keras.optimizers.Optimizer):
         model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
             Embedding layers are registered automatically, and its compiled loss defines the Fisher.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
-            addition to) automatic registration.
+            addition to) automatic registration. Its layers registered by
+            hand and its registered loss are part of the configuration, so
+            ``load_model`` rebuilds it.
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule
             (default 0.01). Not used with the quadratic model.
         damping: initial Tikhonov damping λ ≥ 0 [KFAC §6]; default 1e-3, or with
@@ -222,6 +224,8 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(f"`approximation` must be one of {APPROXIMATIONS}; got {approximation!r}.")
         if model is not None and not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model; got {model!r}.")
+        if isinstance(layer_collection, dict):  # from a saved configuration
+            layer_collection = LayerCollection.from_config(layer_collection)
         if layer_collection is not None and not isinstance(layer_collection, LayerCollection):
             raise TypeError(
                 f"`layer_collection` must be a keras_kfac.LayerCollection; got {layer_collection!r}."
@@ -578,6 +582,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "patch_fraction": self.patch_fraction,
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
+                "layer_collection": self.layer_collection.get_config(),
             }
         )
         return config

@@ -26,6 +26,13 @@ _BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
 )
 
 
+# Names of the block kinds in saved configurations.
+_BLOCK_OF_KIND: dict[str, type[KroneckerBlock]] = {
+    "dense": DenseBlock, "conv1d": Conv1DBlock, "conv2d": Conv2DBlock, "embedding": EmbeddingBlock,
+}
+_KIND_OF_BLOCK = {block_type: kind for kind, block_type in _BLOCK_OF_KIND.items()}
+
+
 class LayerCollection:
     """The layers K-FAC preconditions and the loss whose Fisher it uses.
 
@@ -44,6 +51,11 @@ class LayerCollection:
         self._blocks: list[KroneckerBlock] = []
         self.model: keras.Model | None = None
         self._loss: losses.RegisteredLoss | None = None
+        # What ``get_config`` saves: the layers registered by hand, the loss as given.
+        self._by_hand = False
+        self._loss_config: dict | None = None
+        # Saved registrations waiting for their model (``from_config``).
+        self._pending: dict | None = None
 
     @property
     def blocks(self) -> list[KroneckerBlock]:
@@ -66,21 +78,26 @@ class LayerCollection:
         self._blocks.append(block)
         return block
 
+    def _register_by_hand(self, block: KroneckerBlock) -> KroneckerBlock:
+        self._register(block)
+        self._by_hand = True
+        return block
+
     def register_dense(self, layer: keras.layers.Dense) -> KroneckerBlock:
         """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
-        return self._register(DenseBlock(layer))
+        return self._register_by_hand(DenseBlock(layer))
 
     def register_conv1d(self, layer: keras.layers.Conv1D) -> KroneckerBlock:
         """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016)."""
-        return self._register(Conv1DBlock(layer))
+        return self._register_by_hand(Conv1DBlock(layer))
 
     def register_conv2d(self, layer: keras.layers.Conv2D) -> KroneckerBlock:
         """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
-        return self._register(Conv2DBlock(layer))
+        return self._register_by_hand(Conv2DBlock(layer))
 
     def register_embedding(self, layer: keras.layers.Embedding) -> KroneckerBlock:
         """Registers an Embedding layer: a Dense block on one-hot inputs, Ā diagonal [KFAC §3]."""
-        return self._register(EmbeddingBlock(layer))
+        return self._register_by_hand(EmbeddingBlock(layer))
 
     def register_loss(self, loss: Any, loss_weight: float = 1.0) -> None:
         """Sets the loss whose predictive distribution defines the Fisher.
@@ -93,12 +110,19 @@ class LayerCollection:
             loss_weight: the factor the loss is weighted by in the total loss.
         """
         self._loss = losses.resolve_loss(loss, weight=loss_weight)
+        self._loss_config = {
+            "loss": loss if isinstance(loss, str) else keras.losses.serialize(loss),
+            "loss_weight": float(loss_weight),
+        }
 
     def register_model(self, model: keras.Model) -> None:
         """Names the model whose training step K-FAC reads its loss from."""
         if not isinstance(model, keras.Model):
             raise TypeError(f"Expected a keras.Model; got {model!r}.")
         self.model = model
+        if self._pending is not None:
+            self._restore_layers(self._pending.get("layers", []))
+            self._pending = None
 
     def auto_register(self, model: keras.Model) -> None:
         """Registers ``model`` and every trainable Dense, Conv1D, Conv2D and Embedding layer in it.
@@ -123,6 +147,62 @@ class LayerCollection:
                     except ValueError as error:
                         warnings.warn(f"KFAC leaves a layer to its plain momentum step: {error}")
                     break
+
+    def get_config(self) -> dict | None:
+        """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
+
+        The layers registered by hand are named by their position among the
+        model's layers (``_flatten_layers`` order, which ``load_model``
+        reproduces) and their name; the registered loss by its Keras
+        serialization.
+        """
+        if self._pending is not None:
+            return dict(self._pending)
+        config = {}
+        if self._by_hand:
+            layers = self._model_layers()
+            config["layers"] = [
+                {
+                    "kind": _KIND_OF_BLOCK[type(block)],
+                    "index": layers.index(block.layer) if block.layer in layers else None,
+                    "name": block.layer.name,
+                }
+                for block in self._blocks
+            ]
+        if self._loss_config is not None:
+            config.update(self._loss_config)
+        return config or None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LayerCollection":
+        """A collection that registers the saved layers once it meets its model."""
+        collection = cls()
+        if "loss" in config:
+            collection.register_loss(keras.losses.get(config["loss"]), config.get("loss_weight", 1.0))
+        collection._pending = dict(config)
+        return collection
+
+    def _model_layers(self) -> list:
+        if self.model is None:
+            return []
+        return list(self.model._flatten_layers(include_self=False, recursive=True))
+
+    def _restore_layers(self, saved: list[dict]) -> None:
+        """Registers the saved layers of ``get_config`` in ``self.model``, in their order."""
+        layers = self._model_layers()
+        for entry in saved:
+            index, name = entry.get("index"), entry["name"]
+            if index is not None and index < len(layers) and layers[index].name == name:
+                layer = layers[index]
+            else:
+                matches = [layer for layer in layers if layer.name == name]
+                if len(matches) != 1:
+                    raise ValueError(
+                        f"The saved KFAC registered layer '{name}', which the model "
+                        f"'{self.model.name}' does not have (once)."
+                    )
+                layer = matches[0]
+            self._register_by_hand(_BLOCK_OF_KIND[entry["kind"]](layer))
 
     def loss(self) -> losses.RegisteredLoss:
         """The registered loss, or the one the model was compiled with."""

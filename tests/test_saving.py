@@ -52,6 +52,45 @@ def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, t
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+
+@keras.saving.register_keras_serializable(package="keras_kfac_tests")
+def _custom_cross_entropy(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+def test_hand_made_layer_collection_is_saved_and_resumes_exactly(tmp_path):
+    """A subset of the layers and a registered loss (the compiled one is custom) survive load_model."""
+    x, y = _data()
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+                                  keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)])
+        collection = keras_kfac.LayerCollection()
+        collection.register_model(model)
+        collection.register_dense(model.layers[2])
+        collection.register_dense(model.layers[0])
+        collection.register_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(optimizer=keras_kfac.KFAC(layer_collection=collection, learning_rate=0.05, damping=0.01, seed=2),
+                      loss=_custom_cross_entropy)
+        return model
+
+    with pytest.warns(UserWarning, match="plain momentum"):
+        uninterrupted = make()
+        uninterrupted.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        model = make()
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "model.keras")
+    with pytest.warns(UserWarning, match="plain momentum"):  # the optimizer is built as it loads
+        restored = keras.models.load_model(tmp_path / "model.keras")
+    restored.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    assert [b.layer.name for b in restored.optimizer.blocks] == [model.layers[2].name, model.layers[0].name]
+    assert restored.optimizer.get_config() == model.optimizer.get_config()
+    assert int(restored.optimizer.iterations.numpy()) == 8
+    for a, b in zip(uninterrupted.weights, restored.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_mixed_precision_keeps_factors_in_float32():
     x, y = _data()
     keras.mixed_precision.set_global_policy("mixed_float16")
