@@ -154,6 +154,9 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
     original_call = model.call
     original_compute_loss = model.compute_loss
     signature = inspect.signature(original_compute_loss)
+    # Keras passes (x, y, y_pred, sample_weight) by position, whatever an
+    # override names them.
+    names = list(signature.parameters)[:4]
 
     @functools.wraps(original_call)
     def call(*args, **kwargs):
@@ -168,10 +171,8 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
         arguments = bound.arguments
         graph = _graph_of(loss)
         if arguments.get("training", True) and graph is not None:
-            call = LossCall(
-                arguments.get("x"), arguments.get("y"), arguments.get("y_pred"), arguments.get("sample_weight"), loss
-            )
-            RECORDER.record(model, graph, call)
+            x, y, y_pred, sample_weight = (arguments.get(name) for name in names)
+            RECORDER.record(model, graph, LossCall(x, y, y_pred, sample_weight, loss))
         return loss
 
     object.__setattr__(model, "call", call)
@@ -183,7 +184,6 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
 def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:
     """The model's training loss, as ``compute_loss`` computes it, without recording it."""
     compute = getattr(model, "_kfac_compute_loss", model.compute_loss)
-    kwargs = dict(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
     if "training" in inspect.signature(compute).parameters:
-        kwargs["training"] = True
-    return compute(**kwargs)
+        return compute(x, y, y_pred, sample_weight, training=True)
+    return compute(x, y, y_pred, sample_weight)

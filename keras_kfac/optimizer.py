@@ -82,8 +82,8 @@ class KFAC(keras.optimizers.Optimizer):
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
 
-    Variables of layers with no block (normalization, embeddings, ...) use their
-    plain gradient as proposal.
+    Variables of layers with no block (normalization, ...) use their plain
+    gradient as proposal.
 
     The optimizer reads what it needs from the graph Keras traces for
     ``model.fit``/``train_on_batch``, so the model must not run eagerly.
@@ -191,7 +191,7 @@ class KFAC(keras.optimizers.Optimizer):
         else:
             learning_rate = 0.01 if learning_rate is None else learning_rate
             momentum = 0.9 if momentum is None else momentum
-            if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+            if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
                 _check_range("learning_rate", learning_rate, 0.0)
             _check_range("momentum", momentum, 0.0, 1.0)
         # The paper's initial λ = 150 is for losses summed over output units;
@@ -213,8 +213,8 @@ class KFAC(keras.optimizers.Optimizer):
         damping_adaptation_period = _check_period("damping_adaptation_period", damping_adaptation_period)
         gamma_adaptation_period = _check_period("gamma_adaptation_period", gamma_adaptation_period)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**31):
-            raise ValueError(f"`seed` must be an integer in [0, 2**31); got {seed!r}.")
+                                 or not -(2**31) <= seed < 2**31):
+            raise ValueError(f"`seed` must be an int32 integer, in [-2**31, 2**31); got {seed!r}.")
         if estimation_mode not in losses.ESTIMATION_MODES:
             raise ValueError(
                 f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; "
@@ -254,6 +254,8 @@ class KFAC(keras.optimizers.Optimizer):
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
+        if approximation == "block_tridiagonal":  # the chain is made of Dense layers
+            self.layer_collection.auto_register_types = (keras.layers.Dense,)
         if model is not None:
             self.layer_collection.register_model(model)
         self.layer_collection.prepare()
@@ -309,10 +311,10 @@ class KFAC(keras.optimizers.Optimizer):
         trainable = {self._var_key(v) for v in variables}
         if collection.blocks and not any(
             self._var_key(v) in trainable for b in collection.blocks for v in b.variables
-        ):
+        ) and any(b.layer.trainable for b in collection.blocks):
             raise ValueError(
-                f"KFAC was created for the model '{collection.model.name}', but it is asked to "
-                "train none of that model's registered layers: create one KFAC per model, with "
+                f"KFAC's registered layers ({', '.join(b.name for b in collection.blocks)}) are "
+                "not among the variables it is asked to train: create one KFAC per model, with "
                 "`KFAC(model=model)` for the model you compile it with."
             )
         owned = set()
@@ -640,7 +642,7 @@ def _sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: s
         if sample_weight is None:
             sample_weight = tf.fill([size], scale)
         else:
-            sample_weight = keras.tree.map_structure(lambda w: w * tf.cast(scale, w.dtype), sample_weight)
+            sample_weight = keras.tree.map_structure(lambda w: tf.cast(w, tf.float32) * scale, sample_weight)
     return x, y, sample_weight
 
 

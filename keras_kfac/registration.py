@@ -56,6 +56,8 @@ class LayerCollection:
         self._loss_config: dict | None = None
         # Saved registrations waiting for their model (``from_config``).
         self._pending: dict | None = None
+        # The layer types ``auto_register`` takes (the block-tridiagonal chain: Dense).
+        self.auto_register_types: tuple[type, ...] = tuple(t for t, _ in _BLOCK_TYPES)
 
     @property
     def blocks(self) -> list[KroneckerBlock]:
@@ -127,15 +129,16 @@ class LayerCollection:
     def auto_register(self, model: keras.Model) -> None:
         """Registers ``model`` and every trainable Dense, Conv1D, Conv2D and Embedding layer in it.
 
-        Nested models are searched too. Layers registered already are kept;
-        unsupported layers are left to the optimizer's plain momentum step.
+        Nested models are searched too; only ``auto_register_types`` are
+        taken. Layers registered already are kept; unsupported layers are left
+        to the optimizer's plain momentum step.
         """
         self.register_model(model)
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if not layer.trainable or any(b.layer is layer for b in self._blocks):
                 continue
             for layer_type, block_type in _BLOCK_TYPES:
-                if isinstance(layer, layer_type):
+                if isinstance(layer, layer_type) and layer_type in self.auto_register_types:
                     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
                         warnings.warn(
                             f"KFAC leaves layer '{layer.name}' (LoRA or quantized) "

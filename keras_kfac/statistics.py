@@ -65,6 +65,16 @@ def factor_rows(
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
         return {}
+    if mode != "sampled":
+        for block in blocks:
+            if any(tf.get_static_value(c.inputs) is not None for c in calls[id(block)]):
+                raise NotImplementedError(
+                    f"Layer '{block.name}' is called on a constant (e.g. the positions of a "
+                    "position embedding), so its output is shared by the whole batch and the "
+                    f"back-propagated vectors are sums over the examples: estimation_mode='{mode}' "
+                    "would count the cross-example terms. The default 'sampled' mode estimates "
+                    "G without bias there (its samples are independent across examples)."
+                )
     vectors = loss.output_vectors(tf.cast(z, tf.float32), mode, y_true, sample_weight, seed)
     preactivations = [c.preactivation for b in blocks for c in calls[id(b)]]
     # One backward pass per vector: ĝ = Jᵀ v at every recorded pre-activation.

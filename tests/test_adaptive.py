@@ -203,6 +203,26 @@ def test_quadratic_model_inside_a_conditional_update(wrapper):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+
+def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
+    """B = 15, τ₁ = τ₂ = 1/2: the 8 examples count 15/8 times each, with int or float weights alike."""
+    x = _images(15)
+    weights = np.arange(15) % 3 + 1
+    results = []
+    for dtype in ("float32", "int32"):
+        keras.utils.set_random_seed(6)
+        model = _autoencoder()
+        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
+                              estimation_mode="exact", statistics_fraction=0.5, curvature_fraction=0.5)
+        model.compile(optimizer=opt, loss=keras.losses.MeanSquaredError(reduction="sum"))
+        model.train_on_batch(x, x, sample_weight=weights.astype(dtype))
+        results.append(opt)
+    for a, b in zip(results[0].blocks, results[1].blocks):
+        np.testing.assert_allclose(b.output_factor.cov.numpy(), a.output_factor.cov.numpy(), rtol=1e-5, atol=1e-8)
+    for name in ("alpha", "quadratic_change", "rho"):
+        assert float(getattr(results[1], name).numpy()) == pytest.approx(float(getattr(results[0], name).numpy()), rel=1e-5)
+
+
 def test_extra_forward_passes_draw_fresh_dropout_masks():
     """The τ₁ pass advances the dropout seed as a training pass does: its mask is not the next step's."""
     advances = []

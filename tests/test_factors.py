@@ -306,6 +306,38 @@ def test_embedding_factors_are_token_frequencies_and_output_sums():
     assert not np.allclose(moved[:-2], table[:-2])
 
 
+
+class _TokensAndPositions(keras.layers.Layer):
+    """Token and position embeddings, the positions looked up as one constant (B-less) vector."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tokens = keras.layers.Embedding(7, 3)
+        self.positions = keras.layers.Embedding(4, 3)
+
+    def call(self, ids):
+        return self.tokens(ids) + self.positions(keras.ops.arange(4))
+
+
+@pytest.mark.parametrize("mode", ["sampled", "exact"])
+def test_layer_called_on_a_constant_needs_the_sampled_mode(mode):
+    """Its output is shared by the batch: sampled vectors are independent across examples, exact ones are not."""
+    rng = np.random.default_rng(5)
+    inputs = keras.Input((4,), dtype="int32")
+    embedded = _TokensAndPositions()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(embedded)))
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, estimation_mode=mode)
+    model.compile(optimizer=opt, loss="mse")
+    ids, y = rng.integers(0, 7, size=(8, 4)), rng.normal(size=(8, 2)).astype("float32")
+    if mode == "exact":
+        with pytest.raises(NotImplementedError, match="called on a constant"):
+            model.train_on_batch(ids, y)
+    else:
+        model.train_on_batch(ids, y)
+        positions = [b for b in opt.blocks if b.input_dim == 4][0]
+        np.testing.assert_allclose(positions.input_factor.cov.numpy(), np.full(4, 0.25), rtol=1e-6)
+
+
 def test_statistics_update_period_averages_only_every_period_th_batch():
     """With T_cov = 3, Ā after 6 steps is the moving average of batches 0 and 3 only (ε = min(1 − 1/k, ε_max))."""
     rng = np.random.default_rng(4)

@@ -149,6 +149,8 @@ def test_hand_made_layer_collection():
         collection.register_dense(keras.layers.Conv2D(2, 3))
     with pytest.raises(TypeError, match="Embedding"):
         collection.register_embedding(keras.layers.Dense(2))
+    with pytest.raises(ValueError, match="overrides the lookup"):
+        collection.register_embedding(keras.layers.ReversibleEmbedding(5, 2))
 
 
 
@@ -268,6 +270,28 @@ def test_custom_train_step_of_the_keras_guide_trains_as_fit_does(adaptive):
         model.compile(optimizer=keras_kfac.KFAC(model=model, **options), loss=_loss_for("subclassed"))
         with pytest.raises(ValueError, match=r"need the model inputs.*compute_loss\(x=x"):
             model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+
+
+class RenamedLossNet(SubclassedNet):
+    """An override of compute_loss with its own parameter names (Keras passes them by position)."""
+
+    def compute_loss(self, inputs=None, targets=None, predictions=None, weights=None, training=True):
+        return super().compute_loss(inputs, targets, predictions, weights, training=training)
+
+
+def test_compute_loss_override_with_renamed_parameters_trains_as_the_plain_model():
+    x, y = _data(n=64)
+    weights = []
+    for net in (SubclassedNet, RenamedLossNet):
+        keras.utils.set_random_seed(0)
+        model = net()
+        model.compile(optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping=1e-2, seed=1),
+                      loss=_loss_for("subclassed"))
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_optimizer_without_its_model_or_for_another_model_says_so():

@@ -26,6 +26,12 @@ class EmbeddingBlock(KroneckerBlock):
     def __init__(self, layer: keras.layers.Layer):
         if not isinstance(layer, keras.layers.Embedding):
             raise TypeError(f"register_embedding takes a keras.layers.Embedding; got {layer!r}.")
+        if type(layer).call is not keras.layers.Embedding.call:
+            raise ValueError(
+                f"Embedding layer '{layer.name}' ({type(layer).__name__}) overrides the lookup "
+                "(e.g. ReversibleEmbedding's output projection); KFAC's embedding block is "
+                "the plain lookup only."
+            )
         super().__init__(layer)
 
     @property
