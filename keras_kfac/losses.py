@@ -252,6 +252,31 @@ class RegisteredLoss:
         return [tf.stop_gradient(scale * v) for v in vectors]
 
 
+def masked_sample_weight(y_pred: Any, sample_weight: Any, reduction: str) -> Any:
+    """The weights a Keras loss applies to ``y_pred``'s values: ``sample_weight``
+    times the mask Keras attached to ``y_pred`` (a masked sequence output).
+
+    As Keras' losses do, a mean reduction scales the kept values by
+    (all values)/(kept values), so the loss is their mean. Without a mask,
+    ``sample_weight`` is returned as it is.
+    """
+    mask = getattr(y_pred, "_keras_mask", None)
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, tf.float32)
+    if reduction in ("mean", "sum_over_batch_size"):
+        total = tf.cast(tf.size(mask), tf.float32)
+        mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
+    if sample_weight is None:
+        return mask
+    sample_weight = tf.cast(sample_weight, tf.float32)
+    while sample_weight.shape.rank < mask.shape.rank:
+        sample_weight = sample_weight[..., tf.newaxis]
+    while sample_weight.shape.rank > mask.shape.rank and sample_weight.shape[-1] == 1:
+        sample_weight = tf.squeeze(sample_weight, -1)
+    return sample_weight * mask
+
+
 def _unsupported(loss: Any) -> ValueError:
     return ValueError(
         f"KFAC does not know the predictive distribution of the loss {loss!r}. "

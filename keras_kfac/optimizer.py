@@ -487,7 +487,9 @@ class KFAC(keras.optimizers.Optimizer):
                 tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
             )
             y_pred, layer_calls, _ = self._forward(x)
-            return estimate(layer_calls, batch.loss.network_output(keras.tree.flatten(y_pred)[0]), y_true, sample_weight)
+            y_pred = keras.tree.flatten(y_pred)[0]
+            weight = losses.masked_sample_weight(y_pred, sample_weight, batch.loss.reduction)
+            return estimate(layer_calls, batch.loss.network_output(y_pred), y_true, weight)
 
         def skip() -> tuple[list, list]:
             return [tf.zeros(t.shape) for t in input_targets], [tf.zeros(t.shape) for t in output_targets]
@@ -507,7 +509,7 @@ class KFAC(keras.optimizers.Optimizer):
         if not input_targets:  # no registered layer ran in this step
             pass
         elif self.statistics_fraction >= 1.0 and period == 1:
-            update(combine(estimate(batch.layer_calls, batch.z, batch.y_true, batch.sample_weight)))
+            update(combine(estimate(batch.layer_calls, batch.z, batch.y_true, batch.curvature_weight)))
         elif period == 1:
             update(combine(estimate_sub_batch()))
         else:
@@ -664,6 +666,8 @@ class _Batch:
         y_true = loss_call.y_true
         self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]
         self.sample_weight = loss_call.sample_weight
+        # The weights of the loss's values, a Keras mask on the output included.
+        self.curvature_weight = losses.masked_sample_weight(self.y_pred, self.sample_weight, loss.reduction)
 
 
 class _Step:
@@ -691,7 +695,7 @@ class _Step:
     # The curvature batch: the step's own records, or a sub-batch forward pass (τ₂).
 
     def curvature_batch(self) -> tuple:
-        """(x, y, sample_weight, network output z, loss h(θ)) for the quadratic model.
+        """(x, y, sample_weight, network output z, weights of z's values, loss h(θ)) for the quadratic model.
 
         h(θ) is the global batch's: the replicas' shares added up. The
         exact-Fisher products need z in the graph they are built in: when the
@@ -703,6 +707,7 @@ class _Step:
         in_step_graph = getattr(batch.z, "graph", None) is tf.compat.v1.get_default_graph()
         if opt.curvature_fraction >= 1.0 and in_step_graph:
             x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
+            weight = batch.curvature_weight
         else:
             x, y, sample_weight = _sub_batch(
                 (call.x, call.y_true, call.sample_weight), tf.shape(batch.z)[0], opt.curvature_fraction,
@@ -710,7 +715,8 @@ class _Step:
             )
             y_pred, loss = self.forward(x, y, sample_weight)
             z = batch.loss.network_output(y_pred)
-        return x, y, sample_weight, z, replicas.total(tf.cast(loss, tf.float32))
+            weight = losses.masked_sample_weight(y_pred, sample_weight, batch.loss.reduction)
+        return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
 
     def forward(self, x, y, sample_weight) -> tuple:
         """The model's output and this replica's share of the training loss at the
@@ -772,8 +778,8 @@ class _Step:
         delta = self.proposal(self.opt._preconditioner.stored(), learning_rate)
         curvature_matrix = linear = None
         if self.needs_model:
-            _, _, sample_weight, z, _ = self.curvature_data
-            fisher = replicas.curvature(self.local_fisher(delta, z, sample_weight), self.batch.loss.reduction)
+            _, _, _, z, weight, _ = self.curvature_data
+            fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
             curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
             linear = self.linear_terms(delta)
         coefficients, change = self.coefficients(curvature_matrix, linear, learning_rate)
@@ -789,7 +795,7 @@ class _Step:
         The l2 term ½η‖θ‖² is part of h.
         """
         opt = self.opt
-        x, y, sample_weight, _, loss_before = self.curvature_data
+        x, y, sample_weight, _, _, loss_before = self.curvature_data
 
         def local_loss_after() -> tf.Tensor:
             return tf.cast(self.forward(x, y, sample_weight)[1], tf.float32)
@@ -824,10 +830,11 @@ class _Step:
             # The branch runs its own forward pass: products need z in this graph.
             y_pred, _ = self.forward(x, y, sample_weight)
             z = self.batch.loss.network_output(y_pred)
+            weight = losses.masked_sample_weight(y_pred, sample_weight, self.batch.loss.reduction)
             fishers, dots, linears = [], [], []
             for index in range(3):
                 delta = self.proposal(opt._preconditioner.inverses(candidates[index]), learning_rate)
-                fishers.append(self.local_fisher(delta, z, sample_weight))
+                fishers.append(self.local_fisher(delta, z, weight))
                 dots.append(quadratic_model.dot_gram([delta, self.previous]))
                 linears.append(self.linear_terms(delta))
             return tf.stack(fishers), tf.stack(dots), tf.stack(linears)

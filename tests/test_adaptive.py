@@ -223,6 +223,46 @@ def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
         assert float(getattr(results[1], name).numpy()) == pytest.approx(float(getattr(results[0], name).numpy()), rel=1e-5)
 
 
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_masked_sequence_output_weighs_the_curvature_as_the_loss_does(fraction):
+    """A Keras mask on the output (mask_zero) is the loss's per-position weight; K-FAC's curvature uses it too.
+
+    The same model without the mask, trained with the weights Keras derives from it
+    (mask · positions/kept positions), must take the same steps.
+    """
+    rng = np.random.default_rng(8)
+    ids = rng.integers(1, 6, size=(8, 5))
+    ids[:4, 3:] = 0  # padding: 3 of 5 positions kept in each half of the batch
+    ids[4:, :2] = 0
+    labels = rng.integers(0, 3, size=(8, 5))
+    mask = (ids != 0).astype("float32")
+    weights = mask * mask.size / mask.sum()  # = each half's own mask · positions/kept
+    runs = []
+    for masked in (True, False):
+        keras.utils.set_random_seed(9)
+        model = keras.Sequential([
+            keras.Input((5,), dtype="int32"), keras.layers.Embedding(6, 4, mask_zero=masked),
+            keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3),
+        ])
+        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
+                              estimation_mode="exact", statistics_fraction=fraction, curvature_fraction=fraction)
+        model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for _ in range(2):
+            if masked:
+                model.train_on_batch(ids, labels)
+            else:
+                model.train_on_batch(ids, labels, sample_weight=weights)
+        runs.append((opt, model))
+    (masked_opt, masked_model), (weighted_opt, weighted_model) = runs
+    for a, b in zip(masked_opt.blocks, weighted_opt.blocks):
+        np.testing.assert_allclose(a.output_factor.cov.numpy(), b.output_factor.cov.numpy(), rtol=1e-4, atol=1e-7)
+    for name in ("alpha", "mu", "rho"):
+        assert float(getattr(masked_opt, name).numpy()) == pytest.approx(float(getattr(weighted_opt, name).numpy()), rel=1e-3)
+    for a, b in zip(masked_model.get_weights(), weighted_model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_extra_forward_passes_draw_fresh_dropout_masks():
     """The τ₁ pass advances the dropout seed as a training pass does: its mask is not the next step's."""
     advances = []
