@@ -341,8 +341,9 @@ def test_learning_rate_schedule_and_config_round_trip():
         (dict(statistics_fraction=1.5), r"`statistics_fraction` must be in \(0, 1\]"),
         (dict(damping=float("inf")), "`damping` must be a finite number"),
         (dict(l2_reg=float("nan")), "`l2_reg` must be a finite number"),
-        (dict(seed=2**31), r"`seed` must be an integer in \[0, 2\*\*31\)"),
-        (dict(seed=-1), "seed"),
+        (dict(seed=2**31), r"`seed` must be an int32 integer"),
+        (dict(seed=-(2**31) - 1), "seed"),
+        (dict(seed=1.5), "seed"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
