@@ -40,6 +40,9 @@ CONFIGURATIONS = {
     "mixed_float16": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, estimation_mode="exact"),
     "tridiagonal": dict(learning_rate=0.05, momentum=0.5, damping=1e-2, estimation_mode="empirical",
                         approximation="block_tridiagonal", adapt_damping=True, damping_adaptation_period=2),
+    # Embedding (a diagonal Ā) and Conv1D blocks.
+    "tokens": dict(adaptive=True, damping=1.0, l2_reg=1e-3, estimation_mode="exact",
+                   damping_adaptation_period=2, gamma_adaptation_period=3, statistics_update_period=2),
     # Not comparable with one device (sampled targets, per-replica fractions):
     # only the replicas' agreement is checked.
     "sampled_fractions": dict(adaptive=True, damping=1.0, l2_reg=1e-3, damping_adaptation_period=2,
@@ -48,13 +51,19 @@ CONFIGURATIONS = {
     # A layer that all-reduces in its forward pass: a clear error.
     "synchronized_batch_norm": dict(adaptive=True),
 }
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal")
+ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens")
 GLOBAL_BATCH = 16
 STEPS = 6
 
 
 def _model(name: str) -> keras.Model:
     keras.utils.set_random_seed(1)
+    if name == "tokens":
+        return keras.Sequential([
+            keras.Input((8,), dtype="int32"), keras.layers.Embedding(10, 4),
+            keras.layers.Conv1D(4, 3, padding="causal", activation="tanh"), keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ])
     if name == "tridiagonal":
         layers = [keras.layers.Flatten(), keras.layers.Dense(12, activation="tanh"),
                   keras.layers.Dense(3, activation="softmax")]
@@ -70,6 +79,8 @@ def _train(name: str, strategy: tf.distribute.Strategy) -> tuple[keras.Model, ke
     rng = np.random.default_rng(0)
     x = rng.normal(size=(GLOBAL_BATCH * STEPS, 6, 6, 1)).astype("float32")
     y = rng.integers(0, 3, size=GLOBAL_BATCH * STEPS).astype("int32")
+    if name == "tokens":
+        x = rng.integers(0, 10, size=(GLOBAL_BATCH * STEPS, 8)).astype("int32")
     sample_weight = rng.uniform(0.5, 1.5, size=GLOBAL_BATCH * STEPS).astype("float32")
     keras.mixed_precision.set_global_policy("mixed_float16" if name == "mixed_float16" else "float32")
     try:

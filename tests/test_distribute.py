@@ -16,7 +16,7 @@ import sys
 import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal")
+ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens")
 REPLICATED = ONE_DEVICE + ("sampled_fractions",)
 
 
@@ -53,7 +53,8 @@ def test_every_replica_holds_the_same_state(results, name):
 
 
 @pytest.mark.parametrize(
-    "name, initial_damping", [("adaptive", 1.0), ("sum_reduction", 30.0), ("sampled_fractions", 1.0)]
+    "name, initial_damping",
+    [("adaptive", 1.0), ("sum_reduction", 30.0), ("sampled_fractions", 1.0), ("tokens", 1.0)],
 )
 def test_adaptation_ran_on_the_replicas(results, name, initial_damping):
     adapted = results[name]["adapted"]
