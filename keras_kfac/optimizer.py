@@ -93,7 +93,8 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
-            Embedding layers are registered automatically, and its compiled loss defines the Fisher.
+            Embedding layers are registered automatically, and its compiled
+            loss defines the Fisher.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
             addition to) automatic registration. Its layers registered by
             hand and its registered loss are part of the configuration, so
