@@ -76,7 +76,9 @@ def test_adam_on_fashion_mnist(tmp_path):
     assert record["results"]["adam"]["test_accuracy"][0] > 0.3  # Chance is 0.1.
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "convnet.py", "autoencoder.py", "tensorboard_monitoring.py"])
+@pytest.mark.parametrize(
+    "script", ["quickstart.py", "convnet.py", "sequences.py", "autoencoder.py", "tensorboard_monitoring.py"]
+)
 def test_tutorial_smoke_mode(tmp_path, script):
     """Each tutorial runs end to end in its smoke mode, so none can rot."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
