@@ -38,18 +38,13 @@ def main() -> None:
         keras.layers.Conv1D(64, 5, padding="causal", activation="relu"),
         keras.layers.Conv1D(64, 3, strides=2, activation="relu"),
         keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(10),
+        keras.layers.Dense(10, activation="softmax"),      # K-FAC takes the logits behind it
     ])
-    optimizer = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs,
-              validation_data=(x_test, y_test), verbose=2)
-    for block in optimizer.blocks:
-        kind = "diagonal" if block.input_factor.cov.shape.rank == 1 else "dense"
+    model.compile(optimizer=keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, norm_constraint=1e-3),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs, validation_data=(x_test, y_test), verbose=2)
+    for block in model.optimizer.blocks:
+        kind = "diagonal, stored as a vector" if block.input_factor.cov.shape.rank == 1 else "dense"
         print(f"{block.name:>10}: Ā {block.input_dim}×{block.input_dim} ({kind}), "
               f"G {block.output_dim}×{block.output_dim}")
 
