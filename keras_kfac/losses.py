@@ -210,12 +210,7 @@ class RegisteredLoss:
             scale *= batch_size / num_values
         weights = tf.fill(tf.shape(z)[:-1], scale)
         if sample_weight is not None:
-            sample_weight = tf.cast(sample_weight, z.dtype)
-            while sample_weight.shape.rank < weights.shape.rank:
-                sample_weight = sample_weight[..., None]
-            while sample_weight.shape.rank > weights.shape.rank:
-                sample_weight = tf.squeeze(sample_weight, -1)
-            weights *= sample_weight
+            weights *= _to_rank(tf.cast(sample_weight, z.dtype), weights.shape.rank)
         return weights
 
     def reduced_hessian_product(self, z: tf.Tensor, v: tf.Tensor, sample_weight: Any) -> tf.Tensor:
@@ -269,12 +264,16 @@ def masked_sample_weight(y_pred: Any, sample_weight: Any, reduction: str) -> Any
         mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
     if sample_weight is None:
         return mask
-    sample_weight = tf.cast(sample_weight, tf.float32)
-    while sample_weight.shape.rank < mask.shape.rank:
-        sample_weight = sample_weight[..., tf.newaxis]
-    while sample_weight.shape.rank > mask.shape.rank and sample_weight.shape[-1] == 1:
-        sample_weight = tf.squeeze(sample_weight, -1)
-    return sample_weight * mask
+    return _to_rank(tf.cast(sample_weight, tf.float32), mask.shape.rank) * mask
+
+
+def _to_rank(weights: tf.Tensor, rank: int) -> tf.Tensor:
+    """Per-example (or per-value) weights brought to ``rank`` by trailing axes of size 1, as Keras does."""
+    while weights.shape.rank < rank:
+        weights = weights[..., tf.newaxis]
+    while weights.shape.rank > rank:
+        weights = tf.squeeze(weights, -1)
+    return weights
 
 
 def _unsupported(loss: Any) -> ValueError:

@@ -824,14 +824,13 @@ class _Step:
         """
         opt = self.opt
         omega = math.sqrt(19.0 / 20.0) ** opt.gamma_adaptation_period
-        x, y, sample_weight = self.curvature_data[:3]
+        x, y, sample_weight, _, weight, _ = self.curvature_data
         candidates = tf.stack([opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega])
 
         def local_terms() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             # The branch runs its own forward pass: products need z in this graph.
             y_pred, _ = self.forward(x, y, sample_weight)
             z = self.batch.loss.network_output(y_pred)
-            weight = losses.masked_sample_weight(y_pred, sample_weight, self.batch.loss.reduction)
             fishers, dots, linears = [], [], []
             for index in range(3):
                 delta = self.proposal(opt._preconditioner.inverses(candidates[index]), learning_rate)

@@ -18,24 +18,22 @@ def _mlp():
     ])
 
 
-def _convnet():
+def _two_convolutions(input_shape, convolution, first_padding):
     return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.Input(input_shape),
+        convolution(8, 3, padding=first_padding, activation="relu"),
+        convolution(8, 3, strides=2, activation="relu"),
         keras.layers.Flatten(),
         keras.layers.Dense(4),
     ])
+
+
+def _convnet():
+    return _two_convolutions((8, 8, 1), keras.layers.Conv2D, "same")
 
 
 def _sequence_net():
-    return keras.Sequential([
-        keras.Input((16, 2)),
-        keras.layers.Conv1D(8, 3, padding="causal", activation="relu"),
-        keras.layers.Conv1D(8, 3, strides=2, activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(4),
-    ])
+    return _two_convolutions((16, 2), keras.layers.Conv1D, "causal")
 
 
 def _token_net():
