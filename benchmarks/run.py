@@ -490,7 +490,7 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     table += "\n\n" + against_each_baseline(all_summaries)
     settings = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in cfg.items()
                 if k != "grid"}
-    header = (f"## {name} — budget `{args.budget}`\n\n"
+    header = (f"## {name} — budget `{budget_label(args)}`\n\n"
               f"Settings: {json.dumps(settings)}; grid {json.dumps(grid)}; K-FAC runs "
               f"{[s.name for s in kfac_specs]}. Wall time of the benchmark {wall:.0f} s.\n")
     finish(args, out_dir, name, header + "\n" + table, {
@@ -503,10 +503,10 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
         if s["name"] in analyses[args.seed]["winners"].values():
             curves[f"{H.FAMILIES[s['family']]} ({s['name'].split('[')[-1].rstrip(']') if '[' in s['name'] else 'defaults'})"] = s["curve"]
     pngs = [out_dir / "loss.png"]
-    H.plot_curves(curves, pngs[0], f"{name} ({args.budget}): training loss, seed {args.seed}")
+    H.plot_curves(curves, pngs[0], f"{name} ({budget_label(args)}): training loss, seed {args.seed}")
     if accuracy:
         pngs.append(out_dir / "accuracy.png")
-        H.plot_curves(curves, pngs[1], f"{name} ({args.budget}): test accuracy", metric="accuracy",
+        H.plot_curves(curves, pngs[1], f"{name} ({budget_label(args)}): test accuracy", metric="accuracy",
                       ylabel="test accuracy", log_y=False)
     save_figures(args, name, pngs)
 
@@ -814,9 +814,14 @@ def environment() -> dict:
             "gpus": len(tf.config.list_physical_devices("GPU")), "command": " ".join(sys.argv)}
 
 
+def budget_label(args) -> str:
+    """The budget's name, with the training seconds when ``--budget-seconds`` overrides them."""
+    return args.budget if not args.budget_seconds else f"{args.budget}-{args.budget_seconds:g}s"
+
+
 def output_dir(args, name: str) -> Path:
     base = Path(args.out_dir) if args.out_dir else HERE / "results"
-    path = base / name / args.budget
+    path = base / name / budget_label(args)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -842,7 +847,7 @@ def save_figures(args, name: str, pngs: list[Path]) -> None:
     target = HERE / "figures"
     target.mkdir(exist_ok=True)
     for png in pngs:
-        shutil.copy(png, target / f"{name}_{args.budget}_{png.name}")
+        shutil.copy(png, target / f"{name}_{budget_label(args)}_{png.name}")
 
 
 PROBLEMS = ["autoencoder", "autoencoder-50-vs-500", "convnet", "profile"]
