@@ -814,9 +814,14 @@ def environment() -> dict:
             "gpus": len(tf.config.list_physical_devices("GPU")), "command": " ".join(sys.argv)}
 
 
+TIME_RACES = ("autoencoder", "convnet")
+
+
 def budget_label(args) -> str:
-    """The budget's name, with the training seconds when ``--budget-seconds`` overrides them."""
-    return args.budget if not args.budget_seconds else f"{args.budget}-{args.budget_seconds:g}s"
+    """The budget's name, with the training seconds where ``--budget-seconds`` overrides them (the time races)."""
+    if args.budget_seconds and args.problem in TIME_RACES:
+        return f"{args.budget}-{args.budget_seconds:g}s"
+    return args.budget
 
 
 def output_dir(args, name: str) -> Path:
@@ -866,7 +871,9 @@ def main(argv=None) -> None:
                         help="scale the autoencoder's layer widths (default: the budget's)")
     parser.add_argument("--activation", choices=["tanh", "logistic"], default="tanh",
                         help="tanh + Glorot init, or the paper's logistic units + sparse init")
-    parser.add_argument("--budget-seconds", type=float, default=None, help="override training seconds per run")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="override training seconds per run of the autoencoder and convnet races "
+                             "(results in <budget>-<seconds>s folders)")
     parser.add_argument("--kfac-first-batch", type=int, default=None,
                         help="autoencoder: K-FAC's first batch size m₁ (default: the budget's)")
     parser.add_argument("--kfac-reach", type=int, default=None,

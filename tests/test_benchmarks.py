@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -14,12 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 
 
-def load_harness():
-    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "benchmarks" / "harness.py")
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_harness():
+    return load_module("bench_harness", ROOT / "benchmarks" / "harness.py")
 
 
 def run_benchmark(out_dir: Path, *flags: str) -> str:
@@ -93,3 +98,17 @@ def test_first_crossing_interpolates():
     assert abs(harness.first_crossing(xs, losses, math.sqrt(0.5)) - 5) < 1e-9
     assert harness.first_crossing(xs, losses, 0.1) is None
     assert harness.first_crossing(xs, [0.1, 0.5, 0.9], 0.7, higher=True) == 15
+
+
+def test_budget_seconds_results_get_their_own_folder():
+    run = load_module("bench_run", RUN)
+
+    def label(problem: str, seconds: float | None) -> str:
+        return run.budget_label(argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem))
+
+    assert label("autoencoder", None) == "small"
+    assert label("autoencoder", 60.0) == "small-60s"
+    assert label("convnet", 7.5) == "small-7.5s"
+    # The problems that do not race on the clock keep the budget's folder.
+    assert label("profile", 60.0) == "small"
+    assert label("autoencoder-50-vs-500", 60.0) == "small"
