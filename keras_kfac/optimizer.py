@@ -484,7 +484,7 @@ class KFAC(keras.optimizers.Optimizer):
 
         def estimate_sub_batch() -> tuple[list, list]:
             x, y_true, sample_weight = _sub_batch(
-                (_require_inputs(batch.loss_call.x), batch.y_true, batch.sample_weight),
+                (batch.loss_call.x, batch.y_true, batch.sample_weight),
                 tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
             )
             y_pred, layer_calls, _ = self._forward(x)
@@ -546,7 +546,7 @@ class KFAC(keras.optimizers.Optimizer):
         """
         model = self.layer_collection.model
         with keras.StatelessScope(collect_losses=True) as scope:
-            y_pred = model(x, training=True)
+            y_pred = model(_require_inputs(x), training=True)
         weights = {id(w) for w in model.weights}
         for seed_state in (v for v in model.variables if id(v) not in weights):
             advanced = scope.get_current_value(seed_state)
@@ -723,7 +723,7 @@ class _Step:
         """The model's output and this replica's share of the training loss at the
         current weights (the whole loss without a strategy), recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred, _, layer_losses = self.opt._forward(_require_inputs(x))
+        y_pred, _, layer_losses = self.opt._forward(x)
         # Outside the scope, where weight regularizers read the variables; the
         # scoped pass's layer losses are added as Keras' train step adds them
         # (divided among the replicas).
