@@ -52,8 +52,11 @@ class TridiagonalChain:
             for i, value in enumerate(identity)
         ]
 
-    def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        """Batch estimates of (``input_cross``, ``output_cross``) from the step's aligned rows."""
+    def cross_estimates(
+        self, rows: dict, batch_size: tf.Tensor
+    ) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:
+        """Batch estimates of (``input_cross``, the masses of ``input_cross``, ``output_cross``)
+        from the step's aligned rows: one per example, whose weights are the first block's."""
         if any(id(b) not in rows for b in self.blocks):
             raise ValueError(
                 "approximation='block_tridiagonal' needs every Dense layer of the "
@@ -63,7 +66,10 @@ class TridiagonalChain:
         output_rows = [rows[id(b)][1] for b in self.blocks]
         if any(r.shape.rank != 2 for r in input_rows) or len({r.shape[0] for r in input_rows}) > 1:
             raise ValueError("approximation='block_tridiagonal' needs one row per example in every layer.")
-        return tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size)
+        weights = rows[id(self.blocks[0])][2]
+        input_cross, output_cross = tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size, weights)
+        mass = tf.cast(tf.shape(input_rows[0])[0], tf.float32) if weights is None else tf.reduce_sum(weights)
+        return input_cross, [mass] * len(input_cross), output_cross
 
     def inverses(self, gamma: tf.Tensor) -> list[tf.Tensor]:
         """The tensors of F̂⁻¹ for damping γ (not stored)."""

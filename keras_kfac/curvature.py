@@ -46,6 +46,12 @@ def second_moment(rows: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
 
 
+def weighted_second_moment(rows: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Σ w r rᵀ / Σ w (0 when the weights sum to 0): E[r rᵀ] under the rows' weights."""
+    weighted = tf.matmul(rows * weights[:, tf.newaxis], rows, transpose_a=True)
+    return tf.math.divide_no_nan(weighted, tf.reduce_sum(weights))
+
+
 def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor, accept: tf.Tensor) -> None:
     """variable ← ε·variable + (1 − ε)·estimate [KFAC §5] when ``accept`` is true.
 

@@ -210,7 +210,7 @@ class RegisteredLoss:
             scale *= batch_size / num_values
         weights = tf.fill(tf.shape(z)[:-1], scale)
         if sample_weight is not None:
-            weights *= _to_rank(tf.cast(sample_weight, z.dtype), weights.shape.rank)
+            weights *= tf.cast(value_weights(z, sample_weight), z.dtype)
         return weights
 
     def reduced_hessian_product(self, z: tf.Tensor, v: tf.Tensor, sample_weight: Any) -> tf.Tensor:
@@ -265,6 +265,12 @@ def masked_sample_weight(y_pred: Any, sample_weight: Any, reduction: str) -> Any
     if sample_weight is None:
         return mask
     return _to_rank(tf.cast(sample_weight, tf.float32), mask.shape.rank) * mask
+
+
+def value_weights(z: tf.Tensor, sample_weight: Any) -> tf.Tensor:
+    """``sample_weight`` (per example or per value) broadcast to the loss values, shape z.shape[:-1]."""
+    weights = _to_rank(tf.cast(sample_weight, tf.float32), z.shape.rank - 1)
+    return tf.broadcast_to(weights, tf.shape(z)[:-1])
 
 
 def _to_rank(weights: tf.Tensor, rank: int) -> tf.Tensor:

@@ -466,23 +466,24 @@ class KFAC(keras.optimizers.Optimizer):
             input_targets += self._preconditioner.input_cross
             output_targets += self._preconditioner.output_cross
 
-        def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list]:
+        def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list, list]:
             examples = tf.shape(z)[0]
             rows = statistics.factor_rows(
                 self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed
             )
             if [b for b in self.blocks if id(b) in rows] != called:
                 raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
-            input_estimates, output_estimates = statistics.factor_estimates(
+            input_estimates, input_masses, output_estimates = statistics.factor_estimates(
                 self.blocks, rows, examples, seed, self.patch_fraction
             )
             if self.approximation == "block_tridiagonal":
-                input_cross, output_cross = self._preconditioner.cross_estimates(rows, examples)
+                input_cross, cross_masses, output_cross = self._preconditioner.cross_estimates(rows, examples)
                 input_estimates += input_cross
+                input_masses += cross_masses
                 output_estimates += output_cross
-            return input_estimates, output_estimates
+            return input_estimates, input_masses, output_estimates
 
-        def estimate_sub_batch() -> tuple[list, list]:
+        def estimate_sub_batch() -> tuple[list, list, list]:
             x, y_true, sample_weight = _sub_batch(
                 (batch.loss_call.x, batch.y_true, batch.sample_weight),
                 tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
@@ -492,18 +493,26 @@ class KFAC(keras.optimizers.Optimizer):
             weight = losses.masked_sample_weight(y_pred, sample_weight, batch.loss.reduction)
             return estimate(layer_calls, batch.loss.network_output(y_pred), y_true, weight)
 
-        def skip() -> tuple[list, list]:
-            return [tf.zeros(t.shape) for t in input_targets], [tf.zeros(t.shape) for t in output_targets]
+        def skip() -> tuple[list, list, list]:
+            return (
+                [tf.zeros(t.shape) for t in input_targets],
+                [tf.zeros([]) for _ in input_targets],
+                [tf.zeros(t.shape) for t in output_targets],
+            )
 
-        def combine(estimates: tuple[list, list]) -> tuple[list, list]:
-            """The global batch's estimates (identity without a strategy)."""
-            return replicas.mean(list(estimates[0])), replicas.curvature(list(estimates[1]), batch.loss.reduction)
+        def combine(estimates: tuple[list, list, list]) -> tuple[list, list, list]:
+            """The global batch's estimates and masses of Ā (identity without a strategy)."""
+            inputs, masses = replicas.weighted_mean(list(estimates[0]), list(estimates[1]))
+            return inputs, masses, replicas.curvature(list(estimates[2]), batch.loss.reduction)
 
-        def update(estimates: tuple[list, list]) -> tf.Tensor:
+        def update(estimates: tuple[list, list, list]) -> tf.Tensor:
             # A batch enters the statistics whole or not at all: not when one
-            # of its estimates, or its gradient (bad labels), is not finite.
-            accept = tf.logical_and(gradients_finite, curvature.all_finite(estimates[0] + estimates[1]))
-            for variable, value in zip(input_targets + output_targets, estimates[0] + estimates[1]):
+            # of its estimates, or its gradient (bad labels), is not finite,
+            # nor when its examples all weigh 0 (it has no statistics).
+            inputs, masses, outputs = estimates
+            accept = tf.logical_and(gradients_finite, curvature.all_finite(inputs + outputs))
+            accept = tf.logical_and(accept, tf.reduce_all([m > 0.0 for m in masses]))
+            for variable, value in zip(input_targets + output_targets, inputs + outputs):
                 curvature.update_moving_average(variable, value, decay, accept)
             return tf.constant(True)
 

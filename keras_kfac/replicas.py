@@ -68,6 +68,20 @@ def mean(values: Any) -> Any:
     return _reduce(tf.distribute.ReduceOp.MEAN, values)
 
 
+def weighted_mean(values: list[tf.Tensor], masses: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """(Σ_r m_r v_r / Σ_r m_r, Σ_r m_r) over replicas for each value v and its mass m.
+
+    A replica's Ā is a mean over its rows, weighted by the examples' weights:
+    the global batch's is the replicas' means weighted by their rows' total
+    weight, which replicas holding equal shares of an unweighted batch share.
+    """
+    if count() == 1:
+        return values, masses
+    reduced = total([m * v for v, m in zip(values, masses)] + list(masses))
+    sums, masses = reduced[: len(values)], reduced[len(values):]
+    return [tf.math.divide_no_nan(s, m) for s, m in zip(sums, masses)], masses
+
+
 def total(values: Any) -> Any:
     """The sum over replicas of each tensor of ``values``."""
     return _reduce(tf.distribute.ReduceOp.SUM, values)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_kfac import curvature
+from keras_kfac import curvature, losses
 from keras_kfac.blocks import KroneckerBlock
 from keras_kfac.capture import LayerCall
-from keras_kfac.losses import RegisteredLoss
 
 
 def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
@@ -25,34 +24,62 @@ def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
     return tf.maximum(size, 1)
 
 
-def subsample_rows(rows: tf.Tensor, fraction: float, seed: tf.Tensor) -> tf.Tensor:
-    """⌈fraction · n⌉ of the n rows, drawn uniformly without replacement.
+def subsample_rows(
+    rows: tf.Tensor, weights: tf.Tensor | None, fraction: float, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """⌈fraction · n⌉ of the n rows (and their weights), drawn uniformly without replacement.
 
-    The mean of ``ā āᵀ`` over the drawn rows is an unbiased estimate of its mean
-    over all of them, at ``fraction`` of the cost of the product.
+    The (weighted) mean of ``ā āᵀ`` over the drawn rows is an estimate of its
+    mean over all of them, at ``fraction`` of the cost of the product.
     """
     if fraction >= 1.0:
-        return rows
+        return rows, weights
     count = tf.shape(rows)[0]
     size = tf.minimum(subset_size(count, fraction), count)
     # Full-range int32 keys: float32 keys take only 2²³ values, and ties at the
     # cut would favour the rows that come first.
     keys = tf.random.stateless_uniform([count], seed=seed, minval=None, maxval=None, dtype=tf.int32)
-    order = tf.argsort(keys)
-    return tf.gather(rows, order[:size])
+    drawn = tf.argsort(keys)[:size]
+    return tf.gather(rows, drawn), None if weights is None else tf.gather(weights, drawn)
+
+
+def row_weights(call: LayerCall, value_weights: tf.Tensor) -> tf.Tensor:
+    """The weights of one layer call's rows ā: the loss values' weights carried to its locations.
+
+    The loss is Σ_v w_v ℓ_v over its values v (examples, and positions of a
+    sequence output; ``sample_weight`` times a Keras mask), so each row's ā
+    enters Ā with the weight of the values it feeds. A layer's R rows and the
+    S loss values both run example by example (the leading axes flattened), so
+    row r is given the mean weight of the values in the span [r·S/R, (r+1)·S/R),
+    or, when R > S, the weight of the value its position falls in. That is the
+    value's own weight where the layer's locations are the loss's (R = S: a
+    masked sequence), and each example's mean weight where the layer has one
+    row per example (R = B) or a fixed number of locations per example. A call
+    on a constant input (a position embedding) is shared by the whole batch:
+    its rows weigh the same.
+    """
+    rows = tf.reduce_prod(tf.shape(call.preactivation)[:-1])
+    if tf.get_static_value(call.inputs) is not None:
+        return tf.ones([rows])
+    flat = tf.reshape(tf.cast(value_weights, tf.float32), [-1])
+    size = tf.maximum(tf.size(flat, out_type=tf.int64), 1)
+    count = tf.maximum(tf.cast(rows, tf.int64), 1)
+    span_means = tf.math.unsorted_segment_mean(flat, tf.range(size) * count // size, rows)
+    covering_values = tf.gather(flat, tf.range(count) * size // count)
+    return tf.where(count <= size, span_means, covering_values)
 
 
 def factor_rows(
     blocks: list[KroneckerBlock],
     calls: dict[int, list[LayerCall]],
-    loss: RegisteredLoss,
+    loss: losses.RegisteredLoss,
     z: tf.Tensor,
     mode: str,
     y_true,
     sample_weight,
     seed: tf.Tensor,
-) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
-    """Each called block's rows (ā rows, back-propagated ĝ rows), by ``id(block)``.
+) -> dict[int, tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]]:
+    """Each called block's rows (ā rows, back-propagated ĝ rows, ā rows' weights), by ``id(block)``.
 
     The second backward pass of [KFAC §5]: the output vectors of ``mode``
     (sampled targets, the exact Hessian factor or the labels) are
@@ -60,7 +87,8 @@ def factor_rows(
     those of the forward pass that produced z — the training step's, or one of
     the first ⌈τ₁·B⌉ examples for the paper's τ₁ [KFAC §8] — and every row of
     theirs counts, whatever the layer's leading axis (a model may fold
-    positions into it).
+    positions into it). The ā rows' weights are ``None`` without
+    ``sample_weight`` (all rows weigh the same), otherwise ``row_weights``.
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
@@ -85,6 +113,7 @@ def factor_rows(
         ]
         for v in vectors
     ]
+    value_weights = None if sample_weight is None else losses.value_weights(z, sample_weight)
     position = 0
     rows = {}
     for block in blocks:
@@ -93,35 +122,47 @@ def factor_rows(
         position += len(block_calls)
         input_rows = block.rows([c.inputs for c in block_calls], block.input_rows)
         output_rows = block.rows([g for per_vector in backpropagated for g in per_vector[span]], block.output_rows)
-        rows[id(block)] = (input_rows, output_rows)
+        input_weights = None
+        if value_weights is not None:
+            input_weights = tf.concat([row_weights(c, value_weights) for c in block_calls], axis=0)
+        rows[id(block)] = (input_rows, output_rows, input_weights)
     return rows
 
 
 def factor_estimates(
     blocks: list[KroneckerBlock],
-    rows: dict[int, tuple[tf.Tensor, tf.Tensor]],
+    rows: dict[int, tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]],
     examples: tf.Tensor,
     seed: tf.Tensor,
     patch_fraction: float = 1.0,
-) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-    """Batch estimates ([Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
+) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:
+    """Batch estimates ([Ā …], [mass of Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
 
-    Ā = mean of ā āᵀ over the rows and G = (1/examples) Σ ĝ ĝᵀ. For blocks whose
-    rows are patch locations (Conv1D, Conv2D), Ā is estimated from a random
-    ``patch_fraction`` of the |T|·examples patch rows: the expectation
-    E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which cuts the
-    dominant (rows × dim Ā²) product by that fraction. G keeps every location.
+    Ā = Σ w ā āᵀ / Σ w over the rows (w = 1 without sample weights) and
+    G = (1/examples) Σ ĝ ĝᵀ, whose ĝ already carry the weights. A weighted
+    loss (1/B) Σ_n w_n ℓ_n has the Fisher (1/B) Σ_n w_n (ā_n ā_nᵀ) ⊗ (ĝ_n ĝ_nᵀ),
+    so its Kronecker approximation takes the expectation in Ā under the
+    examples' weights: an example of weight 0 leaves Ā as if it were absent.
+    The mass Σ w weighs each replica's Ā in the global batch's.
+
+    For blocks whose rows are patch locations (Conv1D, Conv2D), Ā is estimated
+    from a random ``patch_fraction`` of the |T|·examples patch rows: the
+    expectation E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which
+    cuts the dominant (rows × dim Ā²) product by that fraction. G keeps every
+    location.
     """
-    input_estimates, output_estimates = [], []
+    input_estimates, input_masses, output_estimates = [], [], []
     for index, block in enumerate(blocks):
         if id(block) not in rows:
             continue
-        input_rows, output_rows = rows[id(block)]
+        input_rows, output_rows, input_weights = rows[id(block)]
+        input_masses.append(
+            tf.cast(tf.shape(input_rows)[0], tf.float32) if input_weights is None else tf.reduce_sum(input_weights)
+        )
         if block.rows_are_patch_locations:
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
-            input_rows = subsample_rows(input_rows, patch_fraction, block_seed)
-        input_estimates.append(block.input_second_moment(input_rows))
+            input_rows, input_weights = subsample_rows(input_rows, input_weights, patch_fraction, block_seed)
+        input_estimates.append(block.input_second_moment(input_rows, input_weights))
         output_estimates.append(curvature.second_moment(output_rows, examples))
-    return input_estimates, output_estimates
-
+    return input_estimates, input_masses, output_estimates

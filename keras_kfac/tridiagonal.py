@@ -328,7 +328,7 @@ def _kron_transpose_apply(p: tf.Tensor, q: tf.Tensor, x: tf.Tensor) -> tf.Tensor
 
 
 def chain_cross_statistics(
-    input_rows: list[tf.Tensor], output_rows: list[tf.Tensor], batch_size
+    input_rows: list[tf.Tensor], output_rows: list[tf.Tensor], batch_size, input_weights: tf.Tensor | None = None
 ) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
     """Batch estimates of Ā_{i,i+1} and G_{i,i+1} for consecutive blocks [KFAC §4.3].
 
@@ -336,12 +336,13 @@ def chain_cross_statistics(
         input_rows: block i's rows ā_i (homogeneous 1 included), (N, n_i).
         output_rows: block i's back-propagated rows g_i, (M, d_i).
         batch_size: B.
+        input_weights: the examples' weights w (N,), or ``None`` for equal weights.
 
     Rows must be aligned across blocks (row r of every block comes from the same
     example and, for output rows, the same sampled vector) — one row per example
     for a chain of Dense layers. The normalisations are those of the diagonal
-    factors: Ā_{i,i+1} = Σ ā_i ā_{i+1}ᵀ / N (number of rows) and
-    G_{i,i+1} = Σ g_i g_{i+1}ᵀ / B.
+    factors: Ā_{i,i+1} = Σ ā_i ā_{i+1}ᵀ / N (number of rows), or Σ w ā_i ā_{i+1}ᵀ / Σ w
+    with weights, and G_{i,i+1} = Σ g_i g_{i+1}ᵀ / B.
 
     Returns:
         (input_cross, output_cross), each a list of L − 1 matrices.
@@ -359,7 +360,11 @@ def chain_cross_statistics(
     batch = tf.cast(batch_size, tf.float32)
     input_cross, output_cross = [], []
     for i in range(len(input_rows) - 1):
-        count = tf.cast(tf.shape(input_rows[i])[0], tf.float32)
-        input_cross.append(tf.matmul(input_rows[i], input_rows[i + 1], transpose_a=True) / count)
+        if input_weights is None:
+            count = tf.cast(tf.shape(input_rows[i])[0], tf.float32)
+            input_cross.append(tf.matmul(input_rows[i], input_rows[i + 1], transpose_a=True) / count)
+        else:
+            weighted = tf.matmul(input_rows[i] * input_weights[:, tf.newaxis], input_rows[i + 1], transpose_a=True)
+            input_cross.append(tf.math.divide_no_nan(weighted, tf.reduce_sum(input_weights)))
         output_cross.append(tf.matmul(output_rows[i], output_rows[i + 1], transpose_a=True) / batch)
     return input_cross, output_cross

@@ -70,7 +70,8 @@ def _reference_factors(loss, mode, params, x, y, sample_weight):
             curvature = weights[n] * c * np.outer(grads[n], grads[n]) / len(x)
         g1 += jac_out.T @ curvature @ jac_out
         g0 += jac_hidden.T @ curvature @ jac_hidden
-    return [(a0.T @ a0 / len(x), g0), (a1.T @ a1 / len(x), g1)]
+    # Ā is the expectation under the examples' weights: Σ_n w_n ā_n ā_nᵀ / Σ_n w_n.
+    return [((a0.T * weights) @ a0 / weights.sum(), g0), ((a1.T * weights) @ a1 / weights.sum(), g1)]
 
 
 LOSSES = {
@@ -369,12 +370,14 @@ def test_subsampled_rows_are_a_uniform_draw_without_replacement():
     rows = tf.reshape(tf.range(10, dtype=tf.float32), [10, 1])
     counts = np.zeros(10)
     for step in range(400):
-        drawn = statistics.subsample_rows(rows, 0.3, tf.constant([7, step])).numpy()[:, 0]
+        drawn, weights = statistics.subsample_rows(rows, rows[:, 0] + 1.0, 0.3, tf.constant([7, step]))
+        drawn = drawn.numpy()[:, 0]
+        np.testing.assert_array_equal(weights.numpy(), drawn + 1.0)  # each row keeps its weight
         assert len(drawn) == 3 and len(set(drawn)) == 3 and set(drawn) <= set(range(10))
         counts[drawn.astype(int)] += 1
     # Each row is drawn with probability 3/10: 120 of 400 expected, sd ≈ 9.2.
     assert np.all(np.abs(counts - 120) < 40), counts
-    np.testing.assert_array_equal(statistics.subsample_rows(rows, 1.0, tf.constant([7, 0])).numpy(), rows.numpy())
+    np.testing.assert_array_equal(statistics.subsample_rows(rows, None, 1.0, tf.constant([7, 0]))[0].numpy(), rows.numpy())
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -410,3 +413,115 @@ def test_patch_fraction_gives_an_unbiased_conv2d_input_factor(jit_compile):
     np.testing.assert_allclose(block.output_factor.cov.numpy(), first_g, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="patch_fraction"):
         keras_kfac.KFAC(patch_fraction=1.5)
+
+
+def _weighting_model(kind):
+    keras.utils.set_random_seed(3)
+    if kind == "conv2d":
+        return keras.Sequential([
+            keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3, activation="tanh"), keras.layers.Flatten(),
+            keras.layers.Dense(K),
+        ])
+    if kind == "tokens":
+        return keras.Sequential([
+            keras.Input((6,), dtype="int32"), keras.layers.Embedding(5, 3),
+            keras.layers.Conv1D(4, 3, activation="tanh"), keras.layers.Dense(3, activation="tanh"),
+            keras.layers.Flatten(), keras.layers.Dense(K),
+        ])
+    return keras.Sequential([
+        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"), keras.layers.Dense(K),
+    ])
+
+
+@pytest.mark.parametrize("approximation", ["block_diagonal", "block_tridiagonal"])
+@pytest.mark.parametrize("kind", ["dense", "conv2d", "tokens"])
+def test_integer_sample_weights_are_repeated_examples(kind, approximation):
+    """Weights (2, 1, 0, 1) on (x0, x1, x2, x3) give every factor of the batch (x0, x0, x1, x3).
+
+    Both losses are (1/4)(2ℓ0 + ℓ1 + ℓ3), so they have one Fisher: Ā weighs the
+    examples as G does, and an example of weight 0 is absent from both.
+    """
+    if approximation == "block_tridiagonal" and kind != "dense":
+        pytest.skip("the tridiagonal approximation takes a chain of Dense layers")
+    rng = np.random.default_rng(11)
+    if kind == "conv2d":
+        x = rng.normal(size=(4, 5, 5, 2)).astype("float32")
+    elif kind == "tokens":
+        x = rng.integers(0, 5, size=(4, 6)).astype("int32")
+    else:
+        x = rng.normal(size=(4, D_IN)).astype("float32")
+    y = rng.normal(size=(4, K)).astype("float32")
+    factors = []
+    for inputs, targets, weights in ((x, y, np.array([2.0, 1.0, 0.0, 1.0], "float32")), (x[[0, 0, 1, 3]], y[[0, 0, 1, 3]], None)):
+        model = _weighting_model(kind)
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", approximation=approximation)
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(inputs, targets, sample_weight=weights)
+        factors.append([v.numpy() for v in opt.variables if v.name.endswith(("_cov", "_cross"))])
+    assert len(factors[0]) >= 4
+    for weighted, repeated in zip(*factors):
+        np.testing.assert_allclose(weighted, repeated, rtol=1e-5, atol=1e-7)
+
+
+def test_masked_positions_are_absent_from_the_input_factors():
+    """Embedding(mask_zero) → per-position Dense: Ā of both is their float64 mean over the kept positions only."""
+    rng = np.random.default_rng(12)
+    vocabulary, steps, units = 6, 5, 4
+    ids = rng.integers(1, vocabulary, size=(4, steps)).astype("int32")
+    ids[0, 2:] = 0
+    ids[2, 1:] = 0
+    embedding = keras.layers.Embedding(vocabulary, 3, mask_zero=True)
+    dense = keras.layers.Dense(units, activation="tanh")
+    model = keras.Sequential([keras.Input((steps,), dtype="int32"), embedding, dense, keras.layers.Dense(K)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.train_on_batch(ids, rng.integers(0, K, size=(4, steps)))
+
+    kept = ids[ids != 0]
+    frequencies = np.bincount(kept, minlength=vocabulary) / kept.size
+    np.testing.assert_allclose(opt.layer_collection.block_for(embedding).input_factor.cov.numpy(), frequencies, rtol=1e-6)
+    table = embedding.embeddings.numpy().astype(np.float64)
+    rows = np.concatenate([table[kept], np.ones((kept.size, 1))], axis=1)
+    np.testing.assert_allclose(
+        opt.layer_collection.block_for(dense).input_factor.cov.numpy(), rows.T @ rows / kept.size, rtol=1e-5, atol=1e-7
+    )
+    layer_outputs = np.tanh(np.concatenate([table[kept], np.ones((kept.size, 1))], axis=1)
+                            @ np.concatenate([dense.kernel.numpy(), dense.bias.numpy()[None]], 0))
+    head_rows = np.concatenate([layer_outputs, np.ones((kept.size, 1))], axis=1)
+    np.testing.assert_allclose(
+        opt.blocks[-1].input_factor.cov.numpy(), head_rows.T @ head_rows / kept.size, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
+    """R = S: the values' own weights; R = B: each example's mean; R > S: the covering value; constants: 1."""
+    import tensorflow as tf
+
+    from keras_kfac import statistics
+    from keras_kfac.capture import LayerCall
+
+    values = tf.constant([[1.0, 0.0, 2.0], [4.0, 4.0, 1.0]])  # B = 2 examples, 3 positions
+
+    @tf.function
+    def weights(inputs, output_shape):  # traced, as in a training step: inputs are not constants
+        return statistics.row_weights(LayerCall(inputs, tf.zeros(output_shape)), values)
+
+    np.testing.assert_allclose(weights(tf.ones([2, 3, 4]), [2, 3, 5]), [1, 0, 2, 4, 4, 1])
+    np.testing.assert_allclose(weights(tf.ones([2, 4]), [2, 5]), [1, 3])
+    np.testing.assert_allclose(weights(tf.ones([2, 6, 4]), [2, 6, 5]), [1, 1, 0, 0, 2, 2, 4, 4, 4, 4, 1, 1])
+    constant_call = tf.function(lambda: statistics.row_weights(LayerCall(tf.range(4), tf.zeros([4, 5])), values))
+    np.testing.assert_allclose(constant_call(), np.ones(4))
+
+
+def test_a_batch_whose_examples_all_weigh_zero_leaves_the_factors_unchanged():
+    rng = np.random.default_rng(13)
+    model = _weighting_model("dense")
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+    model.compile(optimizer=opt, loss="mse")
+    x, y = rng.normal(size=(4, D_IN)).astype("float32"), rng.normal(size=(4, K)).astype("float32")
+    model.train_on_batch(x, y)
+    before = [v.numpy() for v in opt.variables if v.name.endswith("_cov")]
+    model.train_on_batch(2.0 * x, y, sample_weight=np.zeros(4, "float32"))
+    after = [v.numpy() for v in opt.variables if v.name.endswith("_cov")]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

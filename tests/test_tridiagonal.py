@@ -226,6 +226,21 @@ def test_chain_cross_statistics(batch_size):
         np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_chain_cross_statistics():
+    """Ā_{i,i+1} = Σ w ā_i ā_{i+1}ᵀ / Σ w under the examples' weights; G_{i,i+1} (weights inside g) unchanged."""
+    inputs, outputs = _chain_samples(examples=32)
+    weights = np.random.default_rng(3).uniform(0.0, 2.0, size=32)
+    actual_a, actual_g = tridiagonal.chain_cross_statistics(
+        _tf(inputs), _tf(outputs), 32, tf.constant(weights, tf.float32)
+    )
+    _, _, _, g_cross = _statistics(inputs, outputs)
+    for i, actual in enumerate(actual_a):
+        expected = (inputs[i].T * weights) @ inputs[i + 1] / weights.sum()
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for actual, expected in zip(actual_g, g_cross):
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_chain_cross_statistics_rejects_misaligned_rows():
     inputs, outputs = _chain_samples(examples=32)
     with pytest.raises(ValueError, match="aligned"):

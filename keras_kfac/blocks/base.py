@@ -9,8 +9,10 @@ Its Fisher block is approximated as ``Ā ⊗ G``:
 over the rows of one batch — examples, and for convolutions and inputs of rank
 above 2 also the |T| locations of each example [KFC §3] (and the several calls of
 a layer used more than once, treated like more locations). N is the number of
-rows and B the number of examples, so ``G`` carries the |T| factor of KFC. Subclasses
-say how a layer's input becomes rows ā and its weights become W̄.
+rows and B the number of examples, so ``G`` carries the |T| factor of KFC. With
+sample weights (or a mask) Ā is the weighted mean Σ w ā āᵀ / Σ w and the ĝ carry
+the weights (``statistics``). Subclasses say how a layer's input becomes rows ā
+and its weights become W̄.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ class KroneckerBlock(abc.ABC):
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
         return rows
 
-    def input_second_moment(self, input_rows: tf.Tensor) -> tf.Tensor:
-        """The batch estimate of Ā: the mean of ā āᵀ over the rows [KFAC §3]."""
-        return curvature.second_moment(input_rows, tf.shape(input_rows)[0])
+    def input_second_moment(self, input_rows: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+        """The batch estimate of Ā: the mean of ā āᵀ over the rows, weighted by ``weights`` [KFAC §3]."""
+        if weights is None:
+            return curvature.second_moment(input_rows, tf.shape(input_rows)[0])
+        return curvature.weighted_second_moment(input_rows, weights)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""

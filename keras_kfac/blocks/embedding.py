@@ -51,9 +51,9 @@ class EmbeddingBlock(KroneckerBlock):
         """The rows ā are one-hot: kept as their token ids."""
         return self.input_patches(inputs)
 
-    def input_second_moment(self, input_rows: tf.Tensor) -> tf.Tensor:
-        """diag(Ā): each token's count among the rows, divided by the number of rows."""
-        counts = tf.math.unsorted_segment_sum(
-            tf.ones_like(input_rows, dtype=tf.float32), input_rows, self.input_dim
-        )
-        return counts / tf.cast(tf.maximum(tf.shape(input_rows)[0], 1), tf.float32)
+    def input_second_moment(self, input_rows: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+        """diag(Ā): each token's (weighted) count among the rows, divided by the rows' total weight."""
+        if weights is None:
+            weights = tf.ones_like(input_rows, dtype=tf.float32)
+        counts = tf.math.unsorted_segment_sum(weights, input_rows, self.input_dim)
+        return tf.math.divide_no_nan(counts, tf.reduce_sum(weights))
