@@ -481,6 +481,10 @@ class KFAC(keras.optimizers.Optimizer):
                 input_estimates += input_cross
                 input_masses += cross_masses
                 output_estimates += output_cross
+            if batch.loss.reduction != "sum":
+                # Keras averages each replica's loss over its own examples, so
+                # the weight of its examples in the global loss is w/B_replica.
+                input_masses = [tf.math.divide_no_nan(m, tf.cast(examples, tf.float32)) for m in input_masses]
             return input_estimates, input_masses, output_estimates
 
         def estimate_sub_batch() -> tuple[list, list, list]:

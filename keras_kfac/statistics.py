@@ -53,19 +53,21 @@ def row_weights(call: LayerCall, value_weights: tf.Tensor) -> tf.Tensor:
     row r is given the mean weight of the values in the span [r·S/R, (r+1)·S/R),
     or, when R > S, the weight of the value its position falls in. That is the
     value's own weight where the layer's locations are the loss's (R = S: a
-    masked sequence), and each example's mean weight where the layer has one
-    row per example (R = B) or a fixed number of locations per example. A call
-    on a constant input (a position embedding) is shared by the whole batch:
-    its rows weigh the same.
+    masked sequence), each example's mean weight where the layer has one row
+    per example (R = B), and each example's weight repeated over its locations
+    where the weights are per example. A call on a constant input (a position
+    embedding) is shared by the whole batch: its rows weigh the same.
     """
     rows = tf.reduce_prod(tf.shape(call.preactivation)[:-1])
     if tf.get_static_value(call.inputs) is not None:
         return tf.ones([rows])
     flat = tf.reshape(tf.cast(value_weights, tf.float32), [-1])
-    size = tf.maximum(tf.size(flat, out_type=tf.int64), 1)
-    count = tf.maximum(tf.cast(rows, tf.int64), 1)
-    span_means = tf.math.unsorted_segment_mean(flat, tf.range(size) * count // size, rows)
-    covering_values = tf.gather(flat, tf.range(count) * size // count)
+    size = tf.size(flat, out_type=tf.int64)
+    count = tf.cast(rows, tf.int64)
+    spans = tf.range(size) * count // tf.maximum(size, 1)
+    span_means = tf.math.unsorted_segment_mean(flat, spans, tf.maximum(rows, 1))[:rows]
+    # A trailing 0 keeps the gather defined when there are no loss values (an empty batch).
+    covering_values = tf.gather(tf.concat([flat, [0.0]], 0), tf.range(count) * size // tf.maximum(count, 1))
     return tf.where(count <= size, span_means, covering_values)
 
 
@@ -140,10 +142,11 @@ def factor_estimates(
 
     Ā = Σ w ā āᵀ / Σ w over the rows (w = 1 without sample weights) and
     G = (1/examples) Σ ĝ ĝᵀ, whose ĝ already carry the weights. A weighted
-    loss (1/B) Σ_n w_n ℓ_n has the Fisher (1/B) Σ_n w_n (ā_n ā_nᵀ) ⊗ (ĝ_n ĝ_nᵀ),
-    so its Kronecker approximation takes the expectation in Ā under the
-    examples' weights: an example of weight 0 leaves Ā as if it were absent.
-    The mass Σ w weighs each replica's Ā in the global batch's.
+    loss (1/B) Σ_n w_n ℓ_n has the Fisher (1/B) Σ_n w_n (ā_n ā_nᵀ) ⊗ (g_n g_nᵀ)
+    (g_n unweighted), so its Kronecker approximation takes the expectation in
+    Ā under the examples' weights: an example of weight 0 leaves Ā as if it
+    were absent. Each Ā comes with its mass Σ w (the number of rows without
+    weights), which weighs a replica's Ā in the global batch's.
 
     For blocks whose rows are patch locations (Conv1D, Conv2D), Ā is estimated
     from a random ``patch_fraction`` of the |T|·examples patch rows: the

@@ -50,12 +50,18 @@ CONFIGURATIONS = {
     "sampled_fractions": dict(adaptive=True, damping=1.0, l2_reg=1e-3, damping_adaptation_period=2,
                               gamma_adaptation_period=3, statistics_fraction=0.5, curvature_fraction=0.5,
                               patch_fraction=0.5),
+    # A last batch of 15 examples (shares 8 and 7), and one of 1 (shares 1 and 0).
+    "uneven_shares": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
+    "empty_replica": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
     # A layer that all-reduces in its forward pass: a clear error.
     "synchronized_batch_norm": dict(adaptive=True),
 }
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens")
+ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
+              "empty_replica")
 GLOBAL_BATCH = 16
 STEPS = 6
+# Examples short of (or beyond) STEPS full batches, for the uneven last batches.
+EXAMPLES_OFFSET = {"uneven_shares": -1, "empty_replica": 1}
 
 
 def _model(name: str) -> keras.Model:
@@ -66,7 +72,9 @@ def _model(name: str) -> keras.Model:
             keras.layers.Conv1D(4, 3, padding="causal", activation="tanh"), keras.layers.Flatten(),
             keras.layers.Dense(3, activation="softmax"),
         ])
-    if name == "tridiagonal":
+    # Dense layers only for empty_replica: TensorFlow's ReluGrad of a Conv2D
+    # fails on an empty batch whatever the optimizer.
+    if name in ("tridiagonal", "empty_replica"):
         layers = [keras.layers.Flatten(), keras.layers.Dense(12, activation="tanh"),
                   keras.layers.Dense(3, activation="softmax")]
     else:
@@ -77,13 +85,33 @@ def _model(name: str) -> keras.Model:
     return keras.Sequential([keras.Input((6, 6, 1)), *layers])
 
 
+def _replica_share_weights(examples: int) -> np.ndarray:
+    """One device's weights for the loss that two replicas minimise on an uneven last batch.
+
+    Keras averages each replica's loss over its own B_r examples (the first
+    takes ⌈b/2⌉ of a last batch of b) and divides by the 2 replicas, so an
+    example there weighs b/(2·B_r) in the one-device mean over b.
+    """
+    weights = np.ones(examples, "float32")
+    last = examples % GLOBAL_BATCH
+    shares = [(last + 1) // 2, last // 2]
+    start = examples - last
+    for share in (s for s in shares if s):
+        weights[start:start + share] = last / (2.0 * share)
+        start += share
+    return weights
+
+
 def _train(name: str, strategy: tf.distribute.Strategy) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(GLOBAL_BATCH * STEPS, 6, 6, 1)).astype("float32")
-    y = rng.integers(0, 3, size=GLOBAL_BATCH * STEPS).astype("int32")
+    examples = GLOBAL_BATCH * STEPS + EXAMPLES_OFFSET.get(name, 0)
+    x = rng.normal(size=(examples, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 3, size=examples).astype("int32")
     if name == "tokens":
-        x = rng.integers(0, 10, size=(GLOBAL_BATCH * STEPS, 8)).astype("int32")
-    sample_weight = rng.uniform(0.5, 1.5, size=GLOBAL_BATCH * STEPS).astype("float32")
+        x = rng.integers(0, 10, size=(examples, 8)).astype("int32")
+    sample_weight = rng.uniform(0.5, 1.5, size=examples).astype("float32")
+    if name in EXAMPLES_OFFSET and strategy.num_replicas_in_sync == 1:
+        sample_weight *= _replica_share_weights(examples)
     keras.mixed_precision.set_global_policy("mixed_float16" if name == "mixed_float16" else "float32")
     try:
         with strategy.scope():

@@ -16,7 +16,9 @@ import sys
 import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens")
+# uneven_shares, empty_replica: last batches that split 8 + 7 and 1 + 0 examples.
+ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
+              "empty_replica")
 REPLICATED = ONE_DEVICE + ("sampled_fractions",)
 
 

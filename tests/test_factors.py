@@ -433,16 +433,27 @@ def _weighting_model(kind):
     ])
 
 
+REPEATS = {  # reduction: (weights of (x0, x1, x2, x3), the examples of the repeated batch)
+    "sum_over_batch_size": ([2.0, 1.0, 0.0, 1.0], [0, 0, 1, 3]),
+    "sum": ([3.0, 1.0, 0.0, 2.0], [0, 0, 0, 1, 3, 3]),
+}
+
+
+@pytest.mark.parametrize("reduction", sorted(REPEATS))
 @pytest.mark.parametrize("approximation", ["block_diagonal", "block_tridiagonal"])
 @pytest.mark.parametrize("kind", ["dense", "conv2d", "tokens"])
-def test_integer_sample_weights_are_repeated_examples(kind, approximation):
-    """Weights (2, 1, 0, 1) on (x0, x1, x2, x3) give every factor of the batch (x0, x0, x1, x3).
+def test_integer_sample_weights_are_repeated_examples(kind, approximation, reduction):
+    """Integer weights on (x0, x1, x2, x3) give every factor of the batch that repeats each example as often.
 
-    Both losses are (1/4)(2ℓ0 + ℓ1 + ℓ3), so they have one Fisher: Ā weighs the
-    examples as G does, and an example of weight 0 is absent from both.
+    Mean loss: weights (2, 1, 0, 1) and (x0, x0, x1, x3) both give (1/4)(2ℓ0 + ℓ1 + ℓ3).
+    Summed loss: weights (3, 1, 0, 2), whose sum is not B, and (x0, x0, x0, x1, x3, x3)
+    both give 3ℓ0 + ℓ1 + 2ℓ3. Equal losses have one Fisher: Ā weighs the examples as
+    G does, by Σ w rather than by the number of rows, and an example of weight 0 is
+    absent from both.
     """
     if approximation == "block_tridiagonal" and kind != "dense":
         pytest.skip("the tridiagonal approximation takes a chain of Dense layers")
+    repeat_weights, repeated = REPEATS[reduction]
     rng = np.random.default_rng(11)
     if kind == "conv2d":
         x = rng.normal(size=(4, 5, 5, 2)).astype("float32")
@@ -452,10 +463,10 @@ def test_integer_sample_weights_are_repeated_examples(kind, approximation):
         x = rng.normal(size=(4, D_IN)).astype("float32")
     y = rng.normal(size=(4, K)).astype("float32")
     factors = []
-    for inputs, targets, weights in ((x, y, np.array([2.0, 1.0, 0.0, 1.0], "float32")), (x[[0, 0, 1, 3]], y[[0, 0, 1, 3]], None)):
+    for inputs, targets, weights in ((x, y, np.array(repeat_weights, "float32")), (x[repeated], y[repeated], None)):
         model = _weighting_model(kind)
         opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", approximation=approximation)
-        model.compile(optimizer=opt, loss="mse")
+        model.compile(optimizer=opt, loss=keras.losses.MeanSquaredError(reduction=reduction))
         model.train_on_batch(inputs, targets, sample_weight=weights)
         factors.append([v.numpy() for v in opt.variables if v.name.endswith(("_cov", "_cross"))])
     assert len(factors[0]) >= 4
@@ -511,6 +522,9 @@ def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
     np.testing.assert_allclose(weights(tf.ones([2, 6, 4]), [2, 6, 5]), [1, 1, 0, 0, 2, 2, 4, 4, 4, 4, 1, 1])
     constant_call = tf.function(lambda: statistics.row_weights(LayerCall(tf.range(4), tf.zeros([4, 5])), values))
     np.testing.assert_allclose(constant_call(), np.ones(4))
+    # A replica's empty share of the batch: no rows, no loss values.
+    empty = tf.function(lambda: statistics.row_weights(LayerCall(tf.ones([0, 3, 4]), tf.zeros([0, 3, 5])), tf.ones([0, 3])))
+    assert empty().shape == (0,)
 
 
 def test_a_batch_whose_examples_all_weigh_zero_leaves_the_factors_unchanged():
