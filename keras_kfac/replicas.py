@@ -71,9 +71,11 @@ def mean(values: Any) -> Any:
 def weighted_mean(values: list[tf.Tensor], masses: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
     """(Σ_r m_r v_r / Σ_r m_r, Σ_r m_r) over replicas for each value v and its mass m.
 
-    A replica's Ā is a mean over its rows, weighted by the examples' weights:
-    the global batch's is the replicas' means weighted by their rows' total
-    weight, which replicas holding equal shares of an unweighted batch share.
+    A replica's Ā is a mean over its rows under its examples' weights; the
+    global batch's is the replicas' means, each weighted by the total weight
+    its examples have in the global loss (the caller's masses). Replicas with
+    equal shares of an unweighted batch have equal masses; an empty share has
+    none.
     """
     if count() == 1:
         return values, masses
