@@ -68,8 +68,7 @@ class TridiagonalChain:
             raise ValueError("approximation='block_tridiagonal' needs one row per example in every layer.")
         weights = rows[id(self.blocks[0])][2]
         input_cross, output_cross = tridiagonal.chain_cross_statistics(input_rows, output_rows, batch_size, weights)
-        mass = tf.cast(tf.shape(input_rows[0])[0], tf.float32) if weights is None else tf.reduce_sum(weights)
-        return input_cross, [mass] * len(input_cross), output_cross
+        return input_cross, [curvature.row_mass(input_rows[0], weights)] * len(input_cross), output_cross
 
     def inverses(self, gamma: tf.Tensor) -> list[tf.Tensor]:
         """The tensors of F̂⁻¹ for damping γ (not stored)."""

@@ -46,10 +46,15 @@ def second_moment(rows: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
 
 
-def weighted_second_moment(rows: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """Σ w r rᵀ / Σ w (0 when the weights sum to 0): E[r rᵀ] under the rows' weights."""
-    weighted = tf.matmul(rows * weights[:, tf.newaxis], rows, transpose_a=True)
+def weighted_cross_moment(left: tf.Tensor, right: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Σ w l rᵀ / Σ w over aligned rows l, r (0 when the weights sum to 0): E[l rᵀ] under the rows' weights."""
+    weighted = tf.matmul(left * weights[:, tf.newaxis], right, transpose_a=True)
     return tf.math.divide_no_nan(weighted, tf.reduce_sum(weights))
+
+
+def row_mass(rows: tf.Tensor, weights: tf.Tensor | None) -> tf.Tensor:
+    """Σ w over the rows, or their number without weights: what a mean over them stands for."""
+    return tf.cast(tf.shape(rows)[0], tf.float32) if weights is None else tf.reduce_sum(weights)
 
 
 def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.Tensor, accept: tf.Tensor) -> None:

@@ -159,9 +159,7 @@ def factor_estimates(
         if id(block) not in rows:
             continue
         input_rows, output_rows, input_weights = rows[id(block)]
-        input_masses.append(
-            tf.cast(tf.shape(input_rows)[0], tf.float32) if input_weights is None else tf.reduce_sum(input_weights)
-        )
+        input_masses.append(curvature.row_mass(input_rows, input_weights))
         if block.rows_are_patch_locations:
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)

@@ -44,6 +44,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from keras_kfac import curvature
+
 # Denominators 1 − s₁ s₂ᵀ are clipped at this value (they lie in (0, 1] in exact
 # arithmetic for consistent statistics; see the module docstring).
 _MIN_DENOMINATOR = 1e-6
@@ -364,7 +366,6 @@ def chain_cross_statistics(
             count = tf.cast(tf.shape(input_rows[i])[0], tf.float32)
             input_cross.append(tf.matmul(input_rows[i], input_rows[i + 1], transpose_a=True) / count)
         else:
-            weighted = tf.matmul(input_rows[i] * input_weights[:, tf.newaxis], input_rows[i + 1], transpose_a=True)
-            input_cross.append(tf.math.divide_no_nan(weighted, tf.reduce_sum(input_weights)))
+            input_cross.append(curvature.weighted_cross_moment(input_rows[i], input_rows[i + 1], input_weights))
         output_cross.append(tf.matmul(output_rows[i], output_rows[i + 1], transpose_a=True) / batch)
     return input_cross, output_cross

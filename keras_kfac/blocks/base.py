@@ -98,7 +98,7 @@ class KroneckerBlock(abc.ABC):
         """The batch estimate of Ā: the mean of ā āᵀ over the rows, weighted by ``weights`` [KFAC §3]."""
         if weights is None:
             return curvature.second_moment(input_rows, tf.shape(input_rows)[0])
-        return curvature.weighted_second_moment(input_rows, weights)
+        return curvature.weighted_cross_moment(input_rows, input_rows, weights)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
