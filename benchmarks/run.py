@@ -538,12 +538,25 @@ def convnet_problem(args, cfg):
     return factory
 
 
-def kfac_specs(cfg: dict, budget: str) -> list[Spec]:
-    """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC."""
+def kfac_specs(cfg: dict, budget: str, dampings: list[float | None] | None = None,
+               fixed: bool = True) -> list[Spec]:
+    """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC.
+
+    `dampings` replaces the budget's initial dampings λ₀ of the adaptive runs
+    (None: the paper's); `fixed=False` leaves out the fixed-lr runs.
+    """
     params = dict(KFAC_ADAPTIVE_PARAMS, **cfg.get("kfac_adaptive", {}))
-    adaptive = [Spec("kfac-adaptive", dict(params))]
-    adaptive += [Spec("kfac-adaptive", dict(params, damping=d)) for d in KFAC_INITIAL_DAMPINGS[budget]]
-    return adaptive + [Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]]
+    if dampings is None:
+        dampings = [None] + KFAC_INITIAL_DAMPINGS[budget]
+    adaptive = [Spec("kfac-adaptive", dict(params) if d is None else dict(params, damping=d)) for d in dampings]
+    return adaptive + ([Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]] if fixed else [])
+
+
+def parse_kfac_dampings(text: str | None) -> list[float | None] | None:
+    """`paper,1e-4` → [None, 1e-4]: the adaptive runs' initial dampings ("paper": the paper's λ₀)."""
+    if not text:
+        return None
+    return [None if v.strip() == "paper" else float(v) for v in text.split(",")]
 
 
 # ------------------------------------------------------- 50 vs 500 iterations
@@ -878,6 +891,11 @@ def main(argv=None) -> None:
                         help="autoencoder: K-FAC's first batch size m₁ (default: the budget's)")
     parser.add_argument("--kfac-reach", type=int, default=None,
                         help="autoencoder: the iteration at which K-FAC's batch reaches N (default: the budget's)")
+    parser.add_argument("--kfac-dampings", default=None,
+                        help="autoencoder and convnet: the adaptive K-FAC runs' initial dampings, e.g. "
+                             "'paper,1e-4' (default: the budget's)")
+    parser.add_argument("--no-kfac-fixed", action="store_true",
+                        help="autoencoder and convnet: leave out the fixed-lr K-FAC run")
     parser.add_argument("--grid", default=None,
                         help="override baseline grids, e.g. 'adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3'")
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of Fashion-MNIST")
@@ -898,13 +916,13 @@ def run_problem(args: argparse.Namespace) -> None:
             cfg["kfac_first"] = args.kfac_first_batch
         if args.kfac_reach:
             cfg["kfac_reach"] = args.kfac_reach
-        kfac = kfac_specs(cfg, args.budget)
+        kfac = kfac_specs(cfg, args.budget, parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed)
         run_time_race_problem(args, "autoencoder", autoencoder_problem(args, cfg), cfg, kfac)
     elif args.problem == "convnet":
         cfg = dict(CONVNET_BUDGETS[args.budget])
         if args.budget_seconds:
             cfg["budget_s"] = args.budget_seconds
-        kfac = kfac_specs(cfg, args.budget)
+        kfac = kfac_specs(cfg, args.budget, parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed)
         run_time_race_problem(args, "convnet", convnet_problem(args, cfg), cfg, kfac, accuracy=True)
     elif args.problem == "profile":
         run_profile(args)

@@ -112,3 +112,18 @@ def test_budget_seconds_results_get_their_own_folder():
     # The problems that do not race on the clock keep the budget's folder.
     assert label("profile", 60.0) == "small"
     assert label("autoencoder-50-vs-500", 60.0) == "small"
+
+
+def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
+    run = load_module("bench_run", RUN)
+    cfg = run.AUTOENCODER_BUDGETS["small"]
+    assert run.parse_kfac_dampings(None) is None
+    assert run.parse_kfac_dampings("paper, 1e-4") == [None, 1e-4]
+
+    default = run.kfac_specs(cfg, "small")
+    assert [s.family for s in default].count("kfac-fixed") == len(cfg["kfac_fixed"])
+    assert [s.params.get("damping") for s in default if s.family == "kfac-adaptive"] == [None, 1e-2, 1e-4]
+
+    narrowed = run.kfac_specs(cfg, "small", run.parse_kfac_dampings("1e-4"), fixed=False)
+    assert [(s.family, s.params.get("damping")) for s in narrowed] == [("kfac-adaptive", 1e-4)]
+    assert narrowed[0].params["statistics_fraction"] == 0.125
