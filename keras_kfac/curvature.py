@@ -41,9 +41,9 @@ def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
     )
 
 
-def second_moment(rows: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-    """rowsᵀ rows / count (0 for no rows): a batch estimate of E[r rᵀ] [KFAC §3]."""
-    return tf.matmul(rows, rows, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
+def cross_moment(left: tf.Tensor, right: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """leftᵀ right / count over aligned rows (0 for no rows): a batch estimate of E[l rᵀ] [KFAC §3]."""
+    return tf.matmul(left, right, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
 
 
 def weighted_cross_moment(left: tf.Tensor, right: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:

@@ -165,5 +165,5 @@ def factor_estimates(
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows, input_weights = subsample_rows(input_rows, input_weights, patch_fraction, block_seed)
         input_estimates.append(block.input_second_moment(input_rows, input_weights))
-        output_estimates.append(curvature.second_moment(output_rows, examples))
+        output_estimates.append(curvature.cross_moment(output_rows, output_rows, examples))
     return input_estimates, input_masses, output_estimates

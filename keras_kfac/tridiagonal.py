@@ -359,13 +359,11 @@ def chain_cross_statistics(
         counts = [r.shape[0] for r in rows]
         if len({c for c in counts if c is not None}) > 1:
             raise ValueError(f"Rows of consecutive blocks are not aligned: row counts {counts}.")
-    batch = tf.cast(batch_size, tf.float32)
     input_cross, output_cross = [], []
     for i in range(len(input_rows) - 1):
         if input_weights is None:
-            count = tf.cast(tf.shape(input_rows[i])[0], tf.float32)
-            input_cross.append(tf.matmul(input_rows[i], input_rows[i + 1], transpose_a=True) / count)
+            input_cross.append(curvature.cross_moment(input_rows[i], input_rows[i + 1], tf.shape(input_rows[i])[0]))
         else:
             input_cross.append(curvature.weighted_cross_moment(input_rows[i], input_rows[i + 1], input_weights))
-        output_cross.append(tf.matmul(output_rows[i], output_rows[i + 1], transpose_a=True) / batch)
+        output_cross.append(curvature.cross_moment(output_rows[i], output_rows[i + 1], batch_size))
     return input_cross, output_cross

@@ -241,6 +241,16 @@ def test_weighted_chain_cross_statistics():
         np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_chain_cross_statistics_of_an_empty_share_are_zero():
+    """A replica's empty share of a last batch: no rows, zero (not 0/0) cross statistics, as for the diagonal factors."""
+    inputs, outputs = _chain_samples(examples=32)
+    empty_inputs = [tf.zeros([0, x.shape[1]]) for x in inputs]
+    empty_outputs = [tf.zeros([0, g.shape[1]]) for g in outputs]
+    actual_a, actual_g = tridiagonal.chain_cross_statistics(empty_inputs, empty_outputs, 0)
+    for actual in actual_a + actual_g:
+        np.testing.assert_array_equal(actual.numpy(), np.zeros(actual.shape))
+
+
 def test_chain_cross_statistics_rejects_misaligned_rows():
     inputs, outputs = _chain_samples(examples=32)
     with pytest.raises(ValueError, match="aligned"):

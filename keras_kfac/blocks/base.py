@@ -97,7 +97,7 @@ class KroneckerBlock(abc.ABC):
     def input_second_moment(self, input_rows: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
         """The batch estimate of Ā: the mean of ā āᵀ over the rows, weighted by ``weights`` [KFAC §3]."""
         if weights is None:
-            return curvature.second_moment(input_rows, tf.shape(input_rows)[0])
+            return curvature.cross_moment(input_rows, input_rows, tf.shape(input_rows)[0])
         return curvature.weighted_cross_moment(input_rows, input_rows, weights)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
