@@ -200,10 +200,15 @@ class Run:
             self.curve[metric] = []
         self.state: list[dict] = []
         self.diverged = False
+        self.stop_loss: float | None = None  # done once a logged loss is at or below it
+
+    @property
+    def reached_stop_loss(self) -> bool:
+        return self.stop_loss is not None and bool(self.curve["loss"]) and self.curve["loss"][-1] <= self.stop_loss
 
     @property
     def done(self) -> bool:
-        return (self.diverged or self.clock >= self.budget_s
+        return (self.diverged or self.clock >= self.budget_s or self.reached_stop_loss
                 or (self.max_iters is not None and self.iterations >= self.max_iters))
 
     def _indices(self, m: int) -> np.ndarray:
@@ -273,6 +278,7 @@ class Run:
             "trace_seconds": self.trace_s,
             "median_step_seconds": float(np.median(steady)) if steady else float("nan"),
             "diverged": self.diverged,
+            "stop_loss": self.stop_loss,
             "curve": self.curve,
             "kfac_state": self.state,
         }
@@ -285,14 +291,28 @@ def log_points(budget_s: float, count: int) -> list[float]:
 
 
 def race(runs: list[Run], points: list[float], tag: str, iter_points: list[int] | None = None,
-         verbose: bool = True) -> None:
+         verbose: bool = True, kfac_after_baselines: bool = False) -> None:
     """Trains `runs` in turns up to each log point (seconds or iterations), then logs.
 
     Each run first takes its (untimed) traced step so that every run starts
     from the same state of the machine; then, for each log point in turn,
     every run trains until its clock (or iteration count) reaches that point
     and its loss is evaluated off the clock.
+
+    With `kfac_after_baselines` the baselines race to the end first; then the
+    K-FAC runs race, each stopping at the first log point where its loss is at
+    or below the baselines' lowest final loss (a long race's K-FAC runs then
+    cost only the time they need to reach it).
     """
+    if kfac_after_baselines:
+        baselines = [r for r in runs if not r.spec.is_kfac]
+        race(baselines, points, tag, iter_points, verbose)
+        finals = [r.curve["loss"][-1] for r in baselines if not r.diverged]
+        kfac = [r for r in runs if r.spec.is_kfac]
+        for run in kfac:
+            run.stop_loss = min(finals) if finals else None
+        race(kfac, points, tag, iter_points, verbose)
+        return
     for run in runs:
         run.record()
         _log(run, tag, verbose)
@@ -319,6 +339,8 @@ def _log(run: Run, tag: str, verbose: bool) -> None:
         extra += f"  λ {s['damping']:.3g} α {s['alpha']:.3g} μ {s['mu']:.3g} ρ {s['rho']:.3g}"
     if run.diverged:
         extra += "  DIVERGED"
+    if run.reached_stop_loss:
+        extra += f"  reached {run.stop_loss:.5f}: stopped"
     print(f"[{tag}] {run.spec.name:<44} it {run.iterations:>6}  t {run.clock:7.2f}s  "
           f"batch {c['batch_size'][-1]:>5}  loss {c['loss'][-1]:.5f}{extra}", flush=True)
 

@@ -127,3 +127,50 @@ def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
     narrowed = run.kfac_specs(cfg, "small", run.parse_kfac_dampings("1e-4"), fixed=False)
     assert [(s.family, s.params.get("damping")) for s in narrowed] == [("kfac-adaptive", 1e-4)]
     assert narrowed[0].params["statistics_fraction"] == 0.125
+
+
+def test_kfac_after_baselines_stops_kfac_at_the_lowest_baseline_final_loss():
+    harness = load_harness()
+    trained = []  # (run name, iteration) in the order the race trains them
+
+    class ScriptedRun(harness.Run):
+        """A Run whose loss after k steps is losses[k]; one step costs one second."""
+
+        def __init__(self, family: str, losses: list[float]):
+            self.spec = harness.OptimizerSpec(family, {"tag": len(losses)})
+            self.losses = losses
+            self.iterations, self.clock, self.budget_s, self.max_iters = 0, 0.0, 6.0, None
+            self.diverged, self.stop_loss = False, None
+            self.curve = {"iterations": [], "seconds": [], "loss": []}
+
+        def step(self) -> None:
+            self.iterations += 1
+            self.clock += 1.0
+            trained.append((self.spec.family, self.iterations))
+
+        def record(self) -> dict:
+            for key, value in (("iterations", self.iterations), ("seconds", self.clock),
+                               ("loss", self.losses[self.iterations])):
+                self.curve[key].append(value)
+            return {"loss": self.curve["loss"][-1]}
+
+    adam = ScriptedRun("adam", [1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5])
+    muon = ScriptedRun("muon", [1.0, 0.8, 0.6, 0.5, 0.45, 0.42, 0.4])
+    kfac = ScriptedRun("kfac-adaptive", [1.0, 0.6, 0.45, 0.41, 0.39, 0.3, 0.2])
+    harness.race([kfac, adam, muon], [2.0, 4.0, 6.0], "test", verbose=False, kfac_after_baselines=True)
+
+    # The baselines ran their whole budget, in turns, before K-FAC's first step.
+    first_kfac = trained.index(("kfac-adaptive", 1))
+    assert {name for name, _ in trained[:first_kfac]} == {"adam", "muon"}
+    assert adam.iterations == muon.iterations == 6
+    assert trained[:4] == [("adam", 1), ("adam", 2), ("muon", 1), ("muon", 2)]
+    # K-FAC stops at the first log point at or below Muon's final 0.4 (iteration 4: 0.39).
+    assert kfac.stop_loss == 0.4
+    assert kfac.iterations == 4 and kfac.curve["loss"][-1] == 0.39 and kfac.done
+
+    # Without the option every run trains in turns to the end.
+    trained.clear()
+    runs = [ScriptedRun(family, [1.0] * 7) for family in ("kfac-adaptive", "adam")]
+    harness.race(runs, [2.0, 4.0, 6.0], "test", verbose=False)
+    assert trained[:4] == [("kfac-adaptive", 1), ("kfac-adaptive", 2), ("adam", 1), ("adam", 2)]
+    assert [r.iterations for r in runs] == [6, 6] and runs[0].stop_loss is None
