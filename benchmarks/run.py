@@ -266,13 +266,15 @@ def baseline_specs(grid: dict) -> list[Spec]:
 
 
 def parse_grid_overrides(text: str | None, grid: dict) -> dict:
-    """`adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3` replaces those families' grids."""
+    """`adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3` replaces those families' grids; `adam=` drops Adam."""
     grid = dict(grid)
     if not text:
         return grid
     for part in text.split(";"):
         family, values = part.split("=")
-        if family == "sgd":
+        if not values:
+            grid[family] = []
+        elif family == "sgd":
             grid["sgd"] = [tuple(float(x) for x in v.split(":")) for v in values.split(",")]
         else:
             grid[family] = [float(v) for v in values.split(",")]
@@ -355,7 +357,7 @@ def analyse_race(summaries: list[dict], budget_s: float, accuracy: bool = False)
     return analysis
 
 
-def race_tables(analysis: dict, summaries: list[dict], accuracy: bool = False) -> str:
+def race_tables(analysis: dict, summaries: list[dict], seed: int, accuracy: bool = False) -> str:
     out = []
     grid_rows = []
     winners = set(analysis["winners"].values())
@@ -366,7 +368,7 @@ def race_tables(analysis: dict, summaries: list[dict], accuracy: bool = False) -
                           H.fmt(1e3 * s["median_step_seconds"], ".1f"),
                           "diverged" if s["diverged"] else H.fmt(c["loss"][-1], ".5f")]
                          + ([H.fmt(c["accuracy"][-1], ".4f")] if accuracy else []))
-    out.append("Grid (seed 0; **bold** = the family's winner, by final training loss):\n")
+    out.append(f"Grid (seed {seed}; **bold** = the family's winner, by final training loss):\n")
     out.append(H.markdown_table(["run", "iters", "train s", "trace s", "ms/step (median)", "final loss"]
                                 + (["test acc"] if accuracy else []), grid_rows))
     targets = analysis["targets"]
@@ -474,8 +476,8 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     print(f"# {name}, budget {args.budget}: {len(specs)} runs of {cfg['budget_s']} training s "
           f"(max iters {cfg['max_iters']}), {len(problem.x_train)} training examples", flush=True)
     started = time.time()
-    all_summaries = {0: time_race(problem, cfg, kfac_batch, baseline_batch, args, args.seed, specs)}
-    analyses = {args.seed: analyse_race(all_summaries[0], cfg["budget_s"], accuracy)}
+    all_summaries = {args.seed: time_race(problem, cfg, kfac_batch, baseline_batch, args, args.seed, specs)}
+    analyses = {args.seed: analyse_race(all_summaries[args.seed], cfg["budget_s"], accuracy)}
     seeds = args.seeds or cfg["seeds"]
     if seeds > 1:
         winners = set(analyses[args.seed]["winners"].values())
@@ -485,7 +487,7 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
             all_summaries[seed] = summaries
             analyses[seed] = analyse_race(summaries, cfg["budget_s"], accuracy)
     wall = time.time() - started
-    table = race_tables(analyses[args.seed], all_summaries[0], accuracy)
+    table = race_tables(analyses[args.seed], all_summaries[args.seed], args.seed, accuracy)
     if seeds > 1:
         table += "\n\n" + seed_spread(analyses)
     table += "\n\n" + against_each_baseline(all_summaries)
@@ -504,7 +506,7 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
         "runs": {str(k): v for k, v in all_summaries.items()},
     })
     curves = {}
-    for s in all_summaries[0]:
+    for s in all_summaries[args.seed]:
         if s["name"] in analyses[args.seed]["winners"].values():
             curves[f"{H.FAMILIES[s['family']]} ({s['name'].split('[')[-1].rstrip(']') if '[' in s['name'] else 'defaults'})"] = s["curve"]
     pngs = [out_dir / "loss.png"]
@@ -884,7 +886,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", default="default", choices=["smoke", "small", "default"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds (the winners of the seed-0 grid and K-FAC are rerun)")
+                        help="number of seeds from --seed on (the winners of the first seed's grid and K-FAC are rerun)")
     parser.add_argument("--width-scale", type=float, default=None,
                         help="scale the autoencoder's layer widths (default: the budget's)")
     parser.add_argument("--activation", choices=["tanh", "logistic"], default="tanh",

@@ -129,6 +129,27 @@ def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
     assert narrowed[0].params["statistics_fraction"] == 0.125
 
 
+def test_grid_overrides_replace_or_drop_a_family():
+    run = load_module("bench_run", RUN)
+    grid = {"adam": [1e-3], "sgd": [(1.0, 0.99)], "muon": [3e-3]}
+    assert run.parse_grid_overrides(None, grid) == grid
+    changed = run.parse_grid_overrides("adam=;sgd=0.3:0.9,1:0.99;muon=1e-3", grid)
+    assert changed == {"adam": [], "sgd": [(0.3, 0.9), (1.0, 0.99)], "muon": [1e-3]}
+    assert [s.family for s in run.baseline_specs(changed)] == ["sgd", "sgd", "muon"]
+    assert grid["adam"] == [1e-3]  # the budget's own grid is left as it was
+
+
+def test_race_tables_name_the_seeds_that_ran(tmp_path):
+    stdout = run_benchmark(tmp_path, "--problem", "autoencoder", "--seed", "3", "--seeds", "2",
+                           "--no-kfac-fixed", "--grid", "adam=;sgd=")
+    assert "[autoencoder seed 4] muon" in stdout and "adam[" not in stdout
+    table = (tmp_path / "autoencoder" / "smoke" / "table.md").read_text()
+    assert "Grid (seed 3;" in table
+    per_seed = [line.split("|")[1].strip() for line in table.splitlines() if "| Muon | muon[" in line]
+    assert per_seed == ["3", "4"]
+    assert set(json.loads((tmp_path / "autoencoder" / "smoke" / "results.json").read_text())["runs"]) == {"3", "4"}
+
+
 def test_kfac_after_baselines_stops_kfac_at_the_lowest_baseline_final_loss():
     harness = load_harness()
     trained = []  # (run name, iteration) in the order the race trains them
