@@ -493,6 +493,7 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     table += "\n\n" + against_each_baseline(all_summaries)
     settings = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in cfg.items()
                 if k != "grid"}
+    settings.update(seed=args.seed, seeds=seeds)
     header = (f"## {name} — budget `{budget_label(args)}`\n\n"
               f"Settings: {json.dumps(settings)}; grid {json.dumps(grid)}; K-FAC runs "
               f"{[s.name for s in kfac_specs]}. Wall time of the benchmark {wall:.0f} s.\n")

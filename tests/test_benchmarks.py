@@ -147,7 +147,9 @@ def test_race_tables_name_the_seeds_that_ran(tmp_path):
     assert "Grid (seed 3;" in table
     per_seed = [line.split("|")[1].strip() for line in table.splitlines() if "| Muon | muon[" in line]
     assert per_seed == ["3", "4"]
-    assert set(json.loads((tmp_path / "autoencoder" / "smoke" / "results.json").read_text())["runs"]) == {"3", "4"}
+    results = json.loads((tmp_path / "autoencoder" / "smoke" / "results.json").read_text())
+    assert set(results["runs"]) == {"3", "4"}
+    assert (results["settings"]["seed"], results["settings"]["seeds"]) == (3, 2)
 
 
 def test_kfac_after_baselines_stops_kfac_at_the_lowest_baseline_final_loss():
