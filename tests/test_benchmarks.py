@@ -197,3 +197,35 @@ def test_kfac_after_baselines_stops_kfac_at_the_lowest_baseline_final_loss():
     harness.race(runs, [2.0, 4.0, 6.0], "test", verbose=False)
     assert trained[:4] == [("kfac-adaptive", 1), ("kfac-adaptive", 2), ("adam", 1), ("adam", 2)]
     assert [r.iterations for r in runs] == [6, 6] and runs[0].stop_loss is None
+
+
+def test_budget_speedups_read_shorter_races_off_a_long_one(tmp_path):
+    speedups = load_module("budget_speedups", ROOT / "benchmarks" / "budget_speedups.py")
+
+    def run(name, family, seconds, iterations, loss):
+        return {"name": name, "family": family,
+                "curve": {"seconds": seconds, "iterations": iterations, "loss": loss}}
+
+    runs = [
+        run("adam", "adam", [0, 10, 20, 30], [0, 100, 200, 300], [1.0, 0.5, 0.45, 0.44]),
+        run("muon", "muon", [0, 10, 20, 30], [0, 10, 20, 30], [1.0, 0.6, 0.4, 0.3]),
+        run("kfac", "kfac-adaptive", [0, 2, 5, 40], [0, 4, 8, 16], [1.0, 0.5, 0.4, 0.3]),
+        run("fixed", "kfac-fixed", [0, 1, 2, 3], [0, 1, 2, 3], [1.0, 0.1, 0.1, 0.1]),  # not compared
+    ]
+    rows = speedups.speedups_by_budget(runs)
+    assert [r["best_baseline"] for r in rows] == ["adam", "muon", "muon"]
+    # B = 10 s: Adam's 0.5 after 10 s and 100 iterations; K-FAC's after 2 s and 4.
+    assert (rows[0]["seconds_speedup"], rows[0]["iteration_speedup"]) == (5.0, 25.0)
+    # B = 20 s: Muon's 0.4 after 20 s and 20 iterations; K-FAC's after 5 s and 8.
+    assert (rows[1]["seconds_speedup"], rows[1]["iteration_speedup"]) == (4.0, 2.5)
+    # B = 30 s: K-FAC needs 40 s for Muon's 0.3, past the budget.
+    assert rows[2]["kfac_seconds"] == 40 and rows[2]["seconds_speedup"] is None
+    text = speedups.table("0", rows, ["adam", "muon"])
+    assert [line.split("|")[-2].strip() for line in text.splitlines()[-3:]] == ["yes", "no", "no"]
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": {"0": runs, "1": runs[1:3]}}))
+    printed = speedups.main([str(path), "--out", str(tmp_path / "speedups.png")])
+    assert "Seed 1 (baseline runs: muon)" in printed
+    assert (tmp_path / "speedups.png").stat().st_size > 0
+    assert (tmp_path / "speedups.md").read_text().strip() == printed
