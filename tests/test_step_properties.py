@@ -45,6 +45,52 @@ def _assert_same_training_step(conv_model, dense_model, conv_x, dense_x, y, loss
     for conv_step, dense_step in zip(conv_steps[1:], dense_steps[1:]):
         np.testing.assert_allclose(conv_step, dense_step, rtol=1e-4, atol=1e-6)
 
+def test_undamped_step_is_invariant_to_an_affine_change_of_the_input():
+    """Spec §6: with no damping, block-diagonal K-FAC's function-space update does
+    not change when a layer's input x becomes x Mᵀ + c and its weights follow.
+
+    In homogeneous form [x', 1] = [x, 1] S with S = [[Mᵀ, 0], [c, 1]], so the
+    twin's first layer [K'; b'] = S⁻¹ [K; b] computes the same function; its
+    Ā' = Sᵀ Ā S and gradient S⁻¹ ∇ make its update S⁻¹ times the original's.
+    A bias handled apart from the kernel would break this for c ≠ 0.
+    """
+    rng = np.random.default_rng(3)
+    n, d, h, k = 64, 4, 6, 3
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = rng.normal(size=(n, k)).astype("float32")
+    m = (np.eye(d) + 0.5 * rng.normal(size=(d, d))).astype(np.float64)
+    c = np.array([2.0, -1.0, 0.5, 3.0])
+    s = np.block([[m.T, np.zeros((d, 1))], [c[None, :], np.ones((1, 1))]])
+    assert np.linalg.cond(s) < 100
+    x_twin = (x @ m.T + c).astype("float32")
+
+    def build():
+        return keras.Sequential([keras.Input((d,)), keras.layers.Dense(h, activation="tanh"), keras.layers.Dense(k)])
+
+    model, twin = build(), build()
+    kernel, bias = rng.normal(size=(d, h)) * 0.5, rng.normal(size=h) * 0.1
+    head = [rng.normal(size=(h, k)).astype("float32") * 0.5, np.zeros(k, "float32")]
+    model.set_weights([kernel.astype("float32"), bias.astype("float32"), *head])
+    twin_first = np.linalg.solve(s, np.vstack([kernel, bias[None, :]]))
+    twin.set_weights([twin_first[:-1].astype("float32"), twin_first[-1].astype("float32"), *head])
+    x_test = rng.normal(size=(16, d)).astype("float32")
+    x_test_twin = (x_test @ m.T + c).astype("float32")
+    before = model.predict_on_batch(x_test).astype(np.float64)
+    np.testing.assert_allclose(twin.predict_on_batch(x_test_twin), before, rtol=1e-5, atol=1e-5)
+
+    steps = {}
+    for name, net, inputs, test_inputs in (("model", model, x, x_test), ("twin", twin, x_twin, x_test_twin)):
+        _train_once(net, inputs, y, "mean_squared_error", learning_rate=0.5, damping=0.0)
+        steps[name] = net.predict_on_batch(test_inputs).astype(np.float64) - before
+    assert np.abs(steps["model"]).max() > 1e-2  # a real step, not a vanishing one
+    np.testing.assert_allclose(steps["twin"], steps["model"], rtol=2e-3, atol=2e-4)
+    # The first layer's weights moved by S⁻¹ times the original's move.
+    moved = np.vstack([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None, :]]) - np.vstack(
+        [kernel, bias[None, :]])
+    twin_moved = np.vstack([twin.layers[0].kernel.numpy(), twin.layers[0].bias.numpy()[None, :]]) - twin_first
+    np.testing.assert_allclose(twin_moved, np.linalg.solve(s, moved), rtol=2e-3, atol=2e-4)
+
+
 def test_conv_with_one_output_location_equals_dense_on_flattened_input():
     """KFC with |T| = 1 is exactly the Dense block on the flattened patch."""
     rng = np.random.default_rng(1)
