@@ -838,11 +838,18 @@ def environment() -> dict:
 TIME_RACES = ("autoencoder", "convnet")
 
 
+AUTOENCODERS = ("autoencoder", "autoencoder-50-vs-500")
+
+
 def budget_label(args) -> str:
-    """The budget's name, with the training seconds where ``--budget-seconds`` overrides them (the time races)."""
+    """The budget's name, with the training seconds where ``--budget-seconds`` overrides them (the time races)
+    and ``-logistic`` for the autoencoders with the paper's logistic units."""
+    label = args.budget
     if args.budget_seconds and args.problem in TIME_RACES:
-        return f"{args.budget}-{args.budget_seconds:g}s"
-    return args.budget
+        label += f"-{args.budget_seconds:g}s"
+    if args.activation == "logistic" and args.problem in AUTOENCODERS:
+        label += "-logistic"
+    return label
 
 
 def output_dir(args, name: str) -> Path:

@@ -103,8 +103,9 @@ def test_first_crossing_interpolates():
 def test_budget_seconds_results_get_their_own_folder():
     run = load_module("bench_run", RUN)
 
-    def label(problem: str, seconds: float | None) -> str:
-        return run.budget_label(argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem))
+    def label(problem: str, seconds: float | None, activation: str = "tanh") -> str:
+        return run.budget_label(argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem,
+                                                   activation=activation))
 
     assert label("autoencoder", None) == "small"
     assert label("autoencoder", 60.0) == "small-60s"
@@ -112,6 +113,10 @@ def test_budget_seconds_results_get_their_own_folder():
     # The problems that do not race on the clock keep the budget's folder.
     assert label("profile", 60.0) == "small"
     assert label("autoencoder-50-vs-500", 60.0) == "small"
+    # The paper's logistic units get their own folders too (and figure names).
+    assert label("autoencoder", 60.0, "logistic") == "small-60s-logistic"
+    assert label("autoencoder-50-vs-500", None, "logistic") == "small-logistic"
+    assert label("convnet", None, "logistic") == "small"
 
 
 def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
