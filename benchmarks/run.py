@@ -836,9 +836,7 @@ def environment() -> dict:
 
 
 TIME_RACES = ("autoencoder", "convnet")
-
-
-AUTOENCODERS = ("autoencoder", "autoencoder-50-vs-500")
+AUTOENCODERS = ("autoencoder", "autoencoder-50-vs-500")  # the problems `--activation` applies to
 
 
 def budget_label(args) -> str:
