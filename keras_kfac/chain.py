@@ -9,6 +9,7 @@ F̂⁻¹ = Ξᵀ Λ Ξ computed by ``tridiagonal``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import keras
@@ -28,6 +29,7 @@ class TridiagonalChain:
                 "Dense layers and no other registered layers; got "
                 f"{[type(b).__name__ for b in blocks]}."
             )
+        _warn_unless_chained(optimizer.layer_collection.model, blocks)
         self.blocks = blocks
         input_dims = [b.input_dim for b in blocks]
         output_dims = [b.output_dim for b in blocks]
@@ -105,3 +107,34 @@ class TridiagonalChain:
             updates.update(zip(block_keys, block.split_matrix(result)))
         return updates
 
+
+def _feeds(upstream: keras.layers.Layer, downstream: keras.layers.Layer) -> bool:
+    """Whether the functional graph has a path from ``upstream``'s output to ``downstream``'s input."""
+    stack, seen = list(downstream._inbound_nodes), set()
+    while stack:
+        node = stack.pop()
+        for parent in node.parent_nodes:
+            if parent.operation is upstream:
+                return True
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return False
+
+
+def _warn_unless_chained(model: keras.Model | None, blocks: list[KroneckerBlock]) -> None:
+    """Warns when a functional model's graph shows that consecutive blocks are not
+    consecutive layers of a chain: Ψ_{i,i+1} [KFAC §4.3] then couples layers
+    that do not feed each other. Layers the graph does not show (a subclassed
+    model's, a nested model's) are not checked."""
+    top_level = {id(layer) for layer in getattr(model, "layers", [])}
+    for upstream, downstream in zip(blocks, blocks[1:]):
+        shown = id(upstream.layer) in top_level and id(downstream.layer) in top_level
+        if shown and downstream.layer._inbound_nodes and not _feeds(upstream.layer, downstream.layer):
+            warnings.warn(
+                "approximation='block_tridiagonal' treats the registered Dense layers as a "
+                f"chain in registration order, but '{downstream.name}' does not take its "
+                f"input from '{upstream.name}'; their cross statistics model no link of the "
+                "network. Register the layers of one chain, in order, with a LayerCollection.",
+                stacklevel=3,
+            )

@@ -20,9 +20,14 @@ to each layer: ``v_n = sqrt(B w_n c) · u_n`` where ``u_n`` is
 
 - ``sampled``: ``∇_z NLL(ŷ_n | z_n)`` with ŷ_n drawn from the model, whose
   outer product has expectation H_n (the true Fisher; the paper's choice);
-- ``empirical``: ``∇_z NLL(y_n | z_n)`` at the data's labels;
+- ``empirical``: ``∇_z NLL(y_n | z_n)`` at the data's labels (smoothed as the
+  compiled loss smooths them, for ``label_smoothing``);
 - ``exact``: each column of a symmetric factor C_n with ``C_n C_nᵀ = H_n``
   (K vectors, so K backward passes).
+
+Label smoothing leaves H_n as it is (the smoothed labels still sum to one), so
+it changes only the empirical vectors. ``ignore_class`` drops the values whose
+label is that class from the loss, as a mask does (``masked_sample_weight``).
 """
 
 from __future__ import annotations
@@ -77,8 +82,9 @@ class PredictiveDistribution(abc.ABC):
 class CategoricalLogits(PredictiveDistribution):
     """Categorical(softmax(z)); ``sparse`` labels are class indices."""
 
-    def __init__(self, sparse: bool):
+    def __init__(self, sparse: bool, label_smoothing: float = 0.0):
         self.sparse = sparse
+        self.label_smoothing = label_smoothing
 
     def nll_gradient(self, z, y):
         return tf.nn.softmax(z) - y
@@ -105,13 +111,18 @@ class CategoricalLogits(PredictiveDistribution):
         if self.sparse:
             classes = tf.cast(tf.reshape(y_true, tf.shape(z)[:-1]), tf.int32)
             return tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype)
-        return super().labels(y_true, z)
+        y = super().labels(y_true, z)
+        # Keras smooths towards the uniform distribution over the K classes.
+        return y * (1.0 - self.label_smoothing) + self.label_smoothing / z.shape[-1]
 
 
 class BernoulliLogits(PredictiveDistribution):
     """Independent Bernoulli(sigmoid(z)) per output unit."""
 
     averages_over_units = True
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
 
     def nll_gradient(self, z, y):
         return tf.sigmoid(z) - y
@@ -129,6 +140,10 @@ class BernoulliLogits(PredictiveDistribution):
     def hessian_product(self, z, v):
         p = tf.sigmoid(z)
         return p * (1.0 - p) * v
+
+    def labels(self, y_true, z):
+        # Keras smooths each unit's label towards 1/2.
+        return super().labels(y_true, z) * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
 
 
 class NormalMean(PredictiveDistribution):
@@ -154,11 +169,12 @@ class NormalMean(PredictiveDistribution):
         return 2.0 * v
 
 
+# name: (distribution from the loss's smoothing, whether z must be logits)
 _LOSS_NAMES = {
-    "sparse_categorical_crossentropy": (lambda: CategoricalLogits(sparse=True), True),
-    "categorical_crossentropy": (lambda: CategoricalLogits(sparse=False), True),
+    "sparse_categorical_crossentropy": (lambda smoothing: CategoricalLogits(sparse=True), True),
+    "categorical_crossentropy": (lambda smoothing: CategoricalLogits(False, smoothing), True),
     "binary_crossentropy": (BernoulliLogits, True),
-    "mean_squared_error": (NormalMean, False),
+    "mean_squared_error": (lambda smoothing: NormalMean(), False),
 }
 _ALIASES = {"mse": "mean_squared_error"}
 _REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
@@ -170,6 +186,7 @@ class RegisteredLoss:
 
     ``from_logits`` False means the model outputs probabilities (softmax or
     sigmoid): the curvature is taken in the logits that produced them.
+    ``ignore_class`` is the sparse label whose values the loss leaves out.
     """
 
     distribution: PredictiveDistribution
@@ -177,6 +194,7 @@ class RegisteredLoss:
     reduction: str = "sum_over_batch_size"
     weight: float = 1.0
     needs_logits: bool = True
+    ignore_class: int | None = None
 
     def network_output(self, y_pred: tf.Tensor) -> tf.Tensor:
         """The tensor z the distribution is defined on."""
@@ -247,19 +265,24 @@ class RegisteredLoss:
         return [tf.stop_gradient(scale * v) for v in vectors]
 
 
-def masked_sample_weight(y_pred: Any, sample_weight: Any, reduction: str) -> Any:
+def masked_sample_weight(y_pred: Any, y_true: Any, sample_weight: Any, loss: RegisteredLoss) -> Any:
     """The weights a Keras loss applies to ``y_pred``'s values: ``sample_weight``
-    times the mask Keras attached to ``y_pred`` (a masked sequence output).
+    times the mask Keras attached to ``y_pred`` (a masked sequence output) and,
+    with ``ignore_class``, the mask of the values whose label is not that class.
 
     As Keras' losses do, a mean reduction scales the kept values by
     (all values)/(kept values), so the loss is their mean. Without a mask,
     ``sample_weight`` is returned as it is.
     """
     mask = getattr(y_pred, "_keras_mask", None)
+    if loss.ignore_class is not None:
+        labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred)[:-1])
+        kept = tf.not_equal(labels, float(loss.ignore_class))
+        mask = kept if mask is None else tf.logical_and(tf.cast(mask, tf.bool), kept)
     if mask is None:
         return sample_weight
     mask = tf.cast(mask, tf.float32)
-    if reduction in ("mean", "sum_over_batch_size"):
+    if loss.reduction in ("mean", "sum_over_batch_size"):
         total = tf.cast(tf.size(mask), tf.float32)
         mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
     if sample_weight is None:
@@ -321,12 +344,14 @@ def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
     if axis != -1:
         raise ValueError(f"KFAC supports losses over the last axis only; got axis={axis}.")
     make_distribution, needs_logits = _LOSS_NAMES[name]
+    ignore_class = kwargs.get("ignore_class")
     return RegisteredLoss(
-        distribution=make_distribution(),
+        distribution=make_distribution(float(kwargs.get("label_smoothing", 0.0))),
         from_logits=bool(kwargs.get("from_logits", False)),
         reduction=reduction,
         weight=float(weight),
         needs_logits=needs_logits,
+        ignore_class=None if ignore_class is None else int(ignore_class),
     )
 
 

@@ -23,6 +23,12 @@ _EAGER_MESSAGE = (
     "model with run_eagerly=False (the default) and train with model.fit or "
     "model.train_on_batch."
 )
+_NO_MODEL_MESSAGE = (
+    "KFAC was created without `model=`, so it met its model only when Keras built it "
+    "inside the first training step, too late to record that step's activations. "
+    "Create it with the model it trains: `KFAC(model=model, ...)`, or "
+    "`KFAC(model=model, **config)` for one made from a configuration."
+)
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 
 
@@ -280,34 +286,36 @@ class KFAC(keras.optimizers.Optimizer):
 
     @property
     def alpha(self):
-        """α of the last update δ = αΔ + μδ₀: the effective learning rate."""
-        return self._alpha
+        """α of the last update δ = αΔ + μδ₀: the effective learning rate (0 before any)."""
+        return self._alpha if self.built else 0.0
 
     @property
     def mu(self):
-        """μ of the last update δ = αΔ + μδ₀: the effective momentum."""
-        return self._mu
+        """μ of the last update δ = αΔ + μδ₀: the effective momentum (0 before any)."""
+        return self._mu if self.built else 0.0
 
     @property
     def rho(self):
-        """ρ of the last Levenberg–Marquardt check [KFAC §6.5]."""
-        return self._rho
+        """ρ of the last Levenberg–Marquardt check [KFAC §6.5] (NaN before any)."""
+        return self._rho if self.built else float("nan")
 
     @property
     def quadratic_change(self):
-        """M(δ) − M(0) of the last update under the exact-Fisher quadratic model."""
-        return self._quadratic_change
+        """M(δ) − M(0) of the last update under the exact-Fisher quadratic model (0 before any)."""
+        return self._quadratic_change if self.built else 0.0
 
     def build(self, variables: list) -> None:
+        # Every check comes before the first variable: an optimizer whose build
+        # fails stays unbuilt, and can be compiled again with a mended model.
         if self.built:
             return
-        super().build(variables)
         collection = self.layer_collection
         if collection.model is None:
             model = _calling_model(self)
+            if model is not None and tf.inside_function():
+                raise RuntimeError(_NO_MODEL_MESSAGE)
             if model is not None:
                 collection.register_model(model)
-                self._model_found_in_build = True
         collection.prepare()
         trainable = {self._var_key(v) for v in variables}
         if collection.blocks and not any(
@@ -327,6 +335,10 @@ class KFAC(keras.optimizers.Optimizer):
                     "are not among the variables being trained (is it frozen?)."
                 )
             owned.update(keys)
+        if tf.inside_function():  # built by the first training step: its loss must be known
+            collection.loss()
+        super().build(variables)
+        for block in collection.blocks:
             block.create_state(self)
         self._velocities = [
             self.add_variable_from_reference(v, name="velocity") for v in variables
@@ -425,12 +437,6 @@ class KFAC(keras.optimizers.Optimizer):
         """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
-        if not loss_calls and getattr(self, "_model_found_in_build", False):
-            raise RuntimeError(
-                "KFAC was created without `model=`, so it met its model only when Keras built it "
-                "inside the first training step, too late to record that step's activations. "
-                "Create it with the model it trains: `KFAC(model=model, ...)`."
-            )
         if not loss_calls:
             raise RuntimeError(
                 "KFAC found no training loss in this step's graph. It must run inside "
@@ -494,7 +500,7 @@ class KFAC(keras.optimizers.Optimizer):
             )
             y_pred, layer_calls, _ = self._forward(x)
             y_pred = keras.tree.flatten(y_pred)[0]
-            weight = losses.masked_sample_weight(y_pred, sample_weight, batch.loss.reduction)
+            weight = losses.masked_sample_weight(y_pred, y_true, sample_weight, batch.loss)
             return estimate(layer_calls, batch.loss.network_output(y_pred), y_true, weight)
 
         def skip() -> tuple[list, list, list]:
@@ -681,7 +687,7 @@ class _Batch:
         self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]
         self.sample_weight = loss_call.sample_weight
         # The weights of the loss's values, a Keras mask on the output included.
-        self.curvature_weight = losses.masked_sample_weight(self.y_pred, self.sample_weight, loss.reduction)
+        self.curvature_weight = losses.masked_sample_weight(self.y_pred, self.y_true, self.sample_weight, loss)
 
 
 class _Step:
@@ -729,7 +735,7 @@ class _Step:
             )
             y_pred, loss = self.forward(x, y, sample_weight)
             z = batch.loss.network_output(y_pred)
-            weight = losses.masked_sample_weight(y_pred, sample_weight, batch.loss.reduction)
+            weight = losses.masked_sample_weight(y_pred, y, sample_weight, batch.loss)
         return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
 
     def forward(self, x, y, sample_weight) -> tuple:

@@ -45,8 +45,8 @@ def _nll_hessian(loss, z):
 
 
 def _nll_gradient(loss, z, y):
-    if loss == "cce":
-        return _softmax(z) - np.eye(z.shape[1])[y]
+    if loss == "cce":  # class indices, or one label vector per example
+        return _softmax(z) - (np.eye(z.shape[1])[y] if y.ndim == 1 else y)
     if loss == "bce":
         return 1 / (1 + np.exp(-z)) - y
     return 2.0 * (z - y)
@@ -115,6 +115,63 @@ def test_dense_factors_match_explicit_fisher(name, mode, weighted):
         np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
 
+
+
+def _params(model):
+    return [(w.numpy().astype(np.float64), b.numpy().astype(np.float64))
+            for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])]
+
+
+def _mlp(activation=None):
+    return keras.Sequential([
+        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"),
+        keras.layers.Dense(K, activation=activation),
+    ])
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_ignore_class_leaves_its_examples_out_of_both_factors(mode):
+    """Keras drops the values labelled ``ignore_class`` and averages over the rest:
+    the reference gives them weight 0 and the others B/(kept examples)."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(B, D_IN)).astype("float32")
+    y = rng.integers(0, K, size=B).astype("int32")
+    y[[1, 3]] = -1
+    model = _mlp()
+    params = _params(model)
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode=mode)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1))
+    model.train_on_batch(x, y)
+    kept = (y != -1).astype(np.float64)
+    expected = _reference_factors("cce", mode, params, x.astype(np.float64), y, kept * B / kept.sum())
+    for block, (a, g) in zip(opt.blocks, expected):
+        np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["cce", "bce"])
+def test_empirical_fisher_takes_the_labels_smoothed_as_the_loss_smooths_them(kind):
+    """``label_smoothing`` s: the empirical G is built from ∇NLL at (1−s)·y + s/K
+    (categorical) or (1−s)·y + s/2 (binary), as Keras' losses compute them."""
+    rng = np.random.default_rng(22)
+    smoothing = 0.2
+    x = rng.normal(size=(B, D_IN)).astype("float32")
+    if kind == "cce":
+        y = np.eye(K, dtype="float32")[rng.integers(0, K, size=B)]
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+        smoothed = y * (1 - smoothing) + smoothing / K
+    else:
+        y = rng.integers(0, 2, size=(B, K)).astype("float32")
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)
+        smoothed = y * (1 - smoothing) + smoothing / 2
+    model = _mlp()
+    params = _params(model)
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="empirical")
+    model.compile(optimizer=opt, loss=loss)
+    model.train_on_batch(x, y)
+    expected = _reference_factors(kind, "empirical", params, x.astype(np.float64), smoothed.astype(np.float64), None)
+    for block, (_, g) in zip(opt.blocks, expected):
+        np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("loss", ["binary_crossentropy", "mse"])

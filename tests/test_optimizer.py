@@ -297,13 +297,32 @@ def test_compute_loss_override_with_renamed_parameters_trains_as_the_plain_model
 def test_optimizer_without_its_model_or_for_another_model_says_so():
     x, y = _data(n=32)
     model = _sequential()
-    model.compile(optimizer=keras_kfac.KFAC(learning_rate=0.1), loss=_loss_for("sequential"))
-    with pytest.raises(RuntimeError, match="created without `model=`"):
+    orphan = keras_kfac.KFAC.from_config(keras_kfac.KFAC(learning_rate=0.1).get_config())
+    model.compile(optimizer=orphan, loss=_loss_for("sequential"))
+    with pytest.raises(RuntimeError, match=r"created without `model=`(.|\n)*KFAC\(model=model, \*\*config\)"):
         model.fit(x, y, epochs=1, verbose=0)
+    assert not orphan.built
     other = _sequential()
     other.compile(optimizer=keras_kfac.KFAC(model=_sequential(), learning_rate=0.1), loss=_loss_for("sequential"))
     with pytest.raises(ValueError, match="create one KFAC per model"):
         other.fit(x, y, epochs=1, verbose=0)
+
+
+def test_an_optimizer_whose_first_step_fails_stays_unbuilt_and_can_be_compiled_again():
+    """The loss is checked before any variable exists, so a mended compile trains."""
+    x, y = _data(n=32)
+    y = np.eye(3, dtype="float32")[y]
+    model = _sequential()
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1)
+    model.compile(optimizer=opt, loss="huber")
+    with pytest.raises(ValueError, match="predictive distribution"):
+        model.fit(x, y, epochs=1, verbose=0)
+    assert not opt.built
+    assert opt.alpha == 0.0 and np.isnan(opt.rho)
+    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert opt.built and np.all(np.isfinite(history.history["loss"]))
+    assert opt.iterations.numpy() == 2  # one batch of 32 per epoch
 
 
 def test_learning_rate_schedule_and_config_round_trip():

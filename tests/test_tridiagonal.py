@@ -401,3 +401,29 @@ def test_tridiagonal_with_the_adaptive_recipe_and_clear_errors():
     conv.compile(optimizer=keras_kfac.KFAC(model=conv, approximation="block_tridiagonal"), loss="mse")
     with pytest.raises(ValueError, match="chain of at least two Dense"):
         conv.fit(np.zeros((4, 4, 4, 1), "float32"), np.zeros((4, 2), "float32"), verbose=0)
+
+
+def test_dense_layers_that_do_not_feed_each_other_are_named_in_a_warning():
+    """Parallel branches are no chain: the functional graph shows it, and a Sequential chain is not flagged."""
+    import warnings
+
+    import keras
+
+    import keras_kfac
+
+    inputs = keras.Input((3,))
+    left, right = keras.layers.Dense(2, name="left")(inputs), keras.layers.Dense(2, name="right")(inputs)
+    branches = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Concatenate()([left, right])))
+    chain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dropout(0.1),
+                              keras.layers.Dense(2)])
+    for model in (branches, chain):
+        opt = keras_kfac.KFAC(model=model, approximation="block_tridiagonal")
+        model.compile(optimizer=opt, loss="mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.build(model.trainable_variables)
+        messages = [str(w.message) for w in caught if "block_tridiagonal" in str(w.message)]
+        if model is branches:
+            assert len(messages) == 1 and "'right' does not take its input from 'left'" in messages[0]
+        else:
+            assert messages == []
