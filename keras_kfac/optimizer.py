@@ -312,7 +312,9 @@ class KFAC(keras.optimizers.Optimizer):
         collection = self.layer_collection
         if collection.model is None:
             model = _calling_model(self)
-            if model is not None and tf.inside_function():
+            # Inside the first traced step, the step recorded nothing unless an
+            # earlier KFAC hooked this model already.
+            if model is not None and tf.inside_function() and not getattr(model, "_kfac_hooked", False):
                 raise RuntimeError(_NO_MODEL_MESSAGE)
             if model is not None:
                 collection.register_model(model)
