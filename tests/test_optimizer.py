@@ -302,6 +302,14 @@ def test_optimizer_without_its_model_or_for_another_model_says_so():
     with pytest.raises(RuntimeError, match=r"created without `model=`(.|\n)*KFAC\(model=model, \*\*config\)"):
         model.fit(x, y, epochs=1, verbose=0)
     assert not orphan.built
+    # A model that a KFAC made with `model=` hooked records its steps, so a configured clone trains it.
+    first = keras_kfac.KFAC(model=model, learning_rate=0.1)
+    model.compile(optimizer=first, loss=_loss_for("sequential"))
+    model.fit(x, y, epochs=1, verbose=0)
+    clone = keras_kfac.KFAC.from_config(first.get_config())
+    model.compile(optimizer=clone, loss=_loss_for("sequential"))
+    model.fit(x, y, epochs=1, verbose=0)
+    assert clone.iterations.numpy() == 1 and np.any(clone.blocks[0].input_factor.cov.numpy() != 0)
     other = _sequential()
     other.compile(optimizer=keras_kfac.KFAC(model=_sequential(), learning_rate=0.1), loss=_loss_for("sequential"))
     with pytest.raises(ValueError, match="create one KFAC per model"):
