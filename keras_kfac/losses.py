@@ -25,8 +25,9 @@ to each layer: ``v_n = sqrt(B w_n c) · u_n`` where ``u_n`` is
 - ``exact``: each column of a symmetric factor C_n with ``C_n C_nᵀ = H_n``
   (K vectors, so K backward passes).
 
-Label smoothing leaves H_n as it is (the smoothed labels still sum to one), so
-it changes only the empirical vectors. ``ignore_class`` drops the values whose
+Label smoothing leaves H_n as it is (H_n does not depend on the labels, which
+still sum to one per categorical example), so it changes only the empirical
+vectors. ``ignore_class`` drops the values whose
 label is that class from the loss, as a mask does (``masked_sample_weight``).
 """
 
