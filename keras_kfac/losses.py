@@ -27,8 +27,8 @@ to each layer: ``v_n = sqrt(B w_n c) · u_n`` where ``u_n`` is
 
 Label smoothing leaves H_n as it is (H_n does not depend on the labels, which
 still sum to one per categorical example), so it changes only the empirical
-vectors. ``ignore_class`` drops the values whose
-label is that class from the loss, as a mask does (``masked_sample_weight``).
+vectors. ``ignore_class`` drops the values whose label is that class from the
+loss, as a mask does (``masked_sample_weight``).
 """
 
 from __future__ import annotations
