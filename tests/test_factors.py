@@ -91,32 +91,6 @@ def _targets(kind, rng):
     return rng.normal(size=(B, K)).astype("float32")
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("mode", ["exact", "empirical"])
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_dense_factors_match_explicit_fisher(name, mode, weighted):
-    kind, activation, compiled_loss = LOSSES[name]
-    rng = np.random.default_rng(zlib.crc32(f"{name}-{mode}-{weighted}".encode()))
-    x = rng.normal(size=(B, D_IN)).astype("float32")
-    y = _targets(kind, rng)
-    sample_weight = rng.uniform(0.5, 2.0, size=B).astype("float32") if weighted else None
-    model = keras.Sequential([
-        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"),
-        keras.layers.Dense(K, activation=activation),
-    ])
-    params = [(w.numpy().astype(np.float64), b.numpy().astype(np.float64))
-              for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])]
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode=mode)
-    model.compile(optimizer=opt, loss=compiled_loss)
-    model.train_on_batch(x, y, sample_weight=sample_weight)
-    expected = _reference_factors(kind, mode, params, x.astype(np.float64), y,
-                                  None if sample_weight is None else sample_weight.astype(np.float64))
-    for block, (a, g) in zip(opt.blocks, expected):
-        np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
-
-
-
 def _params(model):
     return [(w.numpy().astype(np.float64), b.numpy().astype(np.float64))
             for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])]
@@ -127,6 +101,28 @@ def _mlp(activation=None):
         keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"),
         keras.layers.Dense(K, activation=activation),
     ])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_dense_factors_match_explicit_fisher(name, mode, weighted):
+    kind, activation, compiled_loss = LOSSES[name]
+    rng = np.random.default_rng(zlib.crc32(f"{name}-{mode}-{weighted}".encode()))
+    x = rng.normal(size=(B, D_IN)).astype("float32")
+    y = _targets(kind, rng)
+    sample_weight = rng.uniform(0.5, 2.0, size=B).astype("float32") if weighted else None
+    model = _mlp(activation)
+    params = _params(model)
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode=mode)
+    model.compile(optimizer=opt, loss=compiled_loss)
+    model.train_on_batch(x, y, sample_weight=sample_weight)
+    expected = _reference_factors(kind, mode, params, x.astype(np.float64), y,
+                                  None if sample_weight is None else sample_weight.astype(np.float64))
+    for block, (a, g) in zip(opt.blocks, expected):
+        np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
+
 
 
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
@@ -559,6 +555,27 @@ def test_masked_positions_are_absent_from_the_input_factors():
     np.testing.assert_allclose(
         opt.blocks[-1].input_factor.cov.numpy(), head_rows.T @ head_rows / kept.size, rtol=1e-5, atol=1e-6
     )
+
+
+def test_ignore_class_and_a_sequence_mask_both_drop_positions():
+    """Embedding(mask_zero) → per-position Dense with ignore_class: Ā of the head is
+    the float64 mean over the positions that neither the mask nor the label drops."""
+    rng = np.random.default_rng(23)
+    vocabulary, steps = 6, 5
+    ids = rng.integers(1, vocabulary, size=(4, steps)).astype("int32")
+    ids[1, 3:] = 0
+    labels = rng.integers(0, K, size=(4, steps))
+    labels[0, 1] = labels[2, 4] = labels[1, 4] = -1  # (1, 4) is masked too
+    embedding = keras.layers.Embedding(vocabulary, 3, mask_zero=True)
+    model = keras.Sequential([keras.Input((steps,), dtype="int32"), embedding, keras.layers.Dense(K)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1))
+    model.train_on_batch(ids, labels)
+
+    kept = (ids != 0) & (labels != -1)
+    table = embedding.embeddings.numpy().astype(np.float64)
+    rows = np.concatenate([table[ids[kept]], np.ones((kept.sum(), 1))], axis=1)
+    np.testing.assert_allclose(opt.blocks[-1].input_factor.cov.numpy(), rows.T @ rows / kept.sum(), rtol=1e-5, atol=1e-7)
 
 
 def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
