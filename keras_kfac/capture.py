@@ -102,13 +102,14 @@ class Recorder:
 RECORDER = Recorder()
 
 
-def hook_layer(layer: keras.layers.Layer) -> None:
+def hook_layer(layer: keras.layers.Layer, before_call: Callable[[], None] | None = None) -> None:
     """Makes ``layer`` record (input, pre-activation) each time it is traced.
 
     The layer's activation is split off its ``call``: the wrapped call runs the
     original one with the activation switched off, records the pre-activation s,
     then applies the activation. The layer's configuration is untouched. A
     layer without an activation (``Embedding``) records its output.
+    ``before_call`` runs first at each call.
     """
     if getattr(layer, "_kfac_hooked", False):
         return
@@ -117,6 +118,8 @@ def hook_layer(layer: keras.layers.Layer) -> None:
 
     @functools.wraps(original_call)
     def call(inputs, *args, **kwargs):
+        if before_call is not None:
+            before_call()
         activation = layer.activation if has_activation else None
         if has_activation:
             object.__setattr__(layer, "activation", None)
@@ -132,6 +135,30 @@ def hook_layer(layer: keras.layers.Layer) -> None:
 
     object.__setattr__(layer, "call", call)
     object.__setattr__(layer, "_kfac_hooked", True)
+
+
+def calling_model(trains: Callable[[keras.optimizers.Optimizer], bool]) -> keras.Model | None:
+    """The model whose code is running now and whose optimizer ``trains`` accepts.
+
+    Keras calls an optimizer, and a model's layers, from the model's own
+    methods (``fit``'s training step, ``compile_from_config``): the model is
+    the ``self`` of a calling frame. Its optimizer may be wrapped in a
+    ``LossScaleOptimizer``; nested models, which have no optimizer, are passed
+    over.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.Model):
+                optimizer = getattr(owner, "optimizer", None)
+                for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+                    if candidate is not None and trains(candidate):
+                        return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:

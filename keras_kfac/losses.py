@@ -177,7 +177,6 @@ _LOSS_NAMES = {
     "binary_crossentropy": (BernoulliLogits, True),
     "mean_squared_error": (lambda smoothing: NormalMean(), False),
 }
-_ALIASES = {"mse": "mean_squared_error"}
 _REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
 
 
@@ -318,23 +317,28 @@ def _unsupported(loss: Any) -> ValueError:
 
 
 def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
-    """The ``RegisteredLoss`` of a Keras loss identifier (string, function, Loss)."""
+    """The ``RegisteredLoss`` of a Keras loss identifier (string, function, Loss).
+
+    A string is read as ``model.compile`` reads it (``keras.losses.get``), so
+    every name Keras accepts for a supported loss works ("mse", "bce",
+    "BinaryCrossentropy", ...).
+    """
+    identified = loss
+    if isinstance(loss, str):
+        try:
+            identified = keras.losses.get(loss)
+        except ValueError:
+            raise _unsupported(loss) from None
     reduction = "sum_over_batch_size"
     kwargs: dict[str, Any] = {}
-    fn = loss
-    if isinstance(loss, keras.losses.Loss):
-        reduction = loss.reduction
-        fn = getattr(loss, "fn", None)
-        kwargs = dict(getattr(loss, "_fn_kwargs", {}))
-        if fn is None:
-            raise _unsupported(loss)
-    if isinstance(fn, str):
-        name = _ALIASES.get(fn, fn)
-    else:
-        name = getattr(fn, "__name__", None)
-        name = _ALIASES.get(name, name)
-        if name in _LOSS_NAMES and fn is not getattr(keras.losses, name, None):
-            raise _unsupported(loss)
+    fn = identified
+    if isinstance(identified, keras.losses.Loss):
+        reduction = identified.reduction
+        fn = getattr(identified, "fn", None)
+        kwargs = dict(getattr(identified, "_fn_kwargs", {}))
+    name = getattr(fn, "__name__", None)
+    if name in _LOSS_NAMES and fn is not getattr(keras.losses, name, None):
+        raise _unsupported(loss)
     if name not in _LOSS_NAMES:
         raise _unsupported(loss)
     if reduction not in _REDUCTIONS:

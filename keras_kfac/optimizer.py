@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import random
@@ -311,7 +310,9 @@ class KFAC(keras.optimizers.Optimizer):
             return
         collection = self.layer_collection
         if collection.model is None:
-            model = _calling_model(self)
+            # A KFAC restored by ``load_model`` or made from its config meets
+            # its model here, built by the model's own code.
+            model = capture.calling_model(lambda optimizer: optimizer is self)
             # Inside the first traced step, the step recorded nothing unless an
             # earlier KFAC hooked this model already.
             if model is not None and tf.inside_function() and not getattr(model, "_kfac_hooked", False):
@@ -588,7 +589,8 @@ class KFAC(keras.optimizers.Optimizer):
             config["learning_rate"] = None
         config.update(
             {
-                "damping": self.initial_damping,
+                # None keeps the paper's λ₀ and its rescaling to Keras' loss units.
+                "damping": None if self._paper_damping else self.initial_damping,
                 "momentum": self.momentum,
                 "ema_decay": self.ema_decay,
                 "inverse_update_period": self.inverse_update_period,
@@ -612,32 +614,6 @@ class KFAC(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-def _calling_model(optimizer: KFAC) -> keras.Model | None:
-    """The model whose code is building ``optimizer``, if any.
-
-    A KFAC restored by ``keras.models.load_model`` (or created from its config)
-    has no model: Keras builds it from the model's own methods
-    (``compile_from_config``, the training step), so the model is found as the
-    ``self`` of a calling frame whose ``optimizer`` is this one (possibly inside
-    a ``LossScaleOptimizer``). Registering it there, before the optimizer's
-    variables exist, recreates them in the order they were saved in.
-    """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(12):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.Model):
-                attached = getattr(owner, "optimizer", None)
-                if attached is optimizer or getattr(attached, "inner_optimizer", None) is optimizer:
-                    return owner
-        return None
-    finally:
-        del frame
 
 
 def _require_inputs(x: Any) -> Any:

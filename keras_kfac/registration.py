@@ -40,7 +40,7 @@ class LayerCollection:
 
     ```python
     collection = keras_kfac.LayerCollection()
-    collection.register_model(model)        # whose compiled loss is used
+    collection.register_model(model)        # optional: found in its first training step
     collection.register_conv2d(model.get_layer("conv"))
     collection.register_dense(model.get_layer("logits"))
     opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1)
@@ -207,6 +207,15 @@ class LayerCollection:
                 layer = matches[0]
             self._register_by_hand(_BLOCK_OF_KIND[entry["kind"]](layer))
 
+    def _find_model(self) -> None:
+        """Registers the model being trained by a KFAC that holds this collection, once met."""
+        if self.model is not None:
+            return
+        model = capture.calling_model(lambda optimizer: getattr(optimizer, "layer_collection", None) is self)
+        if model is not None:
+            self.register_model(model)
+            self.prepare()
+
     def loss(self) -> losses.RegisteredLoss:
         """The registered loss, or the one the model was compiled with."""
         if self._loss is not None:
@@ -222,9 +231,13 @@ class LayerCollection:
         """Registers the model's layers if none are, and hooks what must record.
 
         Idempotent; runs when the optimizer is created and at each call of the
-        model, so layers a subclassed model creates late are found too.
+        model, so layers a subclassed model creates late are found too. Layers
+        registered by hand without ``register_model`` look for their model at
+        each call until they meet it in its training step, before its loss.
         """
         if self.model is None:
+            for block in self._blocks:
+                capture.hook_layer(block.layer, before_call=self._find_model)
             return
         if not self._blocks:
             self.auto_register(self.model)

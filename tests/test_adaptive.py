@@ -45,6 +45,30 @@ def test_adaptive_recipe_trains_and_exposes_its_state(jit_compile):
     assert gamma != pytest.approx(np.sqrt(damping))  # decoupled from λ
 
 
+def test_the_papers_initial_damping_is_rescaled_to_kerass_mean_and_survives_the_config():
+    """λ₀ = 150 is for a loss summed over output units: 150 / 12 for Keras's mean over 12."""
+    x = _images(32)
+    dampings = {}
+    for case in ("default", "from_config", "explicit"):
+        keras.utils.set_random_seed(0)
+        model = _autoencoder()
+        if case == "default":
+            opt = keras_kfac.KFAC(model=model, adaptive=True)
+            config = opt.get_config()
+        elif case == "from_config":
+            assert keras_kfac.KFAC.from_config(config).get_config() == config
+            opt = keras_kfac.KFAC(model=model, **config)
+        else:
+            opt = keras_kfac.KFAC(model=model, adaptive=True, damping=150.0)
+        assert float(opt.damping) == 150.0
+        model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        model.train_on_batch(x, x)  # λ adapts at step T₁ = 5 only
+        dampings[case] = float(opt.damping.numpy())
+    assert dampings["default"] == pytest.approx(150 / 12)
+    assert dampings["from_config"] == pytest.approx(150 / 12)
+    assert dampings["explicit"] == pytest.approx(150.0)
+
+
 def test_damping_adaptation_with_a_fixed_learning_rate():
     keras.utils.set_random_seed(1)
     x = _images()

@@ -395,6 +395,57 @@ def test_unsupported_loss_says_how_to_register_one():
         model.fit(x, np.eye(3, dtype="float32")[y], epochs=1, verbose=0)
 
 
+@pytest.mark.parametrize(
+    "alias, canonical",
+    [("MSE", "mean_squared_error"), ("bce", "binary_crossentropy"), ("BCE", "binary_crossentropy"),
+     ("MeanSquaredError", "mean_squared_error"), ("BinaryCrossentropy", "binary_crossentropy"),
+     ("CategoricalCrossentropy", "categorical_crossentropy"),
+     ("SparseCategoricalCrossentropy", "sparse_categorical_crossentropy")],
+)
+def test_every_name_compile_accepts_for_a_supported_loss_is_known(alias, canonical):
+    from keras_kfac import losses
+
+    named, reference = losses.resolve_loss(alias), losses.resolve_loss(canonical)
+    assert type(named.distribution) is type(reference.distribution)
+    assert (named.from_logits, named.reduction, named.needs_logits) == (
+        reference.from_logits, reference.reduction, reference.needs_logits)
+
+
+def test_a_model_compiled_with_an_upper_case_loss_name_trains():
+    x, y = _data()
+    model = _sequential()
+    model.compile(optimizer=keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2), loss="MSE")
+    history = model.fit(x, np.eye(3, dtype="float32")[y], batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_hand_made_collection_finds_its_model_in_the_first_training_step():
+    """register_dense alone: the same steps as with register_model."""
+    x, y = _data()
+    weights = None
+    trained = []
+    for register_model in (True, False):
+        model = _sequential()
+        if weights is None:
+            weights = model.get_weights()
+        model.set_weights(weights)
+        collection = keras_kfac.LayerCollection()
+        if register_model:
+            collection.register_model(model)
+        for layer in model.layers:
+            collection.register_dense(layer)
+        opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1, damping=1e-2, seed=0)
+        model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for start in range(0, 96, 32):
+            model.train_on_batch(x[start:start + 32], y[start:start + 32])
+        assert collection.model is model
+        trained.append(model.get_weights())
+    for with_model, without in zip(*trained):
+        np.testing.assert_allclose(without, with_model, rtol=1e-6, atol=1e-7)
+    # The preconditioned step is not SGD's: K-FAC's statistics were recorded.
+    assert float(np.max(np.abs(collection.blocks[0].input_factor.cov.numpy()))) > 0
+
+
 def test_registered_loss_overrides_custom_compiled_loss():
     x, y = _data()
     model = _sequential()
