@@ -216,9 +216,10 @@ def load_images(args, n_train: int, flatten: bool, n_test: int = 0):
     return x, y, xt[:n_test], yt[:n_test]
 
 
-def autoencoder_evaluator(x_eval: np.ndarray, chunk: int = 2500):
-    """Bernoulli cross-entropy (mean over pixels, as Keras) and the paper's
-    squared error (summed over pixels, mean over images) on `x_eval`."""
+def autoencoder_evaluator(x_eval: np.ndarray, l2: float = 0.0, chunk: int = 2500):
+    """Bernoulli cross-entropy (mean over pixels, as Keras), the paper's
+    squared error (summed over pixels, mean over images) on `x_eval`, and the
+    l2 penalty ½·l2·‖θ‖² that the optimized objective adds to the first."""
 
     def evaluate(model: keras.Model) -> dict:
         bce, sq = 0.0, 0.0
@@ -228,7 +229,8 @@ def autoencoder_evaluator(x_eval: np.ndarray, chunk: int = 2500):
             bce += float(np.sum(np.maximum(z, 0) - z * x + np.log1p(np.exp(-np.abs(z)))))
             p = 1.0 / (1.0 + np.exp(-z))
             sq += float(np.sum((p - x) ** 2))
-        return {"loss": bce / x_eval.size, "sq_error": sq / len(x_eval)}
+        penalty = 0.5 * l2 * sum(float(np.sum(np.square(w))) for w in model.get_weights())
+        return {"loss": bce / x_eval.size, "sq_error": sq / len(x_eval), "l2_penalty": penalty}
 
     return evaluate
 
@@ -526,8 +528,9 @@ def autoencoder_problem(args, cfg):
         problem = H.Problem(
             name="autoencoder", build_model=autoencoder_builder(widths, args.activation),
             loss=keras.losses.BinaryCrossentropy(from_logits=True), x_train=x, y_train=x,
-            evaluate=autoencoder_evaluator(x[:cfg["n_eval"]]), l2=L2, metric_names=("loss", "sq_error"))
-        print(f"widths {widths}, activation {args.activation}", flush=True)
+            evaluate=autoencoder_evaluator(x[:cfg["n_eval"]], cfg["l2"]), l2=cfg["l2"],
+            metric_names=("loss", "sq_error", "l2_penalty"))
+        print(f"widths {widths}, activation {args.activation}, l2 {cfg['l2']:g}", flush=True)
         kfac_batch = H.batch_size_schedule(cfg["kfac_first"], len(x), cfg["kfac_reach"])
         return problem, kfac_batch, H.batch_size_schedule(cfg["baseline_batch"], len(x), None)
     return factory
@@ -847,6 +850,8 @@ def budget_label(args) -> str:
         label += f"-{args.budget_seconds:g}s"
     if args.activation == "logistic" and args.problem in AUTOENCODERS:
         label += "-logistic"
+    if args.l2 is not None and args.problem == "autoencoder":
+        label += f"-l2-{args.l2:g}"
     return label
 
 
@@ -916,6 +921,9 @@ def main(argv=None) -> None:
                              "stopping at the first log point at or below the baselines' lowest final loss")
     parser.add_argument("--grid", default=None,
                         help="override baseline grids, e.g. 'adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3'")
+    parser.add_argument("--l2", type=float, default=None,
+                        help=f"the autoencoder race's l2 penalty η (default {L2:g}; the paper's η = 1e-5 on its "
+                             "loss summed over the 784 pixels is 1e-5/784 on Keras' pixel mean)")
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -936,6 +944,7 @@ def run_problem(args: argparse.Namespace) -> None:
             cfg["kfac_first"] = args.kfac_first_batch
         if args.kfac_reach:
             cfg["kfac_reach"] = args.kfac_reach
+        cfg["l2"] = L2 if args.l2 is None else args.l2
         kfac = kfac_specs(cfg, args.budget, parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed)
         run_time_race_problem(args, "autoencoder", autoencoder_problem(args, cfg), cfg, kfac)
     elif args.problem == "convnet":

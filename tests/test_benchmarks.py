@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 
@@ -103,9 +107,9 @@ def test_first_crossing_interpolates():
 def test_budget_seconds_results_get_their_own_folder():
     run = load_module("bench_run", RUN)
 
-    def label(problem: str, seconds: float | None, activation: str = "tanh") -> str:
+    def label(problem: str, seconds: float | None, activation: str = "tanh", l2: float | None = None) -> str:
         return run.budget_label(argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem,
-                                                   activation=activation))
+                                                   activation=activation, l2=l2))
 
     assert label("autoencoder", None) == "small"
     assert label("autoencoder", 60.0) == "small-60s"
@@ -117,6 +121,22 @@ def test_budget_seconds_results_get_their_own_folder():
     assert label("autoencoder", 60.0, "logistic") == "small-60s-logistic"
     assert label("autoencoder-50-vs-500", None, "logistic") == "small-logistic"
     assert label("convnet", None, "logistic") == "small"
+    # So does an autoencoder race with another l2 penalty than the default.
+    assert label("autoencoder", 60.0, "logistic", 1e-5 / 784) == "small-60s-logistic-l2-1.27551e-08"
+    assert label("convnet", None, l2=1e-8) == "small"
+
+
+def test_autoencoder_evaluation_reports_the_l2_penalty_of_the_objective():
+    run = load_module("bench_run", RUN)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(7, 5)).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(5)])
+    values = run.autoencoder_evaluator(x, l2=1e-3)(model)
+    weights = [np.asarray(w, np.float64) for w in model.get_weights()]
+    assert values["l2_penalty"] == pytest.approx(0.5 * 1e-3 * sum(np.sum(w**2) for w in weights), rel=1e-9)
+    z = model.predict_on_batch(x).astype(np.float64)
+    bce = np.mean(np.maximum(z, 0) - z * x + np.log1p(np.exp(-np.abs(z))))
+    assert values["loss"] == pytest.approx(bce, rel=1e-9)
 
 
 def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
