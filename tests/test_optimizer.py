@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 import keras_kfac
+from keras_kfac.losses import resolve_loss
 
 
 def _data(n=96, d=6, classes=3, seed=0):
@@ -403,9 +404,7 @@ def test_unsupported_loss_says_how_to_register_one():
      ("SparseCategoricalCrossentropy", "sparse_categorical_crossentropy")],
 )
 def test_every_name_compile_accepts_for_a_supported_loss_is_known(alias, canonical):
-    from keras_kfac import losses
-
-    named, reference = losses.resolve_loss(alias), losses.resolve_loss(canonical)
+    named, reference = resolve_loss(alias), resolve_loss(canonical)
     assert type(named.distribution) is type(reference.distribution)
     assert (named.from_logits, named.reduction, named.needs_logits) == (
         reference.from_logits, reference.reduction, reference.needs_logits)
