@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, curvature, losses, quadratic_model, replicas, statistics
+from keras_kfac import capture, curvature, fallback as fallback_rule, losses, quadratic_model, replicas, statistics
 from keras_kfac.chain import TridiagonalChain
 from keras_kfac.preconditioner import BlockDiagonal
 from keras_kfac.registration import LayerCollection
@@ -180,6 +180,7 @@ class KFAC(keras.optimizers.Optimizer):
         patch_fraction: float = 1.0,
         curvature_fraction: float = 1.0,
         seed: int | None = None,
+        fallback: keras.optimizers.Optimizer | str | dict | None = None,
         name: str = "kfac",
         **kwargs: Any,
     ):
@@ -258,6 +259,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.patch_fraction = float(patch_fraction)
         self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
+        self.fallback = fallback_rule.resolve(fallback)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
         if approximation == "block_tridiagonal":  # the chain is made of Dense layers
@@ -343,9 +345,13 @@ class KFAC(keras.optimizers.Optimizer):
         super().build(variables)
         for block in collection.blocks:
             block.create_state(self)
-        self._velocities = [
-            self.add_variable_from_reference(v, name="velocity") for v in variables
-        ]
+        # The variables K-FAC's own update δ = αΔ + μδ₀ moves, each with its δ₀,
+        # by key (a list of model variables would be tracked as the optimizer's).
+        self._velocities = {
+            self._var_key(v): self.add_variable_from_reference(v, name="velocity")
+            for v in variables
+            if self.fallback is None or self._var_key(v) in owned
+        }
 
         def scalar(name: str, value: float):
             return self.add_variable((), initializer=keras.initializers.Constant(value), dtype="float32", name=name)
@@ -360,13 +366,37 @@ class KFAC(keras.optimizers.Optimizer):
             self._preconditioner = TridiagonalChain(self, collection.blocks)
         else:
             self._preconditioner = BlockDiagonal(collection.blocks)
-        unowned = [v.path if hasattr(v, "path") else v.name for v in variables if self._var_key(v) not in owned]
-        if unowned:
+        unowned = [v for v in variables if self._var_key(v) not in owned]
+        if self.fallback is not None and unowned:
+            self.fallback.build(unowned)
+        self._warn_fallback(unowned)
+
+    def _warn_fallback(self, unowned: list) -> None:
+        """One warning naming the variables the fallback rule trains."""
+        if not unowned:
+            return
+        rule = (
+            "a plain momentum step on their gradient" if self.fallback is None
+            else f"the fallback optimizer {type(self.fallback).__name__}"
+        )
+        names = ", ".join(v.path if hasattr(v, "path") else v.name for v in unowned)
+        if not self.blocks:
             warnings.warn(
-                "KFAC has no curvature block for these variables and gives them a "
-                f"plain momentum step on their gradient: {', '.join(unowned)}",
-                stacklevel=2,
+                f"KFAC found no layer it can precondition in this model, so every variable "
+                f"is trained by {rule}.",
+                stacklevel=3,
             )
+        else:
+            warnings.warn(f"KFAC has no curvature block for these variables and trains them with {rule}: {names}",
+                          stacklevel=3)
+
+    @property
+    def variables(self) -> list:
+        """The optimizer's variables, the fallback optimizer's included (saved with it)."""
+        own = list(self._variables)
+        if self.fallback is None or not self.fallback.built:
+            return own
+        return own + [v for v in self.fallback.variables]
 
     # ------------------------------------------------------------------ step
 
@@ -384,19 +414,23 @@ class KFAC(keras.optimizers.Optimizer):
         grads = replicas.total([tf.convert_to_tensor(g) for g in grads])
         if self.l2_reg:
             grads = [g + tf.cast(self.l2_reg, g.dtype) * v for g, v in zip(grads, trainable_variables)]
+        grads_finite = curvature.all_finite(grads)
+        own = [self._var_key(v) in self._velocities for v in trainable_variables]
+        variables = [v for v, o in zip(trainable_variables, own) if o]
+        own_grads = [g for g, o in zip(grads, own) if o]
         batch = self._take_records()
         if self._paper_damping and batch.loss.distribution.averages_over_units:
             units = batch.z.shape[-1]
             first = tf.equal(self.iterations, 0)
             self._damping.assign(tf.where(first, self.initial_damping / units, self._damping))
             self._gamma.assign(tf.where(first, tf.sqrt(self._damping + self.l2_reg), self._gamma))
-        self._update_curvature(batch, curvature.all_finite(grads))
-        step = _Step(self, batch, trainable_variables, grads)
+        self._update_curvature(batch, grads_finite)
+        step = _Step(self, batch, variables, own_grads)
         if self.adapt_gamma:
             step.adapt_gamma(learning_rate, tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0))
         update, coefficients, change = step.update(learning_rate)
-        finite = curvature.all_finite(update + [coefficients, change])
-        for variable, velocity, delta in zip(trainable_variables, step.velocities, update):
+        finite = tf.logical_and(grads_finite, curvature.all_finite(update + [coefficients, change]))
+        for variable, velocity, delta in zip(variables, step.velocities, update):
             self.assign(velocity, tf.where(finite, delta, tf.cast(velocity, tf.float32)))
             self.assign_add(variable, tf.where(finite, delta, tf.zeros_like(delta)))
         self._alpha.assign(tf.where(finite, coefficients[0], self._alpha))
@@ -407,6 +441,14 @@ class KFAC(keras.optimizers.Optimizer):
             step.adapt_damping(update, change, due)
         if not self.adapt_gamma:
             self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
+        rest = [(g, v) for g, v, o in zip(grads, trainable_variables, own) if not o]
+        if rest:
+            # After ρ's forward pass, which measures K-FAC's update alone.
+            def fallback_step() -> tf.Tensor:
+                fallback_rule.apply(self.fallback, [g for g, _ in rest], [v for _, v in rest])
+                return tf.constant(True)
+
+            tf.cond(finite, fallback_step, lambda: tf.constant(False))
 
     def _check_replicated_passes(self) -> None:
         """Rejects, under several replicas, layers that all-reduce in their forward
@@ -610,6 +652,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "patch_fraction": self.patch_fraction,
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
+                "fallback": fallback_rule.config(self.fallback),
                 "layer_collection": self.layer_collection.get_config(),
             }
         )
@@ -682,7 +725,7 @@ class _Step:
         self.variables = variables
         self.grads = grads
         self.keys = [optimizer._var_key(v) for v in variables]
-        self.velocities = [optimizer._velocities[optimizer._get_variable_index(v)] for v in variables]
+        self.velocities = [optimizer._velocities[optimizer._var_key(v)] for v in variables]
         self.previous = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.velocities]
         self.has_previous = quadratic_model.inner(self.previous, self.previous) > 0.0
         self.needs_model = optimizer.use_quadratic_model or optimizer.adapt_damping

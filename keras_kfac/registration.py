@@ -131,7 +131,7 @@ class LayerCollection:
 
         Nested models are searched too; only ``auto_register_types`` are
         taken. Layers registered already are kept; unsupported layers are left
-        to the optimizer's plain momentum step.
+        to the optimizer's fallback rule (``KFAC(fallback=...)``).
         """
         self.register_model(model)
         for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -142,13 +142,13 @@ class LayerCollection:
                     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
                         warnings.warn(
                             f"KFAC leaves layer '{layer.name}' (LoRA or quantized) "
-                            "to its plain momentum step."
+                            "to the optimizer's fallback rule."
                         )
                         break
                     try:
                         self._register(block_type(layer))
                     except ValueError as error:
-                        warnings.warn(f"KFAC leaves a layer to its plain momentum step: {error}")
+                        warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}")
                     break
 
     def get_config(self) -> dict | None:

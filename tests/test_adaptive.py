@@ -134,7 +134,7 @@ def test_extra_forward_passes_leave_batch_normalization_statistics_alone():
     opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=1,
                           statistics_fraction=0.25, curvature_fraction=0.5, seed=0)
     model.compile(optimizer=opt, loss="mse")
-    with pytest.warns(UserWarning, match="plain momentum"):
+    with pytest.warns(UserWarning, match="no curvature block"):
         model.build((None, 12))
         opt.build(model.trainable_variables)
     kernel, bias = (v.numpy().astype(np.float64) for v in dense.weights)

@@ -119,18 +119,96 @@ def test_momentum_zero_step_is_exactly_minus_lr_times_update():
     np.testing.assert_allclose(layer.bias.numpy(), bias0 - 0.3 * update[-1], rtol=2e-4, atol=2e-6)
 
 
-def test_unowned_variables_get_momentum_step_and_one_warning():
-    x, y = _data()
-    model = keras.Sequential(
+def _dense_norm_dense():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(), keras.layers.Dense(3)]
     )
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1e-2)
+
+
+def _norm_gradient(model, x, y):
+    """The gradient of the compiled loss in BatchNormalization's γ and β at the current weights."""
+    norm = model.layers[1]
+    with tf.GradientTape() as tape:
+        loss = _loss_for("sequential")(y, model(x, training=True))
+    return [g.numpy() for g in tape.gradient(loss, [norm.gamma, norm.beta])]
+
+
+def test_unowned_variables_are_trained_by_adam_with_its_own_learning_rate():
+    """The default fallback is Keras' Adam (lr 1e-3): its first step moves each
+    variable by lr·g/(|g| + ε/sqrt(1 − β₂)), whatever K-FAC's own step size."""
+    x, y = _data(n=32)
+    model = _dense_norm_dense()
+    norm = model.layers[1]
+    gamma0, beta0 = norm.gamma.numpy().copy(), norm.beta.numpy().copy()
+    grads = _norm_gradient(model, x, y)
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=1e-2)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    with pytest.warns(UserWarning, match="no curvature block.*Adam.*gamma") as record:
+        model.train_on_batch(x, y)
+    assert len([w for w in record if "no curvature block" in str(w.message)]) == 1
+    for before, after, grad in zip((gamma0, beta0), (norm.gamma, norm.beta), grads):
+        expected = before - 1e-3 * grad / (np.abs(grad) + 1e-7 / np.sqrt(1 - 0.999))
+        np.testing.assert_allclose(after.numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert int(opt.fallback.iterations.numpy()) == 1
+    # Its state is the KFAC's: saved and restored with it.
+    assert all(any(v is w for w in opt.variables) for v in opt.fallback.variables)
+
+
+def test_fallback_choices():
+    x, y = _data(n=32)
+    model = _dense_norm_dense()
+    norm = model.layers[1]
+    gamma0 = norm.gamma.numpy().copy()
+    grad = _norm_gradient(model, x, y)[0]
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=1e-2, fallback=keras.optimizers.SGD(0.25))
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    with pytest.warns(UserWarning, match="SGD"):
+        model.train_on_batch(x, y)
+    np.testing.assert_allclose(norm.gamma.numpy(), gamma0 - 0.25 * grad, rtol=1e-4, atol=1e-7)
+    config = opt.get_config()
+    assert config["fallback"]["class_name"] == "SGD"
+    assert keras_kfac.KFAC.from_config(config).get_config()["fallback"] == config["fallback"]
+    assert isinstance(keras_kfac.KFAC(fallback="adamw").fallback, keras.optimizers.AdamW)
+    with pytest.raises(TypeError, match="fallback"):
+        keras_kfac.KFAC(fallback=3)
+    with pytest.raises(ValueError, match="fallback"):
+        keras_kfac.KFAC(fallback=keras_kfac.KFAC())
+
+
+def test_momentum_fallback_keeps_unowned_variables_in_kfacs_update():
+    """fallback="momentum": the proposal of a variable without a block is −∇h, so
+    with momentum 0 its first step is −lr·∇h."""
+    x, y = _data(n=32)
+    model = _dense_norm_dense()
+    norm = model.layers[1]
+    gamma0 = norm.gamma.numpy().copy()
+    grad = _norm_gradient(model, x, y)[0]
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.0, damping=1e-2, fallback="momentum")
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     with pytest.warns(UserWarning, match="gamma") as record:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     assert len([w for w in record if "plain momentum" in str(w.message)]) == 1
-    gamma = model.layers[1].gamma.numpy()
-    assert not np.allclose(gamma, 1.0)
+    np.testing.assert_allclose(norm.gamma.numpy(), gamma0 - 0.05 * grad, rtol=1e-4, atol=1e-7)
+    assert opt.get_config()["fallback"] == "momentum"
+
+
+def test_a_model_without_registrable_layers_trains_as_its_fallback():
+    x, y = _data(n=64)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    outputs = keras.layers.EinsumDense("ab,bc->ac", output_shape=(3,))(inputs)
+    model = keras.Model(inputs, outputs)
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss=_loss_for("sequential"))
+    reference.compile(optimizer=keras.optimizers.Adam(), loss=_loss_for("sequential"))
+    with pytest.warns(UserWarning, match="no layer it can precondition") as record:
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert len([w for w in record if "precondition" in str(w.message)]) == 1
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_hand_made_layer_collection():
@@ -141,7 +219,7 @@ def test_hand_made_layer_collection():
     collection.register_dense(model.layers[1])
     opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1, damping=1e-2)
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
-    with pytest.warns(UserWarning, match="plain momentum"):
+    with pytest.warns(UserWarning, match="no curvature block"):
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     assert [b.layer for b in opt.blocks] == [model.layers[1]]
     with pytest.raises(ValueError, match="already registered"):
@@ -161,7 +239,7 @@ def test_hand_made_layer_collection():
     ("register_conv2d", keras.layers.Conv2D(4, 3, groups=2, name="grouped")),
     ("register_conv2d", keras.layers.Conv2D(4, 3, data_format="channels_first", name="transposed")),
 ])
-def test_unsupported_convolutions_are_named_and_left_to_the_momentum_step(register, layer):
+def test_unsupported_convolutions_are_named_and_left_to_the_fallback_rule(register, layer):
     collection = keras_kfac.LayerCollection()
     with pytest.raises(ValueError, match=f"'{layer.name}'.*(groups|channels_first)"):
         getattr(collection, register)(layer)
@@ -169,7 +247,7 @@ def test_unsupported_convolutions_are_named_and_left_to_the_momentum_step(regist
         getattr(collection, register)(keras.layers.Dense(2))
     rank = 1 if register == "register_conv1d" else 2
     model = keras.Sequential([keras.Input((4,) * rank + (4,)), layer, keras.layers.Flatten(), keras.layers.Dense(2)])
-    with pytest.warns(UserWarning, match=f"plain momentum.*'{layer.name}'"):
+    with pytest.warns(UserWarning, match=f"fallback rule.*'{layer.name}'"):
         collection.auto_register(model)
     assert [b.layer for b in collection.blocks] == [model.layers[-1]]
 

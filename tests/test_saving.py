@@ -75,13 +75,13 @@ def test_hand_made_layer_collection_is_saved_and_resumes_exactly(tmp_path):
                       loss=_custom_cross_entropy)
         return model
 
-    with pytest.warns(UserWarning, match="plain momentum"):
+    with pytest.warns(UserWarning, match="no curvature block"):
         uninterrupted = make()
         uninterrupted.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         model = make()
         model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     model.save(tmp_path / "model.keras")
-    with pytest.warns(UserWarning, match="plain momentum"):  # the optimizer is built as it loads
+    with pytest.warns(UserWarning, match="no curvature block"):  # the optimizer is built as it loads
         restored = keras.models.load_model(tmp_path / "model.keras")
     restored.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     assert [b.layer.name for b in restored.optimizer.blocks] == [model.layers[2].name, model.layers[0].name]

@@ -388,12 +388,12 @@ def test_tridiagonal_with_the_adaptive_recipe_and_clear_errors():
     history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
 
-    # Automatic registration takes the Dense layers as the chain; an embedding keeps its momentum step.
+    # Automatic registration takes the Dense layers as the chain; an embedding keeps the fallback rule.
     tokens = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2), keras.layers.Flatten(),
                                keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
     opt = keras_kfac.KFAC(model=tokens, learning_rate=0.05, approximation="block_tridiagonal")
     tokens.compile(optimizer=opt, loss="mse")
-    with pytest.warns(UserWarning, match="plain momentum step on their gradient: .*embeddings"):
+    with pytest.warns(UserWarning, match="no curvature block.*: .*embeddings"):
         tokens.fit(rng.integers(0, 5, size=(16, 3)), y[:16], verbose=0)
     assert [type(b).__name__ for b in opt.blocks] == ["DenseBlock", "DenseBlock"]
 

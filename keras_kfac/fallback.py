@@ -1,0 +1,70 @@
+"""The first-order rule for trainable variables that have no curvature block.
+
+K-FAC preconditions the variables of registered layers. Every other trainable
+variable (recurrent kernels, normalization scales, layers K-FAC does not know)
+has no Fisher block, so a preconditioned step says nothing about its scale. By
+default such variables are trained by Keras' Adam with its own learning rate,
+as Keras' ``Muon`` trains the variables it does not orthogonalise with AdamW.
+``fallback="momentum"`` keeps them inside K-FAC's own update instead: their
+proposal is the plain gradient, Δ = −∇h, scaled by K-FAC's α and μ.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import keras
+
+MOMENTUM = "momentum"
+
+
+def resolve(fallback: Any) -> keras.optimizers.Optimizer | None:
+    """The fallback optimizer for ``fallback``, or None for the momentum step.
+
+    Args:
+        fallback: None (Keras' ``Adam()`` with its defaults), ``"momentum"``,
+            a ``keras.optimizers.Optimizer``, the name Keras knows one by
+            (``"adamw"``, ...) or its serialized configuration.
+
+    Returns:
+        A fresh or the given optimizer, or None for ``"momentum"``.
+    """
+    if fallback is None:
+        return keras.optimizers.Adam()
+    if fallback == MOMENTUM:
+        return None
+    if isinstance(fallback, (str, dict)):
+        fallback = keras.optimizers.get(copy.deepcopy(fallback))
+    if not isinstance(fallback, keras.optimizers.Optimizer):
+        raise TypeError(
+            "`fallback` must be a keras.optimizers.Optimizer, the name of one, or "
+            f"'{MOMENTUM}'; got {fallback!r}."
+        )
+    if isinstance(fallback, keras.optimizers.LossScaleOptimizer) or hasattr(fallback, "layer_collection"):
+        raise ValueError(
+            f"`fallback` must be a plain first-order optimizer; got {type(fallback).__name__}."
+        )
+    return fallback
+
+
+def config(optimizer: keras.optimizers.Optimizer | None) -> Any:
+    """What ``resolve`` rebuilds ``optimizer`` from (a serialized optimizer, or ``"momentum"``)."""
+    return MOMENTUM if optimizer is None else keras.saving.serialize_keras_object(optimizer)
+
+
+def apply(optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
+    """One step of ``optimizer`` on ``variables``, in the caller's replica context.
+
+    The gradients are the global batch's already (K-FAC all-reduced them), so
+    the optimizer's own ``apply``, which would all-reduce them again under a
+    ``tf.distribute`` strategy, is bypassed: its clipping, decoupled weight
+    decay and per-variable ``update_step`` run here, and its step counter
+    advances as ``apply`` advances it.
+    """
+    learning_rate = optimizer.learning_rate
+    grads = optimizer._clip_gradients(grads)
+    optimizer._apply_weight_decay(variables)
+    for gradient, variable in zip(grads, variables):
+        optimizer.update_step(gradient, variable, learning_rate)
+    optimizer.iterations.assign_add(1)
