@@ -80,13 +80,14 @@ class ScheduledNesterovSGD(keras.optimizers.Optimizer):
 
 
 FAMILIES = {
+    "kfac": "K-FAC default",
     "kfac-adaptive": "K-FAC adaptive",
     "kfac-fixed": "K-FAC fixed lr",
     "adam": "Adam",
     "sgd": "SGD+Nesterov (sched.)",
     "muon": "Muon",
 }
-KFAC_FAMILIES = ("kfac-adaptive", "kfac-fixed")
+KFAC_FAMILIES = ("kfac", "kfac-adaptive", "kfac-fixed")
 
 
 @dataclass
@@ -116,6 +117,8 @@ def make_optimizer(spec: OptimizerSpec, model: keras.Model, l2: float, seed: int
     `regularizers_for`), so their weight decay arguments are zero.
     """
     p = dict(spec.params)
+    if spec.family == "kfac":
+        return keras_kfac.KFAC(model=model, l2_reg=l2, seed=seed, **p)
     if spec.family == "kfac-adaptive":
         return keras_kfac.KFAC(model=model, adaptive=True, l2_reg=l2, seed=seed, **p)
     if spec.family == "kfac-fixed":
@@ -399,6 +402,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def json_default(value):
+    """JSON for numpy scalars; None for non-finite floats."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
 
 
 def plot_curves(curves: dict[str, dict], path, title: str, metric: str = "loss",

@@ -94,7 +94,13 @@ AUTOENCODER_BUDGETS = {
                           "muon": [3e-3, 1e-2, 3e-2]},
                     kfac_fixed=[KFAC_FIXED]),
 }
-KFAC_ADAPTIVE_PARAMS = dict(statistics_fraction=0.125, curvature_fraction=0.25)  # the paper's τ₁, τ₂
+# The paper's recipe as these races ran it: without the package's safeguards
+# (check of ρ on the first steps, bounded α and μ, undoing a step that raised
+# the loss), which the adaptive mode has by default since the zoo race.
+PAPER_RECIPE = dict(damping_warmup=0, reject_below=None, max_momentum=None)
+KFAC_ADAPTIVE_PARAMS = dict(statistics_fraction=0.125, curvature_fraction=0.25, **PAPER_RECIPE)  # the paper's τ₁, τ₂
+# The paper's λ₀ = 150 for a loss summed over the output units, in Keras' units.
+PAPER_DAMPING = {"autoencoder": 150.0 / 784, "convnet": 150.0}
 # Initial dampings λ₀ of the further adaptive runs (the first starts at the
 # paper's): the paper's λ₀ is tuned for runs of thousands of iterations.
 KFAC_INITIAL_DAMPINGS = {"smoke": [1e-2], "small": [1e-2, 1e-4], "default": [1e-2, 1e-4]}
@@ -229,7 +235,7 @@ def autoencoder_evaluator(x_eval: np.ndarray, l2: float = 0.0, chunk: int = 2500
             bce += float(np.sum(np.maximum(z, 0) - z * x + np.log1p(np.exp(-np.abs(z)))))
             p = 1.0 / (1.0 + np.exp(-z))
             sq += float(np.sum((p - x) ** 2))
-        penalty = 0.5 * l2 * sum(float(np.sum(np.square(w))) for w in model.get_weights())
+        penalty = 0.5 * l2 * sum(float(np.sum(np.square(w, dtype=np.float64))) for w in model.get_weights())
         return {"loss": bce / x_eval.size, "sq_error": sq / len(x_eval), "l2_penalty": penalty}
 
     return evaluate
@@ -549,22 +555,23 @@ def convnet_problem(args, cfg):
     return factory
 
 
-def kfac_specs(cfg: dict, budget: str, dampings: list[float | None] | None = None,
+def kfac_specs(cfg: dict, budget: str, paper_damping: float, dampings: list[float | None] | None = None,
                fixed: bool = True) -> list[Spec]:
     """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC.
 
     `dampings` replaces the budget's initial dampings λ₀ of the adaptive runs
-    (None: the paper's); `fixed=False` leaves out the fixed-lr runs.
+    (None: the paper's, `paper_damping`); `fixed=False` leaves out the fixed-lr runs.
     """
     params = dict(KFAC_ADAPTIVE_PARAMS, **cfg.get("kfac_adaptive", {}))
     if dampings is None:
         dampings = [None] + KFAC_INITIAL_DAMPINGS[budget]
-    adaptive = [Spec("kfac-adaptive", dict(params) if d is None else dict(params, damping=d)) for d in dampings]
+    adaptive = [Spec("kfac-adaptive", dict(params, damping=paper_damping if d is None else d)) for d in dampings]
     return adaptive + ([Spec("kfac-fixed", p) for p in cfg["kfac_fixed"]] if fixed else [])
 
 
 def parse_kfac_dampings(text: str | None) -> list[float | None] | None:
-    """`paper,1e-4` → [None, 1e-4]: the adaptive runs' initial dampings ("paper": the paper's λ₀)."""
+    """`paper,1e-4` → [None, 1e-4]: the adaptive runs' initial dampings (None, "paper": the paper's
+    λ₀ = 150 in Keras' units, `PAPER_DAMPING`)."""
     if not text:
         return None
     return [None if v.strip() == "paper" else float(v) for v in text.split(",")]
@@ -589,7 +596,8 @@ def run_fifty(args):
                         metric_names=("loss", "sq_error"))
     batch = H.batch_size_schedule(cfg["batch"], len(x), None)
     # Adaptive K-FAC: the paper's initial damping (None) and a few smaller ones.
-    specs = [Spec("kfac-adaptive", {} if d is None else {"damping": d}) for d in cfg["kfac_dampings"]]
+    specs = [Spec("kfac-adaptive", dict(PAPER_RECIPE, damping=PAPER_DAMPING["autoencoder"] if d is None else d))
+             for d in cfg["kfac_dampings"]]
     specs += [Spec("kfac-fixed", {})]
     specs += [Spec("adam", {"learning_rate": lr}) for lr in cfg["adam_lrs"]]
     print(f"# {name}, budget {args.budget}: widths {widths}, batch {cfg['batch']}, {len(x)} examples; "
@@ -613,7 +621,7 @@ def run_fifty(args):
     rows, records = [], {}
     for seed, summaries in per_seed.items():
         adaptive = [s for s in summaries if s["family"] == "kfac-adaptive"]
-        paper = next(s for s in adaptive if s["name"] == "kfac-adaptive")
+        paper = adaptive[0]  # from the paper's λ₀ (cfg["kfac_dampings"] starts with None)
         ka = H.best_of(adaptive)
         kf = next(s for s in summaries if s["family"] == "kfac-fixed")
         adams = [s for s in summaries if s["family"] == "adam"]
@@ -865,16 +873,8 @@ def output_dir(args, name: str) -> Path:
 def finish(args, out_dir: Path, name: str, table: str, payload: dict) -> None:
     print("\n" + table + "\n", flush=True)
     (out_dir / "table.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=H.json_default))
     print(f"wrote {out_dir}/table.md, results.json and the PNG plots", flush=True)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
 
 def save_figures(args, name: str, pngs: list[Path]) -> None:
@@ -945,7 +945,8 @@ def run_problem(args: argparse.Namespace) -> None:
         if args.kfac_reach:
             cfg["kfac_reach"] = args.kfac_reach
         cfg["l2"] = L2 if args.l2 is None else args.l2
-        kfac = kfac_specs(cfg, args.budget, parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed)
+        kfac = kfac_specs(cfg, args.budget, PAPER_DAMPING["autoencoder"], parse_kfac_dampings(args.kfac_dampings),
+                          not args.no_kfac_fixed)
         run_time_race_problem(args, "autoencoder", autoencoder_problem(args, cfg), cfg, kfac)
     elif args.problem == "convnet":
         cfg = dict(CONVNET_BUDGETS[args.budget])
@@ -953,7 +954,8 @@ def run_problem(args: argparse.Namespace) -> None:
             cfg["budget_s"] = args.budget_seconds
         if args.logs:
             cfg["logs"] = args.logs
-        kfac = kfac_specs(cfg, args.budget, parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed)
+        kfac = kfac_specs(cfg, args.budget, PAPER_DAMPING["convnet"], parse_kfac_dampings(args.kfac_dampings),
+                          not args.no_kfac_fixed)
         run_time_race_problem(args, "convnet", convnet_problem(args, cfg), cfg, kfac, accuracy=True)
     elif args.problem == "profile":
         run_profile(args)

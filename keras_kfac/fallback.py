@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 MOMENTUM = "momentum"
 
@@ -53,18 +54,25 @@ def config(optimizer: keras.optimizers.Optimizer | None) -> Any:
     return MOMENTUM if optimizer is None else keras.saving.serialize_keras_object(optimizer)
 
 
-def apply(optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
-    """One step of ``optimizer`` on ``variables``, in the caller's replica context.
+def apply(optimizer: keras.optimizers.Optimizer, grads: list, variables: list, accept: tf.Tensor) -> None:
+    """One step of ``optimizer`` on ``variables``, kept only where ``accept`` is true.
 
     The gradients are the global batch's already (K-FAC all-reduced them), so
     the optimizer's own ``apply``, which would all-reduce them again under a
     ``tf.distribute`` strategy, is bypassed: its clipping, decoupled weight
     decay and per-variable ``update_step`` run here, and its step counter
-    advances as ``apply`` advances it.
+    advances as ``apply`` advances it. A rejected step (a non-finite
+    gradient) is undone by restoring the variables and the optimizer's state,
+    not skipped in a ``tf.cond``: a strategy cannot synchronise its step
+    counter inside a branch.
     """
+    state = list(variables) + list(optimizer.variables)
+    saved = [tf.identity(v) for v in state]
     learning_rate = optimizer.learning_rate
     grads = optimizer._clip_gradients(grads)
     optimizer._apply_weight_decay(variables)
     for gradient, variable in zip(grads, variables):
         optimizer.update_step(gradient, variable, learning_rate)
     optimizer.iterations.assign_add(1)
+    for variable, value in zip(state, saved):
+        variable.assign(tf.where(accept, variable, value))

@@ -29,6 +29,14 @@ _NO_MODEL_MESSAGE = (
     "`KFAC(model=model, **config)` for one made from a configuration."
 )
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
+# The default step (no learning rate, momentum or adaptation given), chosen
+# on the model zoo (BENCHMARKS.md, "Defaults").
+DEFAULT_STEP = dict(learning_rate=1.0, momentum=0.5, norm_constraint=1e-3,
+                    statistics_update_period=5, inverse_update_period=25)
+# A step with a learning rate or momentum given, and the quadratic model's.
+CLASSIC_STEP = dict(learning_rate=0.01, momentum=0.9, norm_constraint=None,
+                    statistics_update_period=1, inverse_update_period=10)
+DEFAULT_RELATIVE_DAMPING = 3.0
 
 
 def _check_range(
@@ -79,16 +87,21 @@ class KFAC(keras.optimizers.Optimizer):
 
     and the update is ``δ = α Δ + μ δ₀`` (δ₀ the previous update), ``θ ← θ + δ``:
 
-    - with a fixed learning rate, α = ``learning_rate`` and μ = ``momentum``
-      (heavy-ball on the preconditioned step; ``momentum=0`` gives exactly
-      θ ← θ − lr·U), and γ = sqrt(damping + l2_reg);
+    - by default, and with a ``learning_rate`` or ``momentum`` given, α is the
+      learning rate shortened so that α²ΔᵀF̆Δ ≤ ``norm_constraint`` (a trust
+      region in the model's predictions: "KL clipping", Ba et al. 2017), μ is
+      ``momentum`` and γ = sqrt(λ + l2_reg), with λ a fixed multiple of the
+      factored Fisher's mean eigenvalue unless ``damping`` is given;
     - with ``adaptive=True`` (the paper's recipe), α and μ minimise the quadratic
       model of the loss under the exact mini-batch Fisher [KFAC §7], the damping
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
 
-    Variables of layers with no block (normalization, ...) use their plain
-    gradient as proposal.
+    Variables of layers with no block (recurrent kernels, normalization, ...)
+    are trained by the ``fallback`` optimizer, Keras' Adam by default.
+
+    Every damping is in the units of the compiled loss: M(δ) = ½ δᵀ(F + (λ+η)I)δ
+    + ∇hᵀδ with h the loss Keras reports.
 
     The optimizer reads what it needs from the graph Keras traces for
     ``model.fit``/``train_on_batch``, so the model must not run eagerly.
@@ -99,22 +112,25 @@ class KFAC(keras.optimizers.Optimizer):
     Args:
         model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
             Embedding layers are registered automatically, and its compiled
-            loss defines the Fisher.
+            loss defines the Fisher. Without it, KFAC finds the model it is
+            compiled with when Keras builds it.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
             addition to) automatic registration. Its layers registered by
             hand and its registered loss are part of the configuration, so
             ``load_model`` rebuilds it.
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule
-            (default 0.01). Not used with the quadratic model.
-        damping: initial Tikhonov damping λ ≥ 0 [KFAC §6]; default 1e-3, or with
-            ``adapt_damping`` the paper's autoencoder value 150 in the paper's
-            units (losses summed over output units): 150/K for a loss Keras
-            averages over K output units (binary cross-entropy, squared error).
-        momentum: heavy-ball μ in [0, 1) (default 0.9). Not used with the
+            (default 1.0: the natural-gradient step, within the norm
+            constraint). Not used with the quadratic model.
+        damping: Tikhonov damping λ ≥ 0 [KFAC §6] (with ``adapt_damping``, its
+            initial value). None: ``relative_damping`` times the mean
+            eigenvalue of the factored Fisher, set at the first step and, with
+            a fixed learning rate, at each refresh of the inverses.
+        momentum: heavy-ball μ in [0, 1) (default 0.5). Not used with the
             quadratic model, which chooses μ.
         ema_decay: ε_max in [0, 1) of the factors' moving averages [KFAC §5].
         inverse_update_period: steps between recomputations of the damped
-            inverses T₃ (also done on each of the first 3 steps).
+            inverses T₃ (default 25; also after each of the first 3 statistics
+            updates).
         estimation_mode: ``"sampled"`` (targets drawn from the model: the true
             Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the
             expectation over the predictive distribution, one backward pass per
@@ -122,17 +138,28 @@ class KFAC(keras.optimizers.Optimizer):
         l2_reg: coefficient η ≥ 0 of an l2 penalty ½η‖θ‖² added to the
             objective (η·θ in the gradient) and to the damping (λ + η).
         norm_constraint: C > 0 scales the fixed-learning-rate step so that
-            ``lr² UᵀF̆U ≤ C`` ("KL clipping", Ba et al. 2017). None turns it off.
+            ``lr² ΔᵀF̆Δ ≤ C`` ("KL clipping", Ba et al. 2017); default 1e-3,
+            ``math.inf`` turns it off. Not used with the quadratic model.
         adaptive: turns on ``use_quadratic_model``, ``adapt_damping`` and
             ``adapt_gamma`` together (each can still be set on its own).
         use_quadratic_model: choose α and μ from the exact-Fisher quadratic model.
-        adapt_damping: Levenberg–Marquardt adaptation of λ every
+        adapt_damping: Levenberg–Marquardt adaptation of λ on each of the
+            first ``damping_warmup`` steps, then every
             ``damping_adaptation_period`` (T₁) steps.
         adapt_gamma: search γ every ``gamma_adaptation_period`` (T₂) steps,
             decoupled from λ; when off, γ² = λ + η.
         damping_adaptation_period: T₁ (paper: 5); ω₁ = (19/20)^T₁.
         gamma_adaptation_period: T₂ (paper: 20); ω₂ = sqrt(19/20)^T₂.
         min_damping: floor of the adapted λ.
+        relative_damping: c of the default damping λ = c · tr(F̃)/n.
+        fallback: the optimizer of the variables without a block: None for
+            Keras' ``Adam()``, an optimizer, its name or configuration, or
+            ``"momentum"`` for K-FAC's own step on their plain gradient.
+        damping_warmup: the first steps on which ρ is checked at every step.
+        max_momentum: the quadratic model's α ≥ 0 and 0 ≤ μ ≤ this; None
+            leaves them unbounded (the paper).
+        reject_below: a checked step whose ρ is below this, or not finite,
+            is undone; None keeps every step (the paper).
         approximation: ``"block_diagonal"`` or ``"block_tridiagonal"``
             [KFAC §4.3] (the latter couples consecutive Dense layers of a chain).
         statistics_fraction: τ₁ in (0, 1]: the fraction of each batch the
@@ -140,9 +167,10 @@ class KFAC(keras.optimizers.Optimizer):
             forward and backward pass of that fraction alone (where the model
             has BatchNormalization, it normalises with that fraction's
             statistics in this pass).
-        statistics_update_period: T_cov ≥ 1: the factor statistics are
-            estimated on every T_cov-th step only (the others skip their
-            passes and products); the moving average counts these updates.
+        statistics_update_period: T_cov ≥ 1 (default 5): the factor
+            statistics are estimated on every T_cov-th step only (the others
+            skip their passes and products); the moving average counts these
+            updates.
         patch_fraction: in (0, 1]: the fraction of a convolution's patch rows
             (examples × |T| locations) its Ā statistics are computed on, drawn
             uniformly at random each step (an unbiased estimate of the KFC
@@ -163,7 +191,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping: float | None = None,
         momentum: float | None = None,
         ema_decay: float = 0.95,
-        inverse_update_period: int = 10,
+        inverse_update_period: int | None = None,
         estimation_mode: str = "sampled",
         l2_reg: float = 0.0,
         norm_constraint: float | None = None,
@@ -176,11 +204,15 @@ class KFAC(keras.optimizers.Optimizer):
         min_damping: float = 1e-8,
         approximation: str = "block_diagonal",
         statistics_fraction: float = 1.0,
-        statistics_update_period: int = 1,
+        statistics_update_period: int | None = None,
         patch_fraction: float = 1.0,
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         fallback: keras.optimizers.Optimizer | str | dict | None = None,
+        relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+        damping_warmup: int = 20,
+        max_momentum: float | None = 1.0,
+        reject_below: float | None = 0.0,
         name: str = "kfac",
         **kwargs: Any,
     ):
@@ -195,22 +227,33 @@ class KFAC(keras.optimizers.Optimizer):
                         f"`{arg}` is not used when the quadratic model chooses the step "
                         "(adaptive=True or use_quadratic_model=True); leave it unset."
                     )
-        else:
-            learning_rate = 0.01 if learning_rate is None else learning_rate
-            momentum = 0.9 if momentum is None else momentum
+        # Without a learning rate, momentum or the quadratic model: the default step.
+        default_step = learning_rate is None and momentum is None and not use_quadratic_model
+        defaults = DEFAULT_STEP if default_step else CLASSIC_STEP
+        if statistics_update_period is None:
+            statistics_update_period = defaults["statistics_update_period"]
+        if inverse_update_period is None:
+            inverse_update_period = defaults["inverse_update_period"]
+        if not use_quadratic_model:
+            learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
+            momentum = defaults["momentum"] if momentum is None else momentum
+            norm_constraint = defaults["norm_constraint"] if norm_constraint is None else norm_constraint
             if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
                 _check_range("learning_rate", learning_rate, 0.0)
             _check_range("momentum", momentum, 0.0, 1.0)
-        # The paper's initial λ = 150 is for losses summed over output units;
-        # Keras averages some losses over them, which the first step corrects for.
-        paper_damping = damping is None and adapt_damping
-        if damping is None:
-            damping = 150.0 if adapt_damping else 1e-3
-        _check_range("damping", damping, 0.0)
+        if damping is not None:
+            _check_range("damping", damping, 0.0)
+        _check_range("relative_damping", relative_damping, 0.0, low_open=True)
+        if isinstance(damping_warmup, bool) or not isinstance(damping_warmup, numbers.Integral) or damping_warmup < 0:
+            raise ValueError(f"`damping_warmup` must be an integer >= 0; got {damping_warmup!r}.")
+        if max_momentum is not None:
+            _check_range("max_momentum", max_momentum, 0.0)
+        if reject_below is not None:
+            _check_range("reject_below", reject_below, -math.inf)
         _check_range("ema_decay", ema_decay, 0.0, 1.0)
         _check_range("l2_reg", l2_reg, 0.0)
         _check_range("min_damping", min_damping, 0.0)
-        if norm_constraint is not None:
+        if norm_constraint is not None and norm_constraint != math.inf:
             _check_range("norm_constraint", norm_constraint, 0.0, low_open=True)
         _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0, low_open=True, high_closed=True)
         _check_range("curvature_fraction", curvature_fraction, 0.0, 1.0, low_open=True, high_closed=True)
@@ -239,11 +282,10 @@ class KFAC(keras.optimizers.Optimizer):
             )
         super().__init__(learning_rate=1.0 if learning_rate is None else learning_rate, name=name, **kwargs)
         self.adaptive = adaptive
-        self._paper_damping = paper_damping
         self.use_quadratic_model = use_quadratic_model
         self.adapt_damping = adapt_damping
         self.adapt_gamma = adapt_gamma
-        self.initial_damping = float(damping)
+        self.initial_damping = None if damping is None else float(damping)
         self.momentum = None if momentum is None else float(momentum)
         self.ema_decay = float(ema_decay)
         self.inverse_update_period = inverse_update_period
@@ -260,6 +302,10 @@ class KFAC(keras.optimizers.Optimizer):
         self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         self.fallback = fallback_rule.resolve(fallback)
+        self.relative_damping = float(relative_damping)
+        self.damping_warmup = int(damping_warmup)
+        self.max_momentum = None if max_momentum is None else float(max_momentum)
+        self.reject_below = None if reject_below is None else float(reject_below)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
         if approximation == "block_tridiagonal":  # the chain is made of Dense layers
@@ -277,13 +323,20 @@ class KFAC(keras.optimizers.Optimizer):
 
     @property
     def damping(self):
-        """The current damping λ (a variable once built)."""
-        return self._damping if self.built else self.initial_damping
+        """The current damping λ (a variable once built; NaN before a relative λ is first set)."""
+        if self.built:
+            return self._damping
+        return float("nan") if self.initial_damping is None else self.initial_damping
 
     @property
     def gamma(self):
         """The current factored-Tikhonov γ (a variable once built)."""
-        return self._gamma if self.built else math.sqrt(self.initial_damping + self.l2_reg)
+        return self._gamma if self.built else math.sqrt(self.damping + self.l2_reg)
+
+    @property
+    def _count(self) -> tf.Tensor:
+        """The number of K-FAC steps before this one (the schedules' k − 1)."""
+        return self.iterations - self._start
 
     @property
     def alpha(self):
@@ -316,9 +369,13 @@ class KFAC(keras.optimizers.Optimizer):
             # its model here, built by the model's own code.
             model = capture.calling_model(lambda optimizer: optimizer is self)
             # Inside the first traced step, the step recorded nothing unless an
-            # earlier KFAC hooked this model already.
+            # earlier KFAC hooked this model already: that step is spent hooking
+            # it, and the training function is traced again for the next one.
             if model is not None and tf.inside_function() and not getattr(model, "_kfac_hooked", False):
-                raise RuntimeError(_NO_MODEL_MESSAGE)
+                if not hasattr(model, "make_train_function"):
+                    raise RuntimeError(_NO_MODEL_MESSAGE)
+                self._unrecorded_step = True
+                model.make_train_function(force=True)
             if model is not None:
                 collection.register_model(model)
         collection.prepare()
@@ -356,12 +413,17 @@ class KFAC(keras.optimizers.Optimizer):
         def scalar(name: str, value: float):
             return self.add_variable((), initializer=keras.initializers.Constant(value), dtype="float32", name=name)
 
-        self._damping = scalar("damping", self.initial_damping)
-        self._gamma = scalar("gamma", math.sqrt(self.initial_damping + self.l2_reg))
+        # A relative damping is set at the first step, before the first inverses.
+        initial = 0.0 if self.initial_damping is None else self.initial_damping
+        self._damping = scalar("damping", initial)
+        self._gamma = scalar("gamma", math.sqrt(initial + self.l2_reg))
         self._alpha = scalar("alpha", 0.0)
         self._mu = scalar("mu", 0.0)
         self._rho = scalar("rho", float("nan"))
         self._quadratic_change = scalar("quadratic_change", 0.0)
+        # The iteration K-FAC's schedules count from: 1 when the first step
+        # met the model too late to record it.
+        self._start = self.add_variable((), initializer="zeros", dtype="int64", name="start")
         if self.approximation == "block_tridiagonal":
             self._preconditioner = TridiagonalChain(self, collection.blocks)
         else:
@@ -409,6 +471,10 @@ class KFAC(keras.optimizers.Optimizer):
                 "LayerCollection that registered the model."
             )
         self._check_replicated_passes()
+        if getattr(self, "_unrecorded_step", False):
+            self._unrecorded_step = False
+            self._start.assign(self.iterations + 1)
+            return
         # Keras scales each replica's loss by 1/replicas (or sums it): the
         # replicas' gradients add up to the global batch's.
         grads = replicas.total([tf.convert_to_tensor(g) for g in grads])
@@ -419,17 +485,14 @@ class KFAC(keras.optimizers.Optimizer):
         variables = [v for v, o in zip(trainable_variables, own) if o]
         own_grads = [g for g, o in zip(grads, own) if o]
         batch = self._take_records()
-        if self._paper_damping and batch.loss.distribution.averages_over_units:
-            units = batch.z.shape[-1]
-            first = tf.equal(self.iterations, 0)
-            self._damping.assign(tf.where(first, self.initial_damping / units, self._damping))
-            self._gamma.assign(tf.where(first, tf.sqrt(self._damping + self.l2_reg), self._gamma))
-        self._update_curvature(batch, grads_finite)
         step = _Step(self, batch, variables, own_grads)
+        self._update_curvature(batch, grads_finite)
         if self.adapt_gamma:
-            step.adapt_gamma(learning_rate, tf.equal((self.iterations + 1) % self.gamma_adaptation_period, 0))
+            step.adapt_gamma(learning_rate, tf.equal((self._count + 1) % self.gamma_adaptation_period, 0))
         update, coefficients, change = step.update(learning_rate)
         finite = tf.logical_and(grads_finite, curvature.all_finite(update + [coefficients, change]))
+        # θ before the update, restored exactly if the update is rejected.
+        step.before = [tf.identity(v) for v in variables] if self.adapt_damping and self.reject_below is not None else None
         for variable, velocity, delta in zip(variables, step.velocities, update):
             self.assign(velocity, tf.where(finite, delta, tf.cast(velocity, tf.float32)))
             self.assign_add(variable, tf.where(finite, delta, tf.zeros_like(delta)))
@@ -437,18 +500,17 @@ class KFAC(keras.optimizers.Optimizer):
         self._mu.assign(tf.where(finite, coefficients[1], self._mu))
         self._quadratic_change.assign(tf.where(finite, change, self._quadratic_change))
         if self.adapt_damping:
-            due = tf.logical_and(finite, tf.equal((self.iterations + 1) % self.damping_adaptation_period, 0))
-            step.adapt_damping(update, change, due)
+            due = tf.logical_or(
+                self._count < self.damping_warmup,
+                tf.equal((self._count + 1) % self.damping_adaptation_period, 0),
+            )
+            kept = step.adapt_damping(update, change, tf.logical_and(finite, due))
+            finite = tf.logical_and(finite, kept)
         if not self.adapt_gamma:
             self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
         rest = [(g, v) for g, v, o in zip(grads, trainable_variables, own) if not o]
-        if rest:
-            # After ρ's forward pass, which measures K-FAC's update alone.
-            def fallback_step() -> tf.Tensor:
-                fallback_rule.apply(self.fallback, [g for g, _ in rest], [v for _, v in rest])
-                return tf.constant(True)
-
-            tf.cond(finite, fallback_step, lambda: tf.constant(False))
+        if rest:  # after ρ's forward pass, which judges K-FAC's update alone
+            fallback_rule.apply(self.fallback, [g for g, _ in rest], [v for _, v in rest], finite)
 
     def _check_replicated_passes(self) -> None:
         """Rejects, under several replicas, layers that all-reduce in their forward
@@ -509,7 +571,7 @@ class KFAC(keras.optimizers.Optimizer):
         """
         seed = self._sampling_seed()
         period = self.statistics_update_period
-        decay = curvature.moving_average_decay(self.iterations // period + 1, self.ema_decay)
+        decay = curvature.moving_average_decay(self._count // period + 1, self.ema_decay)
         called = [b for b in self.blocks if batch.layer_calls.get(id(b))]
         input_targets = [b.input_factor.cov for b in called]
         output_targets = [b.output_factor.cov for b in called]
@@ -578,19 +640,42 @@ class KFAC(keras.optimizers.Optimizer):
         elif period == 1:
             update(combine(estimate_sub_batch()))
         else:
-            active = tf.equal(self.iterations % period, 0)
+            active = tf.equal(self._count % period, 0)
             # ``combine`` all-reduces, which cannot run inside a branch.
             estimates = combine(tf.cond(active, estimate_sub_batch, skip))
             tf.cond(active, lambda: update(estimates), lambda: tf.constant(False))
+
+        if self.initial_damping is None and self.blocks:
+            self._set_relative_damping()
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
             return tf.constant(True)
 
-        due = tf.logical_or(
-            self.iterations < 3, tf.equal(self.iterations % self.inverse_update_period, 0)
-        )
+        # After each of the first 3 statistics updates, then every T₃ steps.
+        early = tf.logical_and(self._count < 3 * period, tf.equal(self._count % period, 0))
+        due = tf.logical_or(early, tf.equal(self._count % self.inverse_update_period, 0))
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
+
+    def _set_relative_damping(self) -> None:
+        """λ = ``relative_damping`` · tr(F̃)/n, F̃ = ⊕ Ā ⊗ G the factored Fisher [KFAC §6.3].
+
+        tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G is the mean eigenvalue of F̃, so
+        λ is in the units of the compiled loss whatever its scale. With a fixed
+        step λ follows it at each inverse refresh; adapted, it is only λ₀.
+        """
+        traces = [
+            b.input_factor.mean_eigenvalue() * b.output_factor.mean_eigenvalue()
+            * float(b.input_factor.dim * b.output_factor.dim)
+            for b in self.blocks
+        ]
+        size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
+        damping = tf.maximum(self.relative_damping * tf.add_n(traces) / float(size), self.min_damping)
+        due = tf.equal(self._count, 0)
+        if not self.adapt_damping:
+            due = tf.logical_or(due, tf.equal(self._count % self.inverse_update_period, 0))
+        self._damping.assign(tf.where(due, damping, self._damping))
+        self._gamma.assign(tf.where(due, tf.sqrt(self._damping + self.l2_reg), self._gamma))
 
     def _sampling_seed(self) -> tf.Tensor:
         """The stateless seed of this step's sampled targets (one stream per replica)."""
@@ -599,7 +684,13 @@ class KFAC(keras.optimizers.Optimizer):
             seed = tf.random.experimental.stateless_fold_in(seed, replicas.index_tensor())
         return seed
 
-    def _forward(self, x) -> tuple[Any, dict, list]:
+    def _seed_states(self) -> list:
+        """The model's random-seed state variables (dropout, ...) with their current values."""
+        model = self.layer_collection.model
+        weights = {id(w) for w in model.weights}
+        return [(v, tf.convert_to_tensor(v)) for v in model.variables if id(v) not in weights]
+
+    def _forward(self, x, state_mapping=None) -> tuple[Any, dict, list]:
         """The model's output on ``x`` at the current weights, its blocks' layer calls
         and the losses its layers added (activity regularization).
 
@@ -609,7 +700,7 @@ class KFAC(keras.optimizers.Optimizer):
         advance, so each pass draws its own dropout masks.
         """
         model = self.layer_collection.model
-        with keras.StatelessScope(collect_losses=True) as scope:
+        with keras.StatelessScope(state_mapping=state_mapping, collect_losses=True) as scope:
             y_pred = model(_require_inputs(x), training=True)
         weights = {id(w) for w in model.weights}
         for seed_state in (v for v in model.variables if id(v) not in weights):
@@ -631,8 +722,7 @@ class KFAC(keras.optimizers.Optimizer):
             config["learning_rate"] = None
         config.update(
             {
-                # None keeps the paper's λ₀ and its rescaling to Keras' loss units.
-                "damping": None if self._paper_damping else self.initial_damping,
+                "damping": self.initial_damping,
                 "momentum": self.momentum,
                 "ema_decay": self.ema_decay,
                 "inverse_update_period": self.inverse_update_period,
@@ -653,6 +743,10 @@ class KFAC(keras.optimizers.Optimizer):
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
                 "fallback": fallback_rule.config(self.fallback),
+                "relative_damping": self.relative_damping,
+                "damping_warmup": self.damping_warmup,
+                "max_momentum": self.max_momentum,
+                "reject_below": self.reject_below,
                 "layer_collection": self.layer_collection.get_config(),
             }
         )
@@ -759,11 +853,11 @@ class _Step:
             weight = losses.masked_sample_weight(y_pred, y, sample_weight, batch.loss)
         return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
 
-    def forward(self, x, y, sample_weight) -> tuple:
+    def forward(self, x, y, sample_weight, state_mapping=None) -> tuple:
         """The model's output and this replica's share of the training loss at the
         current weights (the whole loss without a strategy), recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred, _, layer_losses = self.opt._forward(x)
+        y_pred, _, layer_losses = self.opt._forward(x, state_mapping)
         # Outside the scope, where weight regularizers read the variables; the
         # scoped pass's layer losses are added as Keras' train step adds them
         # (divided among the replicas).
@@ -779,7 +873,7 @@ class _Step:
         grads = dict(zip(self.keys, self.grads))
         updates = self.opt._precondition(grads, inverses)
         delta = [-tf.cast(updates[k], tf.float32) for k in self.keys]
-        if self.opt.norm_constraint is not None:
+        if self.opt.norm_constraint is not None and math.isfinite(self.opt.norm_constraint):
             lr = tf.cast(learning_rate, tf.float32)
             owned = {self.opt._var_key(v) for b in self.opt.blocks for v in b.variables}
             quadratic = -quadratic_model.inner(
@@ -808,7 +902,8 @@ class _Step:
     def coefficients(self, curvature_matrix, linear, learning_rate) -> tuple[tf.Tensor, tf.Tensor]:
         """(α, μ) and M(δ): from the quadratic model, or the fixed lr and momentum."""
         if self.opt.use_quadratic_model:
-            return quadratic_model.solve_coefficients(curvature_matrix, linear, self.has_previous)
+            return quadratic_model.solve_coefficients(curvature_matrix, linear, self.has_previous,
+                                                      self.opt.max_momentum)
         fixed = tf.stack([tf.cast(learning_rate, tf.float32), tf.constant(self.opt.momentum, tf.float32)])
         if curvature_matrix is None:
             return fixed, tf.constant(0.0)
@@ -829,11 +924,13 @@ class _Step:
 
     # Adaptation: local passes in tf.cond branches, decisions outside them.
 
-    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, due: tf.Tensor) -> None:
+    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, due: tf.Tensor) -> tf.Tensor:
         """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
 
         Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
-        The l2 term ½η‖θ‖² is part of h.
+        The l2 term ½η‖θ‖² is part of h. A checked step whose ρ is below
+        ``reject_below`` (or whose loss is not finite) is undone. Returns
+        False when it was.
         """
         opt = self.opt
         x, y, sample_weight, _, _, loss_before = self.curvature_data
@@ -853,6 +950,13 @@ class _Step:
         damping = quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt.min_damping)
         opt._rho.assign(tf.where(due, rho, opt._rho))
         opt._damping.assign(tf.where(due, damping, opt._damping))
+        if opt.reject_below is None:
+            return tf.constant(True)
+        reject = tf.logical_and(due, tf.logical_not(rho >= opt.reject_below))
+        for variable, velocity, before in zip(self.variables, self.velocities, self.before):
+            opt.assign(variable, tf.where(reject, before, variable))
+            opt.assign(velocity, tf.where(reject, tf.zeros_like(velocity), velocity))
+        return tf.logical_not(reject)
 
     def adapt_gamma(self, learning_rate: Any, due: tf.Tensor) -> None:
         """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].

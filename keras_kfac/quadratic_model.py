@@ -78,14 +78,18 @@ def inner(a: list[tf.Tensor], b: list[tf.Tensor]) -> tf.Tensor:
 
 
 def solve_coefficients(
-    curvature: tf.Tensor, linear: tf.Tensor, has_previous: tf.Tensor
+    curvature: tf.Tensor, linear: tf.Tensor, has_previous: tf.Tensor, max_momentum: float | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Minimiser x of ``½ xᵀ C x + bᵀ x`` over (α, μ), and the minimum ``M = ½ bᵀ x``.
+    """Minimiser x = (α, μ) of ``M(x) = ½ xᵀ C x + bᵀ x``, and its value M.
 
     ``curvature`` is the 2×2 matrix C = [d_iᵀ (F + (λ+η)I) d_j] for d = (Δ, δ₀)
     and ``linear`` is b = [∇hᵀΔ, ∇hᵀδ₀] [KFAC §7]. Without a previous update
     (first step, or δ₀ = 0), or when Δ and δ₀ are numerically parallel
     (``MIN_RELATIVE_DETERMINANT``), the problem is 1×1 in α and μ = 0.
+    With ``max_momentum`` the minimum is taken over the box α ≥ 0,
+    0 ≤ μ ≤ max_momentum: M is convex, so it is the lowest value among the
+    unconstrained minimiser (when it lies in the box) and the minimisers on the
+    box's three edges.
     """
     tiny = tf.constant(1e-30, tf.float32)
     alpha_only = -linear[0] / tf.maximum(curvature[0, 0], tiny)
@@ -97,8 +101,19 @@ def solve_coefficients(
     coefficients = tf.where(
         solvable, tf.stack([alpha_2, mu_2]), tf.stack([alpha_only, tf.constant(0.0)])
     )
-    change = 0.5 * tf.reduce_sum(linear * coefficients)
-    return coefficients, change
+    if max_momentum is not None:
+        top = tf.constant(max_momentum, tf.float32)
+        inside = tf.logical_and(tf.logical_and(coefficients[0] >= 0.0, coefficients[1] >= 0.0), coefficients[1] <= top)
+        edges = tf.stack([
+            tf.stack([tf.maximum(alpha_only, 0.0), 0.0]),
+            tf.stack([tf.maximum(-(linear[0] + top * curvature[0, 1]) / tf.maximum(curvature[0, 0], tiny), 0.0), top]),
+            tf.stack([0.0, tf.clip_by_value(-linear[1] / tf.maximum(curvature[1, 1], tiny), 0.0, top)]),
+        ])
+        edges = tf.where(has_previous, edges, tf.stack([edges[0], edges[0], edges[0]]))
+        values = tf.stack([model_value(curvature, linear, e) for e in tf.unstack(edges)])
+        best = tf.gather(edges, tf.argmin(tf.where(tf.math.is_finite(values), values, float("inf"))))
+        coefficients = tf.where(inside, coefficients, best)
+    return coefficients, model_value(curvature, linear, coefficients)
 
 
 def model_value(curvature: tf.Tensor, linear: tf.Tensor, coefficients: tf.Tensor) -> tf.Tensor:

@@ -43,21 +43,25 @@ CONFIGURATIONS = {
     "tridiagonal": dict(learning_rate=0.05, momentum=0.5, damping=1e-2, estimation_mode="empirical",
                         approximation="block_tridiagonal", adapt_damping=True, damping_adaptation_period=2),
     # Embedding (a diagonal Ā) and Conv1D blocks.
+    # The paper's recipe without the safeguards: λ and γ then move on this short run.
     "tokens": dict(adaptive=True, damping=1.0, l2_reg=1e-3, estimation_mode="exact",
-                   damping_adaptation_period=2, gamma_adaptation_period=3, statistics_update_period=2),
+                   damping_adaptation_period=2, gamma_adaptation_period=3, statistics_update_period=2,
+                   damping_warmup=0, reject_below=None),
     # Not comparable with one device (sampled targets, per-replica fractions):
     # only the replicas' agreement is checked.
     "sampled_fractions": dict(adaptive=True, damping=1.0, l2_reg=1e-3, damping_adaptation_period=2,
                               gamma_adaptation_period=3, statistics_fraction=0.5, curvature_fraction=0.5,
-                              patch_fraction=0.5),
+                              patch_fraction=0.5, damping_warmup=0, reject_below=None),
     # A last batch of 15 examples (shares 8 and 7), and one of 1 (shares 1 and 0).
     "uneven_shares": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
     "empty_replica": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
+    # LayerNormalization has no block: its scale and shift follow the Adam fallback.
+    "fallback": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, estimation_mode="exact"),
     # A layer that all-reduces in its forward pass: a clear error.
     "synchronized_batch_norm": dict(adaptive=True),
 }
 ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
-              "empty_replica")
+              "empty_replica", "fallback")
 GLOBAL_BATCH = 16
 STEPS = 6
 # Examples short of (or beyond) STEPS full batches, for the uneven last batches.
@@ -82,6 +86,8 @@ def _model(name: str) -> keras.Model:
                   keras.layers.Dense(3, activation="softmax")]
     if name == "synchronized_batch_norm":
         layers.insert(1, keras.layers.BatchNormalization(synchronized=True))
+    if name == "fallback":
+        layers.insert(2, keras.layers.LayerNormalization())
     return keras.Sequential([keras.Input((6, 6, 1)), *layers])
 
 

@@ -36,8 +36,7 @@ def test_adaptive_recipe_trains_and_exposes_its_state(jit_compile):
     history = model.fit(x, x, batch_size=32, epochs=4, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < losses[0]
-    # The paper's λ₀ = 150 in summed-over-units terms: 150 / 12 for Keras's mean.
-    assert float(opt.damping.numpy()) != pytest.approx(150 / 12)
+    assert float(opt.damping.numpy()) > 0.0
     assert np.isfinite(float(opt.rho.numpy()))
     assert float(opt.alpha.numpy()) > 0
     assert float(opt.quadratic_change.numpy()) < 0
@@ -45,28 +44,49 @@ def test_adaptive_recipe_trains_and_exposes_its_state(jit_compile):
     assert gamma != pytest.approx(np.sqrt(damping))  # decoupled from λ
 
 
-def test_the_papers_initial_damping_is_rescaled_to_kerass_mean_and_survives_the_config():
-    """λ₀ = 150 is for a loss summed over output units: 150 / 12 for Keras's mean over 12."""
+def _mean_eigenvalue(opt) -> float:
+    """tr(F̃)/n of the factored Fisher ⊕ Ā ⊗ G, in float64 from the factor variables."""
+    trace, size = 0.0, 0
+    for block in opt.blocks:
+        a = block.input_factor.cov.numpy().astype(np.float64)
+        g = block.output_factor.cov.numpy().astype(np.float64)
+        trace += np.trace(np.kron(a, g))
+        size += a.shape[0] * g.shape[0]
+    return trace / size
+
+
+def test_one_damping_unit_what_is_passed_is_what_is_used_and_read():
+    """No conversion of λ: 150 passed is λ = 150 in the compiled loss's units
+    (here a mean over 12 outputs), before and after steps, and in γ."""
     x = _images(32)
-    dampings = {}
-    for case in ("default", "from_config", "explicit"):
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    for kwargs in (dict(adaptive=True, damping_warmup=0), dict(learning_rate=0.1)):
         keras.utils.set_random_seed(0)
         model = _autoencoder()
-        if case == "default":
-            opt = keras_kfac.KFAC(model=model, adaptive=True)
-            config = opt.get_config()
-        elif case == "from_config":
-            assert keras_kfac.KFAC.from_config(config).get_config() == config
-            opt = keras_kfac.KFAC(model=model, **config)
-        else:
-            opt = keras_kfac.KFAC(model=model, adaptive=True, damping=150.0)
+        opt = keras_kfac.KFAC(model=model, damping=150.0, **kwargs)
         assert float(opt.damping) == 150.0
-        model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        model.compile(optimizer=opt, loss=loss)
         model.train_on_batch(x, x)  # λ adapts at step T₁ = 5 only
-        dampings[case] = float(opt.damping.numpy())
-    assert dampings["default"] == pytest.approx(150 / 12)
-    assert dampings["from_config"] == pytest.approx(150 / 12)
-    assert dampings["explicit"] == pytest.approx(150.0)
+        assert float(opt.damping.numpy()) == 150.0
+        assert float(opt.gamma.numpy()) == pytest.approx(np.sqrt(150.0))
+        assert keras_kfac.KFAC.from_config(opt.get_config()).initial_damping == 150.0
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(adaptive=True, damping_warmup=0)])
+def test_default_damping_is_relative_to_the_factored_fishers_mean_eigenvalue(kwargs):
+    """λ = 3 · tr(F̃)/n after the first statistics (Σ tr Ā · tr G / Σ dim Ā · dim G)."""
+    keras.utils.set_random_seed(0)
+    x = _images(32)
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, **kwargs)
+    assert np.isnan(opt.damping) and opt.get_config()["damping"] is None
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.train_on_batch(x, x)
+    expected = 3.0 * _mean_eigenvalue(opt)
+    assert float(opt.damping.numpy()) == pytest.approx(expected, rel=1e-5)
+    assert float(opt.gamma.numpy()) == pytest.approx(np.sqrt(expected), rel=1e-5)
+    config = opt.get_config()
+    assert config["damping"] is None and keras_kfac.KFAC.from_config(config).get_config() == config
 
 
 def test_damping_adaptation_with_a_fixed_learning_rate():
@@ -303,3 +323,38 @@ def test_extra_forward_passes_draw_fresh_dropout_masks():
         model.train_on_batch(_images(16), _images(16))
         advances.append(int(np.sum(seed_state.numpy().astype(np.int64) - start)))
     assert advances[0] > 0 and advances[1] == 2 * advances[0], advances
+
+
+def test_damping_warmup_checks_rho_on_each_of_its_first_steps():
+    """ρ is measured from the first step during the warm-up, only at step T₁ without it."""
+    x = _images(32)
+    rhos = {}
+    for warmup in (0, 3):
+        keras.utils.set_random_seed(0)
+        model = _autoencoder()
+        opt = keras_kfac.KFAC(model=model, adaptive=True, damping_warmup=warmup, seed=0)
+        model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        rhos[warmup] = []
+        for _ in range(4):
+            model.train_on_batch(x, x)
+            rhos[warmup].append(float(opt.rho.numpy()))
+    assert all(np.isnan(rhos[0]))  # the first check is at step T₁ = 5
+    assert all(np.isfinite(rhos[3][:3]))
+    assert rhos[3][3] == rhos[3][2]  # step 4 is not checked
+
+
+def test_a_rejected_step_is_undone():
+    """reject_below above any ρ: the checked step leaves weights and momentum as they were."""
+    keras.utils.set_random_seed(0)
+    x = _images(32)
+    model = _autoencoder()
+    before = [w.copy() for w in model.get_weights()]
+    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_warmup=1, reject_below=1e9, seed=0)
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.train_on_batch(x, x)
+    assert np.isfinite(float(opt.rho.numpy()))
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.any(opt._velocities[opt._var_key(v)].numpy()) for v in model.trainable_variables)
+    model.train_on_batch(x, x)  # not checked (T₁ = 5): kept
+    assert any(np.any(a != b) for a, b in zip(model.get_weights(), before))

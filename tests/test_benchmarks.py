@@ -145,11 +145,13 @@ def test_kfac_runs_can_be_narrowed_to_chosen_initial_dampings():
     assert run.parse_kfac_dampings(None) is None
     assert run.parse_kfac_dampings("paper, 1e-4") == [None, 1e-4]
 
-    default = run.kfac_specs(cfg, "small")
+    default = run.kfac_specs(cfg, "small", 150.0 / 784)
     assert [s.family for s in default].count("kfac-fixed") == len(cfg["kfac_fixed"])
-    assert [s.params.get("damping") for s in default if s.family == "kfac-adaptive"] == [None, 1e-2, 1e-4]
+    assert [s.params.get("damping") for s in default if s.family == "kfac-adaptive"] == [150.0 / 784, 1e-2, 1e-4]
+    # The paper's recipe, as these races ran it: none of the adaptive mode's safeguards.
+    assert all(s.params["reject_below"] is None for s in default if s.family == "kfac-adaptive")
 
-    narrowed = run.kfac_specs(cfg, "small", run.parse_kfac_dampings("1e-4"), fixed=False)
+    narrowed = run.kfac_specs(cfg, "small", 150.0 / 784, run.parse_kfac_dampings("1e-4"), fixed=False)
     assert [(s.family, s.params.get("damping")) for s in narrowed] == [("kfac-adaptive", 1e-4)]
     assert narrowed[0].params["statistics_fraction"] == 0.125
 

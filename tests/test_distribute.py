@@ -16,9 +16,10 @@ import sys
 import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
-# uneven_shares, empty_replica: last batches that split 8 + 7 and 1 + 0 examples.
+# uneven_shares, empty_replica: last batches that split 8 + 7 and 1 + 0 examples;
+# fallback: a LayerNormalization trained by the Adam fallback.
 ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
-              "empty_replica")
+              "empty_replica", "fallback")
 REPLICATED = ONE_DEVICE + ("sampled_fractions",)
 
 

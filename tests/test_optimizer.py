@@ -373,14 +373,19 @@ def test_compute_loss_override_with_renamed_parameters_trains_as_the_plain_model
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_optimizer_without_its_model_or_for_another_model_says_so():
+def test_optimizer_without_its_model_finds_it_or_says_so():
+    """KFAC() and a KFAC made from a configuration meet their model while Keras
+    builds the optimizer, before the first real step: they record every step."""
     x, y = _data(n=32)
+    for orphan in (keras_kfac.KFAC(learning_rate=0.1),
+                   keras_kfac.KFAC.from_config(keras_kfac.KFAC(learning_rate=0.1).get_config())):
+        model = _sequential()
+        model.compile(optimizer=orphan, loss=_loss_for("sequential"))
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        assert int(orphan._start.numpy()) == 0 and orphan.iterations.numpy() == 2
+        a = orphan.blocks[0].input_factor.cov.numpy()
+        np.testing.assert_allclose(a[-1, -1], 1.0, rtol=1e-6)
     model = _sequential()
-    orphan = keras_kfac.KFAC.from_config(keras_kfac.KFAC(learning_rate=0.1).get_config())
-    model.compile(optimizer=orphan, loss=_loss_for("sequential"))
-    with pytest.raises(RuntimeError, match=r"created without `model=`(.|\n)*KFAC\(model=model, \*\*config\)"):
-        model.fit(x, y, epochs=1, verbose=0)
-    assert not orphan.built
     # A model that a KFAC made with `model=` hooked records its steps, so a configured clone trains it.
     first = keras_kfac.KFAC(model=model, learning_rate=0.1)
     model.compile(optimizer=first, loss=_loss_for("sequential"))
@@ -549,10 +554,14 @@ def test_probabilities_without_logits_are_rejected():
         model.fit(x, y, epochs=1, verbose=0)
 
 
-@pytest.mark.parametrize("bad", ["input", "label"])
+@pytest.mark.parametrize("bad", ["input", "label", "fallback"])
 def test_non_finite_gradient_leaves_weights_and_statistics_untouched(bad):
-    """A NaN input, or a NaN label (finite activations, non-finite gradient): nothing moves."""
+    """A NaN input, or a NaN label (finite activations, non-finite gradient): nothing
+    moves, the fallback optimizer's variables and state included."""
     model = _sequential()
+    if bad == "fallback":  # a LayerNormalization: no moving statistics of Keras' own to spoil
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(),
+                                  keras.layers.Dense(3)])
     opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2)
     model.compile(optimizer=opt, loss="mse")
     x, _ = _data(n=32)
@@ -560,8 +569,10 @@ def test_non_finite_gradient_leaves_weights_and_statistics_untouched(bad):
     model.train_on_batch(x, y)
     state = [v.numpy().copy() for v in model.weights + opt.variables if "iteration" not in v.path]
     x, y = x.copy(), y.copy()
-    (x if bad == "input" else y)[0, 0] = np.nan
+    (y if bad == "label" else x)[0, 0] = np.nan
     model.train_on_batch(x, y)
+    if bad == "fallback":
+        assert int(opt.fallback.iterations.numpy()) == 1  # its second step was undone
     for old, new in zip(state, [v for v in model.weights + opt.variables if "iteration" not in v.path]):
         np.testing.assert_array_equal(old, new.numpy(), err_msg=new.path)
 
@@ -591,3 +602,18 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
     np.testing.assert_allclose(quadratic, constraint, rtol=2e-3)
     with pytest.raises(ValueError, match="norm_constraint"):
         keras_kfac.KFAC(norm_constraint=0.0)
+
+
+def test_default_step_is_the_trust_region_natural_gradient_step():
+    """KFAC(model=model): lr 1, μ 0.5, C = 1e-3, λ = 3·tr(F̃)/n, statistics every 5th step,
+    inverses every 25; a learning rate or momentum given keeps the classic defaults."""
+    opt = keras_kfac.KFAC()
+    assert (float(opt.learning_rate), opt.momentum, opt.norm_constraint) == (1.0, 0.5, 1e-3)
+    assert (opt.statistics_update_period, opt.inverse_update_period) == (5, 25)
+    assert opt.initial_damping is None and opt.relative_damping == 3.0
+    assert isinstance(opt.fallback, keras.optimizers.Adam)
+    classic = keras_kfac.KFAC(learning_rate=0.1)
+    assert (classic.momentum, classic.norm_constraint) == (0.9, None)
+    assert (classic.statistics_update_period, classic.inverse_update_period) == (1, 10)
+    assert float(keras_kfac.KFAC(momentum=0.5).learning_rate) == pytest.approx(0.01)
+    assert keras_kfac.KFAC(norm_constraint=float("inf")).norm_constraint == float("inf")

@@ -33,6 +33,40 @@ def test_two_by_two_solve_matches_numpy_and_first_step_is_one_by_one():
     np.testing.assert_allclose(change, -0.5 * b[0] ** 2 / c[0, 0], rtol=1e-5)
 
 
+def _box_minimum_by_active_sets(c, b, top):
+    """min ½xᵀCx + bᵀx over α ≥ 0, 0 ≤ μ ≤ top in float64, by trying every active set."""
+    candidates = [np.linalg.solve(c, -b)]
+    for index, value in ((0, 0.0), (1, 0.0), (1, top)):  # one coordinate held at a bound
+        free = 1 - index
+        x = np.zeros(2)
+        x[index] = value
+        x[free] = -(b[free] + c[free, index] * value) / c[free, free]
+        candidates.append(x)
+    candidates += [np.array([0.0, 0.0]), np.array([0.0, top])]
+    feasible = [x for x in candidates if x[0] >= -1e-12 and -1e-12 <= x[1] <= top + 1e-12]
+    return min(feasible, key=lambda x: 0.5 * x @ c @ x + b @ x)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bounded_solve_is_the_box_minimum(seed):
+    """With max_momentum the minimiser is over α ≥ 0, 0 ≤ μ ≤ max_momentum."""
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(2, 2))
+    c = m @ m.T + 0.1 * np.eye(2)
+    b = 3.0 * rng.normal(size=2)
+    coefficients, change = quadratic_model.solve_coefficients(
+        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(True), 1.0
+    )
+    expected = _box_minimum_by_active_sets(c, b, 1.0)
+    np.testing.assert_allclose(coefficients.numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(change), 0.5 * expected @ c @ expected + b @ expected, rtol=1e-4, atol=1e-6)
+    # Without a previous update μ = 0, α = max(−b₀/C₀₀, 0).
+    coefficients, _ = quadratic_model.solve_coefficients(
+        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(False), 1.0
+    )
+    np.testing.assert_allclose(coefficients.numpy(), [max(-b[0] / c[0, 0], 0.0), 0.0], rtol=1e-5, atol=1e-7)
+
+
 def test_numerically_parallel_directions_fall_back_to_the_one_by_one_solve():
     """Δ ∥ δ₀ makes C singular up to rounding: μ = 0 and α from the 1×1 model, not noise."""
     rng = np.random.default_rng(3)

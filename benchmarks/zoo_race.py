@@ -1,0 +1,301 @@
+"""The zoo race: default K-FAC against Adam and Muon on six common Keras models.
+
+    python benchmarks/zoo_race.py --budget default --seeds 3 --save-figures
+    python benchmarks/zoo_race.py --budget small --models mlp,convnet
+    python benchmarks/zoo_race.py --budget default --dampings --models autoencoder,convnet
+    python benchmarks/zoo_race.py --budget smoke --synthetic          # what the tests run
+
+For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
+in turns, each on its own clock, the validation loss evaluated off the clock
+at log points) of:
+
+- Adam with Keras' defaults (learning rate 1e-3), and at 3e-4 and 3e-3;
+- Muon with Keras' defaults;
+- `KFAC(model=model)` with no other argument, and `KFAC(model=model, adaptive=True)`.
+
+All runs of a race start from the same weights and see the same batches, of
+the batch size the model's Keras example uses. The targets are Adam-default's
+validation loss at the end of the budget ("converged") and at a quarter of it
+("short"); for each run the table gives the training seconds and iterations
+to its first crossing of each target, and the speedup: Adam-default's own
+seconds (iterations) to the target divided by the run's.
+
+`--dampings` races adaptive K-FAC from its default initial damping and from
+λ₀ ∈ {1e-4, …, 150} against Adam-default instead, for the table of the
+adaptive mode's sensitivity to λ₀.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")
+
+import harness as H  # noqa: E402
+import zoo  # noqa: E402
+from harness import OptimizerSpec as Spec  # noqa: E402
+
+# Training seconds per run ("smoke": iterations), log points, data size.
+BUDGETS = {
+    "smoke": dict(size="small", seconds=None, iterations=4, logs=2),
+    "small": dict(size="default", seconds={m: 8.0 for m in zoo.MODELS}, logs=8),
+    "default": dict(size="default", logs=16, seconds={
+        "mlp": 20.0, "convnet": 60.0, "resnet": 90.0, "lstm": 60.0, "transformer": 30.0, "autoencoder": 60.0}),
+}
+SHORT = 0.25  # the short budget, as a fraction of the converged one
+ADAM_DEFAULT = Spec("adam", {"learning_rate": 1e-3})
+RACE = [
+    ADAM_DEFAULT,
+    Spec("adam", {"learning_rate": 3e-4}),
+    Spec("adam", {"learning_rate": 3e-3}),
+    Spec("muon", {}),
+    Spec("kfac", {}),
+    Spec("kfac-adaptive", {}),
+]
+INITIAL_DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 150.0]
+
+
+def dampings_race() -> list[Spec]:
+    return [ADAM_DEFAULT, Spec("kfac-adaptive", {})] + [
+        Spec("kfac-adaptive", {"damping": d}) for d in INITIAL_DAMPINGS
+    ]
+
+
+def evaluator(problem: zoo.ZooProblem):
+    """The compiled loss on the validation set (what `fit`'s val_loss reports)."""
+
+    def evaluate(model: keras.Model) -> dict:
+        loss = model.evaluate(problem.x_val, problem.y_val, batch_size=1024, verbose=0)
+        return {"loss": float(np.asarray(loss).reshape(-1)[0])}
+
+    return evaluate
+
+
+def race_model(name: str, cfg: dict, specs: list[Spec], seed: int, synthetic: bool) -> list[dict]:
+    problem = zoo.problem(name, cfg["size"], synthetic=synthetic)
+    bench = H.Problem(name=name, build_model=lambda _: problem.build(), loss=problem.loss,
+                      x_train=problem.x_train, y_train=problem.y_train, evaluate=evaluator(problem))
+    keras.utils.set_random_seed(seed)
+    initial = problem.build().get_weights()
+    batch = H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
+    seconds = cfg["seconds"][name] if cfg["seconds"] else math.inf
+    runs = []
+    for spec in specs:
+        keras.utils.set_random_seed(seed)
+        runs.append(H.Run(bench, spec, batch, initial, seed, cfg.get("iterations"), seconds))
+    if math.isfinite(seconds):
+        H.race(runs, H.log_points(seconds, cfg["logs"]), f"{name} seed {seed}")
+    else:
+        points = sorted({max(1, cfg["iterations"] * (i + 1) // cfg["logs"]) for i in range(cfg["logs"])})
+        H.race(runs, [], f"{name} seed {seed}", iter_points=points)
+    return [r.summary() for r in runs]
+
+
+def trained(curve: dict) -> dict:
+    """The curve without its point before the first step: a target counts as reached by training."""
+    keep = [i for i, it in enumerate(curve["iterations"]) if it > 0]
+    return {key: [values[i] for i in keep] for key, values in curve.items()}
+
+
+def analyse(summaries: list[dict]) -> dict:
+    """Adam-default's short and converged targets; every run's seconds, iterations and speedups to them."""
+    reference = next(s for s in summaries if s["name"] == ADAM_DEFAULT.name)
+    curve = trained(reference["curve"])
+    end = curve["seconds"][-1]
+    targets = {"converged": curve["loss"][-1]}
+    short = H.value_at(curve["seconds"], curve["loss"], SHORT * end)
+    if short is not None and math.isfinite(end) and end > 0:
+        targets["short"] = short
+    own = {label: {key: H.first_crossing(curve[key], curve["loss"], target) for key in ("seconds", "iterations")}
+           for label, target in targets.items()}
+    rows = {}
+    for s in summaries:
+        c = trained(s["curve"])
+        row = {"family": s["family"], "final_loss": c["loss"][-1], "diverged": s["diverged"],
+               "iterations": s["iterations"], "median_step_ms": 1e3 * s["median_step_seconds"], "to": {}}
+        for label, target in targets.items():
+            reached = {key: H.first_crossing(c[key], c["loss"], target) for key in ("seconds", "iterations")}
+            row["to"][label] = {
+                **reached,
+                **{f"{key}_speedup": (own[label][key] / reached[key]) if reached[key] and own[label][key] else None
+                   for key in ("seconds", "iterations")},
+            }
+        rows[s["name"]] = row
+    return {"targets": targets, "rows": rows}
+
+
+def model_table(name: str, analyses: dict[int, dict]) -> str:
+    """One model: per run, the median over seeds of seconds, iterations and speedups to each target."""
+    first = next(iter(analyses.values()))
+    labels = list(first["targets"])
+    header = ["run", "final val loss", "ms/step"]
+    for label in labels:
+        header += [f"s to {label}", f"iters to {label}", "× (s)", "× (iters)"]
+    rows = []
+    for run in first["rows"]:
+        per_seed = [a["rows"][run] for a in analyses.values()]
+        cells = [run, H.fmt(np.median([r["final_loss"] for r in per_seed]), ".4f"),
+                 H.fmt(np.median([r["median_step_ms"] for r in per_seed]), ".1f")]
+        for label in labels:
+            values = [r["to"][label] for r in per_seed]
+            for key, spec in (("seconds", ".1f"), ("iterations", ".0f"), ("seconds_speedup", ".2f"),
+                              ("iterations_speedup", ".2f")):
+                cells.append(_median_cell([v[key] for v in values], spec))
+        rows.append(cells)
+    targets = ", ".join(f"{label} {np.median([a['targets'][label] for a in analyses.values()]):.4f}"
+                        for label in labels)
+    return (f"### {name}\n\nAdam-default's validation loss (median over seeds): {targets}. Medians over "
+            f"{len(analyses)} seed(s); '—' = not reached in every seed (the count reached is given).\n\n"
+            + H.markdown_table(header, rows))
+
+
+def _median_cell(values: list, spec: str) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "—"
+    cell = format(float(np.median(reached)), spec)
+    return cell if len(reached) == len(values) else f"{cell} ({len(reached)}/{len(values)})"
+
+
+def summary_table(results: dict[str, dict[int, dict]], label: str) -> tuple[str, dict]:
+    """Per model, default K-FAC's seconds speedup to Adam-default's target: min / median / max over seeds."""
+    rows, medians = [], {}
+    for name, analyses in results.items():
+        cells = [name]
+        for run in (Spec("kfac", {}).name, Spec("kfac-adaptive", {}).name, "muon", "adam[learning_rate=0.003]"):
+            speedups = [a["rows"][run]["to"][label]["seconds_speedup"]
+                        for a in analyses.values() if run in a["rows"] and label in a["targets"]]
+            cells.append(_spread(speedups))
+            if run == "kfac":
+                medians[name] = _median_or_zero(speedups)
+        iteration = [a["rows"]["kfac"]["to"][label]["iterations_speedup"] for a in analyses.values()
+                     if label in a["targets"]]
+        cells.insert(2, _spread(iteration))
+        rows.append(cells)
+    finite = [v for v in medians.values() if v > 0]
+    geo = math.exp(np.mean(np.log(finite))) if len(finite) == len(medians) and finite else None
+    table = H.markdown_table(
+        ["model", "K-FAC default × (s)", "K-FAC default × (iters)", "K-FAC adaptive × (s)", "Muon × (s)",
+         "Adam 3e-3 × (s)"], rows)
+    return table, {"medians": medians, "geometric_mean": geo,
+                   "ahead": sum(v > 1 for v in medians.values()), "models": len(medians)}
+
+
+def _spread(values: list) -> str:
+    reached = [v for v in values if v]
+    if not reached:
+        return "not reached"
+    text = f"{np.median(reached):.2f} ({min(reached):.2f}–{max(reached):.2f})" if len(reached) > 1 \
+        else f"{reached[0]:.2f}"
+    return text if len(reached) == len(values) else f"{text}, {len(values) - len(reached)} not reached"
+
+
+def _median_or_zero(values: list) -> float:
+    return float(np.median([v or 0.0 for v in values])) if values else 0.0
+
+
+def plot_summary(results: dict[str, dict[int, dict]], path: Path) -> None:
+    """Default and adaptive K-FAC's seconds speedups to Adam-default's converged target, per model and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(results)
+    fig, axis = plt.subplots(figsize=(7.5, 3.4))
+    for offset, (run, color) in enumerate(((Spec("kfac", {}).name, "C0"), (Spec("kfac-adaptive", {}).name, "C1"),
+                                           ("muon", "C2"), ("adam[learning_rate=0.003]", "C3"))):
+        for index, name in enumerate(names):
+            values = [a["rows"][run]["to"]["converged"]["seconds_speedup"] or 0.05
+                      for a in results[name].values() if run in a["rows"]]
+            xs = [index + 0.2 * (offset - 1.5)] * len(values)
+            axis.scatter(xs, values, color=color, s=18, label=run if index == 0 else None)
+    axis.axhline(1.0, color="gray", lw=0.8)
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("speedup over Adam-default (s)")
+    axis.set_title("Seconds to Adam-default's final validation loss, relative to Adam-default "
+                   "(per seed; at 0.05: not reached)", fontsize=8)
+    axis.legend(fontsize=7, ncol=4, frameon=False)
+    axis.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--budget", default="default", choices=list(BUDGETS))
+    parser.add_argument("--models", default=",".join(zoo.MODELS), help="comma-separated zoo models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds from --seed on")
+    parser.add_argument("--dampings", action="store_true",
+                        help="adaptive K-FAC from its default λ₀ and from λ₀ = 1e-4 … 150, against Adam-default")
+    parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
+    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
+    args = parser.parse_args(argv)
+    cfg = BUDGETS[args.budget]
+    kind = "zoo-dampings" if args.dampings else "zoo"
+    out_dir = Path(args.out_dir) if args.out_dir else HERE / "results"
+    out_dir = out_dir / kind / args.budget
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = dampings_race() if args.dampings else RACE
+    started = time.time()
+    runs, results = {}, {}
+    for name in args.models.split(","):
+        for seed in range(args.seed, args.seed + args.seeds):
+            summaries = race_model(name, cfg, specs, seed, args.synthetic)
+            runs.setdefault(name, {})[seed] = summaries
+            results.setdefault(name, {})[seed] = analyse(summaries)
+    text = [f"## {kind} — budget `{args.budget}`, seeds {args.seed}–{args.seed + args.seeds - 1}, "
+            f"wall time {time.time() - started:.0f} s\n"]
+    payload = {"budget": args.budget, "settings": cfg, "short_fraction": SHORT, "results": results, "runs": runs}
+    if not args.dampings:
+        for label in ("converged", "short"):
+            table, verdict = summary_table(results, label)
+            payload[f"summary_{label}"] = verdict
+            geo = H.fmt(verdict["geometric_mean"], ".2f")
+            text.append(f"Speedup in seconds (iterations) to Adam-default's {label} validation loss, median "
+                        f"(min–max) over seeds: K-FAC default ahead of Adam-default on {verdict['ahead']} of "
+                        f"{verdict['models']} models, geometric mean of the medians {geo}×.\n\n{table}\n")
+    text += [model_table(name, analyses) for name, analyses in results.items()]
+    table = "\n\n".join(text)
+    print("\n" + table, flush=True)
+    (out_dir / "table.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=H.json_default))
+    pngs = []
+    for name, by_seed in runs.items():
+        curves = {s["name"]: s["curve"] for s in by_seed[args.seed]}
+        png = out_dir / f"{name}_val_loss.png"
+        H.plot_curves(curves, png, f"{name}: validation loss, seed {args.seed}", ylabel="validation loss")
+        pngs.append(png)
+    if not args.dampings:
+        pngs.append(out_dir / "speedups.png")
+        plot_summary(results, pngs[-1])
+    if args.save_figures:
+        (HERE / "figures").mkdir(exist_ok=True)
+        for png in pngs:
+            (HERE / "figures" / f"{kind}_{args.budget}_{png.name}").write_bytes(png.read_bytes())
+    print(f"wrote {out_dir}/table.md, results.json and {len(pngs)} plots", flush=True)
+
+
+if __name__ == "__main__":
+    main()

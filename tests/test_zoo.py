@@ -1,0 +1,100 @@
+"""The model zoo with K-FAC's defaults: every weight stays finite, and the zoo race runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_kfac
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import zoo  # noqa: E402
+
+SEEDS = (0, 1, 2)
+BATCH_SIZES = {32: 10, 128: 6, 1000: 2}  # batch size: steps
+CONFIGS = {
+    "default": {},
+    "fixed": dict(learning_rate=0.1, damping=1e-2, momentum=0.9),
+}
+
+
+def _fresh_state(problem: zoo.ZooProblem, seed: int) -> list:
+    keras.utils.set_random_seed(seed)
+    return problem.build().get_weights()
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_every_weight_stays_finite(name, config):
+    """Small versions of every zoo model × 3 seeds × batch sizes 32, 128 and 1000.
+
+    One compiled model per case: each (seed, batch size) starts from that
+    seed's initial weights and from the optimizer's initial state.
+    """
+    problem = zoo.problem(name, "small", synthetic=True)
+    keras.utils.set_random_seed(0)
+    model = problem.build()
+    opt = keras_kfac.KFAC(model=model, seed=0, **CONFIGS[config])
+    model.compile(optimizer=opt, loss=problem.loss)
+    opt.build(model.trainable_variables)
+    initial_state = [np.array(v.numpy()) for v in opt.variables]
+    for seed in SEEDS:
+        weights = _fresh_state(problem, seed)
+        for batch_size, steps in BATCH_SIZES.items():
+            model.set_weights(weights)
+            for variable, value in zip(opt.variables, initial_state):
+                variable.assign(value)
+            keras.utils.set_random_seed(seed)
+            history = model.fit(problem.x_train, problem.y_train, batch_size=batch_size, epochs=1,
+                                steps_per_epoch=steps, verbose=0)
+            assert int(opt.iterations.numpy()) == steps
+            finite = [bool(np.all(np.isfinite(w))) for w in model.get_weights()]
+            assert all(finite), (name, config, seed, batch_size)
+            assert np.isfinite(history.history["loss"][-1]), (name, config, seed, batch_size)
+
+
+def test_zoo_data_and_models_are_what_the_examples_build():
+    x, y = zoo.addition_data(64, seed=0)
+    chars = zoo.ADDITION_CHARS
+    for question, answer in zip(x, y):
+        text = "".join(chars[i] for i in question.argmax(-1))[::-1].strip()
+        a, b = (int(v) for v in text.split("+"))
+        assert "".join(chars[i] for i in answer.argmax(-1)).strip() == str(a + b)
+    tokens, labels = zoo.sentiment_data(200, seed=0, vocabulary=30, length=10)
+    polarity = np.zeros(30)
+    third = 28 // 3
+    polarity[2:2 + third], polarity[2 + third:2 + 2 * third] = 1.0, -1.0
+    sign = np.where(np.roll(tokens, 1, axis=1) == zoo.NEGATION, -1.0, 1.0)
+    sign[:, 0] = 1.0
+    np.testing.assert_array_equal(labels, ((polarity[tokens] * sign).sum(1) > 0).astype(np.int32))
+    counts = {name: zoo.problem(name, "default", synthetic=True).build().count_params() for name in
+              ("mlp", "convnet", "autoencoder")}
+    # keras.io's "Simple MNIST convnet" has 34,826 parameters; the paper's autoencoder 2.84 M.
+    assert counts == {"mlp": 235146, "convnet": 34826, "autoencoder": 2837314}
+
+
+def test_zoo_race_smoke(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "zoo_race.py"), "--budget", "smoke", "--synthetic",
+         "--models", "mlp", "--out-dir", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    results = json.loads((tmp_path / "zoo" / "smoke" / "results.json").read_text())
+    rows = results["results"]["mlp"]["0"]["rows"]
+    assert set(rows) == {"adam[learning_rate=0.001]", "adam[learning_rate=0.0003]", "adam[learning_rate=0.003]",
+                         "muon", "kfac", "kfac-adaptive"}
+    reference = rows["adam[learning_rate=0.001]"]["to"]["converged"]
+    assert reference["iterations_speedup"] == pytest.approx(1.0)
+    assert (tmp_path / "zoo" / "smoke" / "speedups.png").exists()
+    assert "geometric mean" in (tmp_path / "zoo" / "smoke" / "table.md").read_text()
