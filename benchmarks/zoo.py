@@ -2,7 +2,8 @@
 
 Each entry gives a model builder, its compiled loss, its data (Fashion-MNIST,
 or generated) and the batch size its example uses. ``size="small"`` shrinks
-widths and data so that the tests can train every model in seconds.
+widths and data (images to 14×14) so that the tests can train every model
+in seconds.
 
 - ``mlp``: a relu MLP classifier, 784-256-128-10 with a softmax output.
 - ``convnet``: keras.io's "Simple MNIST convnet" (Conv2D 32 → MaxPool →
@@ -52,9 +53,10 @@ class ZooProblem:
 # --------------------------------------------------------------------- data
 
 
-def _images(size: str, flatten: bool, n_train: int, n_val: int, synthetic: bool):
-    """Fashion-MNIST in [0, 1] (or blurry random blobs of its shapes with ``synthetic``)."""
-    shape = (784,) if flatten else (28, 28, 1)
+def _images(flatten: bool, n_train: int, n_val: int, synthetic: bool, side: int = 28):
+    """Fashion-MNIST in [0, 1] (or blurry random blobs of its shapes with
+    ``synthetic``), 2×2-average-pooled when ``side`` is 14."""
+    shape = (side * side,) if flatten else (side, side, 1)
     if synthetic:
         rng = np.random.default_rng(1234)
         base = rng.uniform(size=(10,) + shape).astype(np.float32)
@@ -65,7 +67,12 @@ def _images(size: str, flatten: bool, n_train: int, n_val: int, synthetic: bool)
     from keras_kfac.datasets import fashion_mnist_arrays
 
     (x, y), (xt, yt) = fashion_mnist_arrays(flatten=flatten, num_train=n_train)
-    return x, y.astype(np.int32), xt[:n_val], yt[:n_val].astype(np.int32)
+    xt = xt[:n_val]
+    if side != 28:
+        pool = lambda images: images.reshape(-1, side, 28 // side, side, 28 // side).mean((2, 4)).reshape(
+            (-1,) + shape)
+        x, xt = pool(x), pool(xt)
+    return x, y.astype(np.int32), xt, yt[:n_val].astype(np.int32)
 
 
 ADDITION_DIGITS = 3
@@ -127,17 +134,17 @@ def sentiment_data(count: int, seed: int, vocabulary: int, length: int) -> tuple
 # ------------------------------------------------------------------- models
 
 
-def mlp(hidden=(256, 128)) -> keras.Model:
+def mlp(hidden=(256, 128), side: int = 28) -> keras.Model:
     return keras.Sequential(
-        [keras.Input((784,))]
+        [keras.Input((side * side,))]
         + [layers.Dense(units, activation="relu") for units in hidden]
         + [layers.Dense(10, activation="softmax")]
     )
 
 
-def convnet(filters=(32, 64)) -> keras.Model:
+def convnet(filters=(32, 64), side: int = 28) -> keras.Model:
     return keras.Sequential([
-        keras.Input((28, 28, 1)),
+        keras.Input((side, side, 1)),
         layers.Conv2D(filters[0], kernel_size=(3, 3), activation="relu"),
         layers.MaxPooling2D(pool_size=(2, 2)),
         layers.Conv2D(filters[1], kernel_size=(3, 3), activation="relu"),
@@ -161,8 +168,8 @@ def _residual_block(x, filters: int, strides: int):
     return layers.Activation("relu")(layers.Add()([y, shortcut]))
 
 
-def resnet(filters=(16, 32, 64)) -> keras.Model:
-    inputs = keras.Input((28, 28, 1))
+def resnet(filters=(16, 32, 64), side: int = 28) -> keras.Model:
+    inputs = keras.Input((side, side, 1))
     x = layers.Conv2D(filters[0], 3, padding="same", use_bias=False)(inputs)
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
@@ -229,12 +236,12 @@ def transformer(vocabulary: int, length: int, embed_dim: int = 32, num_heads: in
     return keras.Model(inputs, outputs, name="transformer")
 
 
-def autoencoder(widths=(1000, 500, 250, 30)) -> keras.Model:
+def autoencoder(widths=(1000, 500, 250, 30), side: int = 28) -> keras.Model:
     """784-widths-mirror-784, tanh units, a linear code and logits out (Glorot initialisation)."""
     hidden = [layers.Dense(w, activation="tanh") for w in widths[:-1]]
     mirror = [layers.Dense(w, activation="tanh") for w in reversed(widths[:-1])]
     return keras.Sequential(
-        [keras.Input((784,)), *hidden, layers.Dense(widths[-1]), *mirror, layers.Dense(784)]
+        [keras.Input((side * side,)), *hidden, layers.Dense(widths[-1]), *mirror, layers.Dense(side * side)]
     )
 
 
@@ -249,18 +256,19 @@ def problem(name: str, size: str = "default", synthetic: bool = False) -> ZooPro
         raise ValueError(f"unknown size {size!r}; one of {SIZES}")
     small = size == "small"
     n_train, n_val = (2048, 128) if small else (20000, 5000)
+    side = 14 if small else 28
     if name == "mlp":
-        x, y, xv, yv = _images(size, True, n_train, n_val, synthetic)
-        return ZooProblem(name, lambda: mlp((32, 16) if small else (256, 128)),
+        x, y, xv, yv = _images(True, n_train, n_val, synthetic, side)
+        return ZooProblem(name, lambda: mlp((32, 16) if small else (256, 128), side),
                           "sparse_categorical_crossentropy", x, y, xv, yv, 128)
     if name == "convnet":
-        x, y, xv, yv = _images(size, False, n_train, n_val, synthetic)
+        x, y, xv, yv = _images(False, n_train, n_val, synthetic, side)
         one_hot = lambda labels: keras.utils.to_categorical(labels, 10).astype(np.float32)
-        return ZooProblem(name, lambda: convnet((4, 8) if small else (32, 64)),
+        return ZooProblem(name, lambda: convnet((4, 8) if small else (32, 64), side),
                           "categorical_crossentropy", x, one_hot(y), xv, one_hot(yv), 128)
     if name == "resnet":
-        x, y, xv, yv = _images(size, False, n_train, n_val, synthetic)
-        return ZooProblem(name, lambda: resnet((4, 8, 8) if small else (16, 32, 64)),
+        x, y, xv, yv = _images(False, n_train, n_val, synthetic, side)
+        return ZooProblem(name, lambda: resnet((4, 8, 8) if small else (16, 32, 64), side),
                           "sparse_categorical_crossentropy", x, y, xv, yv, 128)
     if name == "lstm":
         x, y = addition_data(n_train + n_val, seed=7)
@@ -272,6 +280,6 @@ def problem(name: str, size: str = "default", synthetic: bool = False) -> ZooPro
         build = lambda: transformer(vocabulary, length, *((8, 2, 8) if small else (32, 2, 32)))
         return ZooProblem(name, build, "sparse_categorical_crossentropy",
                           x[:n_train], y[:n_train], x[n_train:], y[n_train:], 32)
-    x, _, xv, _ = _images(size, True, n_train, n_val, synthetic)
-    return ZooProblem(name, lambda: autoencoder((32, 16, 8, 4) if small else (1000, 500, 250, 30)),
+    x, _, xv, _ = _images(True, n_train, n_val, synthetic, side)
+    return ZooProblem(name, lambda: autoencoder((32, 16, 8, 4) if small else (1000, 500, 250, 30), side),
                       keras.losses.BinaryCrossentropy(from_logits=True), x, x, xv, xv, 1000)

@@ -4,6 +4,8 @@
     python benchmarks/zoo_race.py --budget small --models mlp,convnet
     python benchmarks/zoo_race.py --budget default --dampings --models autoencoder,convnet
     python benchmarks/zoo_race.py --budget smoke --synthetic          # what the tests run
+    python benchmarks/zoo_race.py --candidates                         # how the defaults were chosen
+    python benchmarks/zoo_race.py --profile                            # where a default step's time goes
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -23,6 +25,19 @@ seconds (iterations) to the target divided by the run's.
 `--dampings` races adaptive K-FAC from its default initial damping and from
 λ₀ ∈ {1e-4, …, 150} against Adam-default instead, for the table of the
 adaptive mode's sensitivity to λ₀.
+
+`--candidates` trains the candidate settings of the default step for a fixed
+number of iterations on four of the models (the LSTM's and the ResNet's
+curvature blocks cover little or cost much, see BENCHMARKS.md) and reports
+their iterations to Adam-default's validation loss: the measurement the
+defaults were chosen by. Their cost per step is the zoo race's business.
+
+`--profile` times one step of Adam and of default K-FAC on every model, and
+of default K-FAC with the statistics and inverses never refreshed: the
+difference between Adam and the latter is what preconditioning (and the
+update's bookkeeping) costs on every step, the rest is the statistics and
+inverses amortised over their periods. Steps are taken in turns (5 rounds
+of 20 steps after 12 warm-up steps, alternating the order); medians.
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ tf.get_logger().setLevel("ERROR")
 
 import harness as H  # noqa: E402
 import zoo  # noqa: E402
+from keras_kfac.optimizer import DEFAULT_STEP  # noqa: E402
 from harness import OptimizerSpec as Spec  # noqa: E402
 
 # Training seconds per run ("smoke": iterations), log points, data size.
@@ -69,6 +85,81 @@ RACE = [
     Spec("kfac-adaptive", {}),
 ]
 INITIAL_DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 150.0]
+# The default step and its neighbours, each changing one thing. The default
+# step is spelled out: a learning rate or momentum alone would select the
+# earlier defaults for the rest.
+def _step(**change) -> Spec:
+    return Spec("kfac", dict(DEFAULT_STEP, **change))
+
+
+CANDIDATES = [
+    ADAM_DEFAULT,
+    Spec("kfac", {}),
+    _step(momentum=0.9),
+    _step(momentum=0.0),
+    _step(norm_constraint=1e-4),
+    _step(norm_constraint=1e-2),
+    _step(relative_damping=0.3),
+    _step(relative_damping=30.0),
+    _step(statistics_update_period=1, inverse_update_period=10),
+    _step(statistics_update_period=10, inverse_update_period=50),
+    Spec("kfac", {"learning_rate": 0.1, "momentum": 0.9, "damping": 1e-2, "norm_constraint": 1e-3}),
+    Spec("kfac-adaptive", {}),
+]
+CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
+
+
+PROFILE = [
+    ("Adam", ADAM_DEFAULT),
+    ("K-FAC default", Spec("kfac", {})),
+    ("K-FAC, statistics and inverses never refreshed",
+     Spec("kfac", {"statistics_update_period": 10**9, "inverse_update_period": 10**9})),
+    ("K-FAC, statistics every step, inverses every 10", Spec("kfac", {"statistics_update_period": 1,
+                                                                      "inverse_update_period": 10})),
+]
+
+
+def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
+    """The zoo model ``name`` as a harness problem, its seeded initial weights and batch schedule."""
+    problem = zoo.problem(name, cfg["size"], synthetic=synthetic)
+    bench = H.Problem(name=name, build_model=lambda _: problem.build(), loss=problem.loss,
+                      x_train=problem.x_train, y_train=problem.y_train, evaluate=evaluator(problem))
+    keras.utils.set_random_seed(seed)
+    initial = problem.build().get_weights()
+    return bench, initial, H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
+
+
+def profile_model(name: str, cfg: dict, seed: int, synthetic: bool) -> dict:
+    """Median seconds per step of the `PROFILE` variants on one zoo model."""
+    bench, initial, batch = _setup(name, cfg, seed, synthetic)
+    runs = []
+    for label, spec in PROFILE:
+        keras.utils.set_random_seed(seed)
+        runs.append((label, H.Run(bench, spec, batch, initial, seed, None, math.inf)))
+    for _, run in runs:
+        for _ in range(12):
+            run.step()
+    times = {label: [] for label, _ in runs}
+    for round_index in range(5):
+        for label, run in runs if round_index % 2 == 0 else runs[::-1]:
+            start = time.perf_counter()
+            for _ in range(20):
+                run.step()
+            times[label].append((time.perf_counter() - start) / 20)
+    return {label: float(np.median(values)) for label, values in times.items()}
+
+
+def profile_table(profiles: dict[str, dict]) -> str:
+    rows = []
+    for name, ms in profiles.items():
+        adam, default, frozen = ms["Adam"], ms["K-FAC default"], ms[PROFILE[2][0]]
+        every = ms[PROFILE[3][0]]
+        rows.append([name, f"{1e3 * adam:.1f}", f"{1e3 * default:.1f}", f"{default / adam:.2f}",
+                     f"{1e3 * (frozen - adam):.1f}", f"{1e3 * (default - frozen):.1f}",
+                     f"{1e3 * every:.1f}", f"{every / adam:.2f}"])
+    return H.markdown_table(
+        ["model", "Adam ms/step", "K-FAC ms/step", "÷ Adam", "preconditioning + bookkeeping ms",
+         "statistics + inverses ms (amortised)", "K-FAC, statistics every step ms", "÷ Adam"], rows)
 
 
 def dampings_race() -> list[Spec]:
@@ -88,12 +179,7 @@ def evaluator(problem: zoo.ZooProblem):
 
 
 def race_model(name: str, cfg: dict, specs: list[Spec], seed: int, synthetic: bool) -> list[dict]:
-    problem = zoo.problem(name, cfg["size"], synthetic=synthetic)
-    bench = H.Problem(name=name, build_model=lambda _: problem.build(), loss=problem.loss,
-                      x_train=problem.x_train, y_train=problem.y_train, evaluate=evaluator(problem))
-    keras.utils.set_random_seed(seed)
-    initial = problem.build().get_weights()
-    batch = H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
+    bench, initial, batch = _setup(name, cfg, seed, synthetic)
     seconds = cfg["seconds"][name] if cfg["seconds"] else math.inf
     runs = []
     for spec in specs:
@@ -244,31 +330,55 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--budget", default="default", choices=list(BUDGETS))
     parser.add_argument("--models", default=",".join(zoo.MODELS), help="comma-separated zoo models")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="training seconds of every model instead of the budget's (folder <budget>-<seconds>s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds from --seed on")
     parser.add_argument("--dampings", action="store_true",
                         help="adaptive K-FAC from its default λ₀ and from λ₀ = 1e-4 … 150, against Adam-default")
+    parser.add_argument("--candidates", action="store_true",
+                        help="the default step's candidate settings, for a fixed number of iterations")
+    parser.add_argument("--profile", action="store_true", help="time the default step's parts on every model")
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
     args = parser.parse_args(argv)
-    cfg = BUDGETS[args.budget]
-    kind = "zoo-dampings" if args.dampings else "zoo"
+    cfg, folder = BUDGETS[args.budget], args.budget
+    if args.seconds is not None:
+        cfg, folder = dict(cfg, seconds={m: args.seconds for m in zoo.MODELS}), f"{args.budget}-{args.seconds:g}s"
+    kind, specs = "zoo", RACE
+    if args.dampings:
+        kind, specs = "zoo-dampings", dampings_race()
+    if args.candidates:
+        kind, specs = "zoo-candidates", CANDIDATES
+        if args.models == parser.get_default("models"):
+            args.models = ",".join(CANDIDATE_ITERATIONS)
+    if args.profile:
+        kind = "zoo-profile"
     out_dir = Path(args.out_dir) if args.out_dir else HERE / "results"
-    out_dir = out_dir / kind / args.budget
+    out_dir = out_dir / kind / folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = dampings_race() if args.dampings else RACE
+    if args.profile:
+        profiles = {name: profile_model(name, cfg, args.seed, args.synthetic) for name in args.models.split(",")}
+        table = f"## zoo-profile — budget `{folder}`\n\n" + profile_table(profiles)
+        print("\n" + table, flush=True)
+        (out_dir / "table.md").write_text(table + "\n")
+        (out_dir / "results.json").write_text(json.dumps({"seconds_per_step": profiles}, indent=1))
+        return
     started = time.time()
     runs, results = {}, {}
     for name in args.models.split(","):
+        model_cfg = cfg
+        if args.candidates:
+            model_cfg = dict(cfg, seconds=None, iterations=CANDIDATE_ITERATIONS[name], logs=12)
         for seed in range(args.seed, args.seed + args.seeds):
-            summaries = race_model(name, cfg, specs, seed, args.synthetic)
+            summaries = race_model(name, model_cfg, specs, seed, args.synthetic)
             runs.setdefault(name, {})[seed] = summaries
             results.setdefault(name, {})[seed] = analyse(summaries)
-    text = [f"## {kind} — budget `{args.budget}`, seeds {args.seed}–{args.seed + args.seeds - 1}, "
+    text = [f"## {kind} — budget `{folder}`, seeds {args.seed}–{args.seed + args.seeds - 1}, "
             f"wall time {time.time() - started:.0f} s\n"]
-    payload = {"budget": args.budget, "settings": cfg, "short_fraction": SHORT, "results": results, "runs": runs}
-    if not args.dampings:
+    payload = {"budget": folder, "settings": cfg, "short_fraction": SHORT, "results": results, "runs": runs}
+    if kind == "zoo":
         for label in ("converged", "short"):
             table, verdict = summary_table(results, label)
             payload[f"summary_{label}"] = verdict
@@ -287,13 +397,13 @@ def main(argv=None) -> None:
         png = out_dir / f"{name}_val_loss.png"
         H.plot_curves(curves, png, f"{name}: validation loss, seed {args.seed}", ylabel="validation loss")
         pngs.append(png)
-    if not args.dampings:
+    if kind == "zoo":
         pngs.append(out_dir / "speedups.png")
         plot_summary(results, pngs[-1])
     if args.save_figures:
         (HERE / "figures").mkdir(exist_ok=True)
         for png in pngs:
-            (HERE / "figures" / f"{kind}_{args.budget}_{png.name}").write_bytes(png.read_bytes())
+            (HERE / "figures" / f"{kind}_{folder}_{png.name}").write_bytes(png.read_bytes())
     print(f"wrote {out_dir}/table.md, results.json and {len(pngs)} plots", flush=True)
 
 

@@ -22,12 +22,6 @@ _EAGER_MESSAGE = (
     "model with run_eagerly=False (the default) and train with model.fit or "
     "model.train_on_batch."
 )
-_NO_MODEL_MESSAGE = (
-    "KFAC was created without `model=`, so it met its model only when Keras built it "
-    "inside the first training step, too late to record that step's activations. "
-    "Create it with the model it trains: `KFAC(model=model, ...)`, or "
-    "`KFAC(model=model, **config)` for one made from a configuration."
-)
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 # The default step (no learning rate, momentum or adaptation given), chosen
 # on the model zoo (BENCHMARKS.md, "Defaults").
@@ -88,10 +82,14 @@ class KFAC(keras.optimizers.Optimizer):
     and the update is ``δ = α Δ + μ δ₀`` (δ₀ the previous update), ``θ ← θ + δ``:
 
     - by default, and with a ``learning_rate`` or ``momentum`` given, α is the
-      learning rate shortened so that α²ΔᵀF̆Δ ≤ ``norm_constraint`` (a trust
-      region in the model's predictions: "KL clipping", Ba et al. 2017), μ is
-      ``momentum`` and γ = sqrt(λ + l2_reg), with λ a fixed multiple of the
-      factored Fisher's mean eigenvalue unless ``damping`` is given;
+      learning rate, shortened so that α²ΔᵀF̆Δ ≤ ``norm_constraint`` when one
+      is set (a trust region in the model's predictions: "KL clipping", Ba et
+      al. 2017), μ is ``momentum`` and γ = sqrt(λ + l2_reg), with λ a fixed
+      multiple of the factored Fisher's mean eigenvalue unless ``damping`` is
+      given. With neither given, the drop-in step: lr 1, μ 0.5, C 1e-3,
+      statistics every 5th step, inverses every 25 (``DEFAULT_STEP``); with
+      either given, the unset ones keep their earlier defaults (lr 0.01,
+      μ 0.9, no constraint, periods 1 and 10: ``CLASSIC_STEP``);
     - with ``adaptive=True`` (the paper's recipe), α and μ minimise the quadratic
       model of the loss under the exact mini-batch Fisher [KFAC §7], the damping
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
@@ -120,17 +118,19 @@ class KFAC(keras.optimizers.Optimizer):
             ``load_model`` rebuilds it.
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule
             (default 1.0: the natural-gradient step, within the norm
-            constraint). Not used with the quadratic model.
+            constraint; 0.01 when only ``momentum`` is given). Not used with
+            the quadratic model.
         damping: Tikhonov damping λ ≥ 0 [KFAC §6] (with ``adapt_damping``, its
             initial value). None: ``relative_damping`` times the mean
             eigenvalue of the factored Fisher, set at the first step and, with
-            a fixed learning rate, at each refresh of the inverses.
-        momentum: heavy-ball μ in [0, 1) (default 0.5). Not used with the
-            quadratic model, which chooses μ.
+            a fixed learning rate, every ``inverse_update_period`` steps.
+        momentum: heavy-ball μ in [0, 1) (default 0.5; 0.9 when only
+            ``learning_rate`` is given). Not used with the quadratic model,
+            which chooses μ.
         ema_decay: ε_max in [0, 1) of the factors' moving averages [KFAC §5].
         inverse_update_period: steps between recomputations of the damped
-            inverses T₃ (default 25; also after each of the first 3 statistics
-            updates).
+            inverses T₃ (default 25, 10 outside the drop-in step; also after
+            each of the first 3 statistics updates).
         estimation_mode: ``"sampled"`` (targets drawn from the model: the true
             Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the
             expectation over the predictive distribution, one backward pass per
@@ -138,8 +138,8 @@ class KFAC(keras.optimizers.Optimizer):
         l2_reg: coefficient η ≥ 0 of an l2 penalty ½η‖θ‖² added to the
             objective (η·θ in the gradient) and to the damping (λ + η).
         norm_constraint: C > 0 scales the fixed-learning-rate step so that
-            ``lr² ΔᵀF̆Δ ≤ C`` ("KL clipping", Ba et al. 2017); default 1e-3,
-            ``math.inf`` turns it off. Not used with the quadratic model.
+            ``lr² ΔᵀF̆Δ ≤ C`` ("KL clipping", Ba et al. 2017); default 1e-3
+            (none outside the drop-in step), ``math.inf`` turns it off. Not used with the quadratic model.
         adaptive: turns on ``use_quadratic_model``, ``adapt_damping`` and
             ``adapt_gamma`` together (each can still be set on its own).
         use_quadratic_model: choose α and μ from the exact-Fisher quadratic model.
@@ -167,7 +167,8 @@ class KFAC(keras.optimizers.Optimizer):
             forward and backward pass of that fraction alone (where the model
             has BatchNormalization, it normalises with that fraction's
             statistics in this pass).
-        statistics_update_period: T_cov ≥ 1 (default 5): the factor
+        statistics_update_period: T_cov ≥ 1 (default 5, 1 outside the
+            drop-in step): the factor
             statistics are estimated on every T_cov-th step only (the others
             skip their passes and products); the moving average counts these
             updates.
@@ -372,8 +373,6 @@ class KFAC(keras.optimizers.Optimizer):
             # earlier KFAC hooked this model already: that step is spent hooking
             # it, and the training function is traced again for the next one.
             if model is not None and tf.inside_function() and not getattr(model, "_kfac_hooked", False):
-                if not hasattr(model, "make_train_function"):
-                    raise RuntimeError(_NO_MODEL_MESSAGE)
                 self._unrecorded_step = True
                 model.make_train_function(force=True)
             if model is not None:
@@ -485,14 +484,14 @@ class KFAC(keras.optimizers.Optimizer):
         variables = [v for v, o in zip(trainable_variables, own) if o]
         own_grads = [g for g, o in zip(grads, own) if o]
         batch = self._take_records()
-        step = _Step(self, batch, variables, own_grads)
         self._update_curvature(batch, grads_finite)
+        step = _Step(self, batch, variables, own_grads)
         if self.adapt_gamma:
             step.adapt_gamma(learning_rate, tf.equal((self._count + 1) % self.gamma_adaptation_period, 0))
         update, coefficients, change = step.update(learning_rate)
         finite = tf.logical_and(grads_finite, curvature.all_finite(update + [coefficients, change]))
-        # θ before the update, restored exactly if the update is rejected.
-        step.before = [tf.identity(v) for v in variables] if self.adapt_damping and self.reject_below is not None else None
+        # θ before the update, restored exactly if a check rejects it.
+        before = [tf.identity(v) for v in variables] if self.adapt_damping and self.reject_below is not None else []
         for variable, velocity, delta in zip(variables, step.velocities, update):
             self.assign(velocity, tf.where(finite, delta, tf.cast(velocity, tf.float32)))
             self.assign_add(variable, tf.where(finite, delta, tf.zeros_like(delta)))
@@ -504,7 +503,7 @@ class KFAC(keras.optimizers.Optimizer):
                 self._count < self.damping_warmup,
                 tf.equal((self._count + 1) % self.damping_adaptation_period, 0),
             )
-            kept = step.adapt_damping(update, change, tf.logical_and(finite, due))
+            kept = step.adapt_damping(update, change, before, tf.logical_and(finite, due))
             finite = tf.logical_and(finite, kept)
         if not self.adapt_gamma:
             self._gamma.assign(tf.sqrt(self._damping + self.l2_reg))
@@ -645,24 +644,26 @@ class KFAC(keras.optimizers.Optimizer):
             estimates = combine(tf.cond(active, estimate_sub_batch, skip))
             tf.cond(active, lambda: update(estimates), lambda: tf.constant(False))
 
+        # The inverses: after each of the first 3 statistics updates, then every T₃ steps.
+        early = tf.logical_and(self._count < 3 * period, tf.equal(self._count % period, 0))
+        due = tf.logical_or(early, tf.equal(self._count % self.inverse_update_period, 0))
         if self.initial_damping is None and self.blocks:
-            self._set_relative_damping()
+            self._set_relative_damping(tf.equal(self._count % self.inverse_update_period, 0))
 
         def refresh_inverses() -> tf.Tensor:
             self._preconditioner.store(self._preconditioner.inverses(self._gamma))
             return tf.constant(True)
 
-        # After each of the first 3 statistics updates, then every T₃ steps.
-        early = tf.logical_and(self._count < 3 * period, tf.equal(self._count % period, 0))
-        due = tf.logical_or(early, tf.equal(self._count % self.inverse_update_period, 0))
         tf.cond(due, refresh_inverses, lambda: tf.constant(False))
 
-    def _set_relative_damping(self) -> None:
+    def _set_relative_damping(self, refresh: tf.Tensor) -> None:
         """λ = ``relative_damping`` · tr(F̃)/n, F̃ = ⊕ Ā ⊗ G the factored Fisher [KFAC §6.3].
 
         tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G is the mean eigenvalue of F̃, so
-        λ is in the units of the compiled loss whatever its scale. With a fixed
-        step λ follows it at each inverse refresh; adapted, it is only λ₀.
+        λ is in the units of the compiled loss whatever its scale. It is set at
+        the first step whose statistics are accepted (λ is 0 until then); with
+        a fixed step it then follows F̃ at every ``refresh`` (each T₃-th
+        step), adapted it is only λ₀.
         """
         traces = [
             b.input_factor.mean_eigenvalue() * b.output_factor.mean_eigenvalue()
@@ -670,10 +671,12 @@ class KFAC(keras.optimizers.Optimizer):
             for b in self.blocks
         ]
         size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
-        damping = tf.maximum(self.relative_damping * tf.add_n(traces) / float(size), self.min_damping)
-        due = tf.equal(self._count, 0)
+        mean_eigenvalue = tf.add_n(traces) / float(size)
+        damping = tf.maximum(self.relative_damping * mean_eigenvalue, self.min_damping)
+        due = tf.equal(self._damping, 0.0)
         if not self.adapt_damping:
-            due = tf.logical_or(due, tf.equal(self._count % self.inverse_update_period, 0))
+            due = tf.logical_or(due, refresh)
+        due = tf.logical_and(due, mean_eigenvalue > 0.0)
         self._damping.assign(tf.where(due, damping, self._damping))
         self._gamma.assign(tf.where(due, tf.sqrt(self._damping + self.l2_reg), self._gamma))
 
@@ -684,13 +687,7 @@ class KFAC(keras.optimizers.Optimizer):
             seed = tf.random.experimental.stateless_fold_in(seed, replicas.index_tensor())
         return seed
 
-    def _seed_states(self) -> list:
-        """The model's random-seed state variables (dropout, ...) with their current values."""
-        model = self.layer_collection.model
-        weights = {id(w) for w in model.weights}
-        return [(v, tf.convert_to_tensor(v)) for v in model.variables if id(v) not in weights]
-
-    def _forward(self, x, state_mapping=None) -> tuple[Any, dict, list]:
+    def _forward(self, x) -> tuple[Any, dict, list]:
         """The model's output on ``x`` at the current weights, its blocks' layer calls
         and the losses its layers added (activity regularization).
 
@@ -700,7 +697,7 @@ class KFAC(keras.optimizers.Optimizer):
         advance, so each pass draws its own dropout masks.
         """
         model = self.layer_collection.model
-        with keras.StatelessScope(state_mapping=state_mapping, collect_losses=True) as scope:
+        with keras.StatelessScope(collect_losses=True) as scope:
             y_pred = model(_require_inputs(x), training=True)
         weights = {id(w) for w in model.weights}
         for seed_state in (v for v in model.variables if id(v) not in weights):
@@ -853,11 +850,11 @@ class _Step:
             weight = losses.masked_sample_weight(y_pred, y, sample_weight, batch.loss)
         return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
 
-    def forward(self, x, y, sample_weight, state_mapping=None) -> tuple:
+    def forward(self, x, y, sample_weight) -> tuple:
         """The model's output and this replica's share of the training loss at the
         current weights (the whole loss without a strategy), recording nothing."""
         model = self.opt.layer_collection.model
-        y_pred, _, layer_losses = self.opt._forward(x, state_mapping)
+        y_pred, _, layer_losses = self.opt._forward(x)
         # Outside the scope, where weight regularizers read the variables; the
         # scoped pass's layer losses are added as Keras' train step adds them
         # (divided among the replicas).
@@ -868,21 +865,24 @@ class _Step:
 
     # Proposals and their quadratic model.
 
-    def proposal(self, inverses: list, learning_rate: Any) -> list[tf.Tensor]:
-        """Δ = −F̆⁻¹∇h per variable; with a fixed learning rate, norm-constrained."""
+    def proposal(self, inverses: list) -> list[tf.Tensor]:
+        """Δ = −F̆⁻¹∇h per variable [KFAC §6.3]."""
         grads = dict(zip(self.keys, self.grads))
         updates = self.opt._precondition(grads, inverses)
-        delta = [-tf.cast(updates[k], tf.float32) for k in self.keys]
-        if self.opt.norm_constraint is not None and math.isfinite(self.opt.norm_constraint):
-            lr = tf.cast(learning_rate, tf.float32)
-            owned = {self.opt._var_key(v) for b in self.opt.blocks for v in b.variables}
-            quadratic = -quadratic_model.inner(
-                [d for d, k in zip(delta, self.keys) if k in owned],
-                [g for g, k in zip(self.grads, self.keys) if k in owned],
-            )
-            scale = tf.minimum(1.0, tf.sqrt(self.opt.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
-            delta = [scale * d for d in delta]
-        return delta
+        return [-tf.cast(updates[k], tf.float32) for k in self.keys]
+
+    def step_length(self, delta: list[tf.Tensor], learning_rate: Any) -> tf.Tensor:
+        """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C ("KL
+        clipping", Ba et al. 2017) when ``norm_constraint`` C is finite."""
+        lr = tf.cast(learning_rate, tf.float32)
+        if self.opt.norm_constraint is None or not math.isfinite(self.opt.norm_constraint):
+            return lr
+        owned = {self.opt._var_key(v) for b in self.opt.blocks for v in b.variables}
+        quadratic = -quadratic_model.inner(
+            [d for d, k in zip(delta, self.keys) if k in owned],
+            [g for g, k in zip(self.grads, self.keys) if k in owned],
+        )
+        return lr * tf.minimum(1.0, tf.sqrt(self.opt.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
 
     def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
         """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7])."""
@@ -899,38 +899,40 @@ class _Step:
         """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7]."""
         return fisher + (self.opt._damping + self.opt.l2_reg) * dots
 
-    def coefficients(self, curvature_matrix, linear, learning_rate) -> tuple[tf.Tensor, tf.Tensor]:
-        """(α, μ) and M(δ): from the quadratic model, or the fixed lr and momentum."""
+    def coefficients(self, curvature_matrix, linear, length) -> tuple[tf.Tensor, tf.Tensor]:
+        """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum."""
         if self.opt.use_quadratic_model:
             return quadratic_model.solve_coefficients(curvature_matrix, linear, self.has_previous,
                                                       self.opt.max_momentum)
-        fixed = tf.stack([tf.cast(learning_rate, tf.float32), tf.constant(self.opt.momentum, tf.float32)])
+        fixed = tf.stack([length, tf.constant(self.opt.momentum, tf.float32)])
         if curvature_matrix is None:
             return fixed, tf.constant(0.0)
         return fixed, quadratic_model.model_value(curvature_matrix, linear, fixed)
 
     def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         """δ per variable, (α, μ) and M(δ) with the stored inverses."""
-        delta = self.proposal(self.opt._preconditioner.stored(), learning_rate)
+        delta = self.proposal(self.opt._preconditioner.stored())
         curvature_matrix = linear = None
         if self.needs_model:
             _, _, _, z, weight, _ = self.curvature_data
             fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
             curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
             linear = self.linear_terms(delta)
-        coefficients, change = self.coefficients(curvature_matrix, linear, learning_rate)
+        length = None if self.opt.use_quadratic_model else self.step_length(delta, learning_rate)
+        coefficients, change = self.coefficients(curvature_matrix, linear, length)
         update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
         return update, coefficients, change
 
     # Adaptation: local passes in tf.cond branches, decisions outside them.
 
-    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, due: tf.Tensor) -> tf.Tensor:
+    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, before: list[tf.Tensor],
+                      due: tf.Tensor) -> tf.Tensor:
         """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
 
         Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
         The l2 term ½η‖θ‖² is part of h. A checked step whose ρ is below
-        ``reject_below`` (or whose loss is not finite) is undone. Returns
-        False when it was.
+        ``reject_below`` (or whose loss is not finite) is undone: θ takes its
+        values ``before`` the update back and δ₀ is reset. Returns False when it was.
         """
         opt = self.opt
         x, y, sample_weight, _, _, loss_before = self.curvature_data
@@ -953,8 +955,8 @@ class _Step:
         if opt.reject_below is None:
             return tf.constant(True)
         reject = tf.logical_and(due, tf.logical_not(rho >= opt.reject_below))
-        for variable, velocity, before in zip(self.variables, self.velocities, self.before):
-            opt.assign(variable, tf.where(reject, before, variable))
+        for variable, velocity, value in zip(self.variables, self.velocities, before):
+            opt.assign(variable, tf.where(reject, value, variable))
             opt.assign(velocity, tf.where(reject, tf.zeros_like(velocity), velocity))
         return tf.logical_not(reject)
 
@@ -975,22 +977,24 @@ class _Step:
             # The branch runs its own forward pass: products need z in this graph.
             y_pred, _ = self.forward(x, y, sample_weight)
             z = self.batch.loss.network_output(y_pred)
-            fishers, dots, linears = [], [], []
+            fishers, dots, linears, lengths = [], [], [], []
             for index in range(3):
-                delta = self.proposal(opt._preconditioner.inverses(candidates[index]), learning_rate)
+                delta = self.proposal(opt._preconditioner.inverses(candidates[index]))
                 fishers.append(self.local_fisher(delta, z, weight))
                 dots.append(quadratic_model.dot_gram([delta, self.previous]))
                 linears.append(self.linear_terms(delta))
-            return tf.stack(fishers), tf.stack(dots), tf.stack(linears)
+                lengths.append(tf.zeros([]) if opt.use_quadratic_model else self.step_length(delta, learning_rate))
+            return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
 
-        def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2])
+        def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+            return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2]), tf.zeros([3])
 
-        fishers, dots, linears = tf.cond(due, local_terms, skip)
+        fishers, dots, linears, lengths = tf.cond(due, local_terms, skip)
         fishers = replicas.curvature(fishers, self.batch.loss.reduction)
         values = []
         for index in range(3):
-            _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index], learning_rate)
+            _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index],
+                                         lengths[index])
             values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
         chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
 

@@ -82,14 +82,18 @@ def test_zoo_data_and_models_are_what_the_examples_build():
     assert counts == {"mlp": 235146, "convnet": 34826, "autoencoder": 2837314}
 
 
-def test_zoo_race_smoke(tmp_path):
+def _zoo_race(tmp_path, *flags):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "zoo_race.py"), "--budget", "smoke", "--synthetic",
-         "--models", "mlp", "--out-dir", str(tmp_path)],
+         "--models", "mlp", "--out-dir", str(tmp_path), *flags],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+
+def test_zoo_race_smoke(tmp_path):
+    _zoo_race(tmp_path)
     results = json.loads((tmp_path / "zoo" / "smoke" / "results.json").read_text())
     rows = results["results"]["mlp"]["0"]["rows"]
     assert set(rows) == {"adam[learning_rate=0.001]", "adam[learning_rate=0.0003]", "adam[learning_rate=0.003]",
@@ -98,3 +102,11 @@ def test_zoo_race_smoke(tmp_path):
     assert reference["iterations_speedup"] == pytest.approx(1.0)
     assert (tmp_path / "zoo" / "smoke" / "speedups.png").exists()
     assert "geometric mean" in (tmp_path / "zoo" / "smoke" / "table.md").read_text()
+
+
+def test_zoo_profile_smoke(tmp_path):
+    _zoo_race(tmp_path, "--profile")
+    profile = json.loads((tmp_path / "zoo-profile" / "smoke" / "results.json").read_text())
+    seconds = profile["seconds_per_step"]["mlp"]
+    assert len(seconds) == 4 and all(value > 0 for value in seconds.values())
+    assert "preconditioning" in (tmp_path / "zoo-profile" / "smoke" / "table.md").read_text()

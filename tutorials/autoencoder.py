@@ -6,7 +6,9 @@ cross-entropy on the 784 pixels and an l2 penalty of 1e-5. Their K-FAC has no
 learning rate to tune: each update δ = αΔ + μδ₀ takes α and μ from the exact
 Fisher's quadratic model of the loss (§7), the damping λ follows the
 Levenberg–Marquardt rule (§6.5) and the factored-Tikhonov γ is searched every
-20 steps (§6.6). `KFAC(model=..., adaptive=True)` is all of it.
+20 steps (§6.6). `KFAC(model=..., adaptive=True)` is all of it, with three
+safeguards the paper has not (ρ checked on the first 20 steps, 0 ≤ μ ≤ 1 and
+α ≥ 0, a step that raised its batch's loss undone).
 
 The paper also grows the mini-batch, m_k = min(m₁·exp((k−1)/b), N) with
 m₁ = 1000 reaching the whole training set at iteration 500:
@@ -18,7 +20,9 @@ m₁ = 1000 reaching the whole training set at iteration 500:
 
 The paper's loss sums the cross-entropy over the 784 pixels; Keras' averages
 it over them, so the same objective in Keras' units has the l2 penalty
-1e-5 / 784 (and the initial damping 150 / 784, which `KFAC` converts itself).
+1e-5 / 784 (the paper's initial damping would be 150 / 784; `KFAC` starts
+instead from 3 × the mean eigenvalue of its factored Fisher, and the
+Levenberg–Marquardt rule moves it from there).
 An l2 of 1e-5 on Keras' average would weigh the weights 784 times as much as
 the paper does (BENCHMARKS.md shows what that does to the race).
 

@@ -64,8 +64,8 @@ from keras_kfac.datasets import fashion_mnist_arrays, prepare_images  # noqa: E4
 OPTIMIZERS = {"kfac": "K-FAC", "adam": "Adam", "sgd": "SGD+Nesterov"}
 NUM_CLASSES = 10
 TIMING_NOTE = (
-    "training seconds = wall-clock epoch time minus validation time; "
-    "epoch 1 includes graph tracing"
+    "training seconds = wall-clock time minus the test evaluations; "
+    "the first stretch includes graph tracing"
 )
 
 Data = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -34,7 +34,7 @@ def main() -> None:
         keras.layers.Flatten(),
         keras.layers.Dense(10),
     ])
-    optimizer = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
+    optimizer = keras_kfac.KFAC(model=model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -9,9 +9,10 @@ with `model=` and then compiled in as usual.
     python tutorials/quickstart.py            # 5 epochs on Fashion-MNIST
     python tutorials/quickstart.py --smoke    # a few seconds
 
-With a fixed learning rate, `norm_constraint` bounds each step's length in the
-approximate Fisher metric, which keeps early steps (when the curvature
-statistics are young) from overshooting.
+With no other argument, each step is the natural-gradient step bounded so that
+it moves the model's predictions by at most a fixed amount (measured by the
+approximate Fisher), which keeps early steps, when the curvature statistics
+are young, from overshooting; the damping follows the curvature's own scale.
 """
 
 import keras
@@ -30,7 +31,7 @@ def main() -> None:
         keras.layers.Dense(128, activation="relu"),
         keras.layers.Dense(10),  # logits
     ])
-    optimizer = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
+    optimizer = keras_kfac.KFAC(model=model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

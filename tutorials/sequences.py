@@ -40,7 +40,7 @@ def main() -> None:
         keras.layers.GlobalAveragePooling1D(),
         keras.layers.Dense(10, activation="softmax"),      # K-FAC takes the logits behind it
     ])
-    model.compile(optimizer=keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, norm_constraint=1e-3),
+    model.compile(optimizer=keras_kfac.KFAC(model=model),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, batch_size=256, epochs=args.epochs, validation_data=(x_test, y_test), verbose=2)
     for block in model.optimizer.blocks:
