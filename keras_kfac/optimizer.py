@@ -23,8 +23,8 @@ _EAGER_MESSAGE = (
     "model.train_on_batch."
 )
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
-# The default step (no learning rate, momentum or adaptation given), chosen
-# on the model zoo (BENCHMARKS.md, "Defaults").
+# The default step (no learning rate, momentum or adaptation given); its
+# neighbours race it in `benchmarks/zoo_race.py --candidates`.
 DEFAULT_STEP = dict(learning_rate=1.0, momentum=0.5, norm_constraint=1e-3,
                     statistics_update_period=5, inverse_update_period=25)
 # A step with a learning rate or momentum given, and the quadratic model's.
