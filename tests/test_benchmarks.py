@@ -35,7 +35,7 @@ def run_benchmark(out_dir: Path, *flags: str) -> str:
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, str(RUN), "--budget", "smoke", "--synthetic", "--out-dir", str(out_dir), *flags],
-        cwd=out_dir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=out_dir, env=env, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
     return completed.stdout
