@@ -37,4 +37,4 @@ demo: venv data
 	$(PY) tutorials/compare_optimizers.py $(DEMO_ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadscope tests

@@ -31,6 +31,8 @@ DEFAULT_STEP = dict(learning_rate=1.0, momentum=0.5, norm_constraint=1e-3,
 CLASSIC_STEP = dict(learning_rate=0.01, momentum=0.9, norm_constraint=None,
                     statistics_update_period=1, inverse_update_period=10)
 DEFAULT_RELATIVE_DAMPING = 3.0
+# Floor of the adapted λ in units of tr(F̃)/n (see `relative_min_damping`).
+DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
 
 
 def _check_range(
@@ -151,6 +153,11 @@ class KFAC(keras.optimizers.Optimizer):
         damping_adaptation_period: T₁ (paper: 5); ω₁ = (19/20)^T₁.
         gamma_adaptation_period: T₂ (paper: 20); ω₂ = sqrt(19/20)^T₂.
         min_damping: floor of the adapted λ.
+        relative_min_damping: a second floor of the adapted λ, this multiple
+            of the factored Fisher's mean eigenvalue tr(F̃)/n: where ρ stays
+            near 1 (a softmax output layer whose block is the only one), LM
+            would otherwise drive λ to ``min_damping`` and the quadratic model
+            take unbounded steps along directions of near-zero curvature.
         relative_damping: c of the default damping λ = c · tr(F̃)/n.
         fallback: the optimizer of the variables without a block: None for
             Keras' ``Adam()``, an optimizer, its name or configuration, or
@@ -211,6 +218,7 @@ class KFAC(keras.optimizers.Optimizer):
         seed: int | None = None,
         fallback: keras.optimizers.Optimizer | str | dict | None = None,
         relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+        relative_min_damping: float = DEFAULT_RELATIVE_MIN_DAMPING,
         damping_warmup: int = 20,
         max_momentum: float | None = 1.0,
         reject_below: float | None = 0.0,
@@ -254,6 +262,7 @@ class KFAC(keras.optimizers.Optimizer):
         _check_range("ema_decay", ema_decay, 0.0, 1.0)
         _check_range("l2_reg", l2_reg, 0.0)
         _check_range("min_damping", min_damping, 0.0)
+        _check_range("relative_min_damping", relative_min_damping, 0.0)
         if norm_constraint is not None and norm_constraint != math.inf:
             _check_range("norm_constraint", norm_constraint, 0.0, low_open=True)
         _check_range("statistics_fraction", statistics_fraction, 0.0, 1.0, low_open=True, high_closed=True)
@@ -296,6 +305,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.damping_adaptation_period = damping_adaptation_period
         self.gamma_adaptation_period = gamma_adaptation_period
         self.min_damping = float(min_damping)
+        self.relative_min_damping = float(relative_min_damping)
         self.approximation = approximation
         self.statistics_fraction = float(statistics_fraction)
         self.statistics_update_period = statistics_update_period
@@ -665,13 +675,7 @@ class KFAC(keras.optimizers.Optimizer):
         a fixed step it then follows F̃ at every ``refresh`` (each T₃-th
         step), adapted it is only λ₀.
         """
-        traces = [
-            b.input_factor.mean_eigenvalue() * b.output_factor.mean_eigenvalue()
-            * float(b.input_factor.dim * b.output_factor.dim)
-            for b in self.blocks
-        ]
-        size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
-        mean_eigenvalue = tf.add_n(traces) / float(size)
+        mean_eigenvalue = self._mean_eigenvalue()
         damping = tf.maximum(self.relative_damping * mean_eigenvalue, self.min_damping)
         due = tf.equal(self._damping, 0.0)
         if not self.adapt_damping:
@@ -679,6 +683,23 @@ class KFAC(keras.optimizers.Optimizer):
         due = tf.logical_and(due, mean_eigenvalue > 0.0)
         self._damping.assign(tf.where(due, damping, self._damping))
         self._gamma.assign(tf.where(due, tf.sqrt(self._damping + self.l2_reg), self._gamma))
+
+    def _mean_eigenvalue(self) -> tf.Tensor:
+        """tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G, the mean eigenvalue of F̃ = ⊕ Ā ⊗ G."""
+        traces = [
+            b.input_factor.mean_eigenvalue() * b.output_factor.mean_eigenvalue()
+            * float(b.input_factor.dim * b.output_factor.dim)
+            for b in self.blocks
+        ]
+        size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
+        return tf.add_n(traces) / float(size)
+
+    def _min_damping(self) -> tf.Tensor:
+        """The adapted λ's floor: ``min_damping``, or ``relative_min_damping``·tr(F̃)/n if larger."""
+        floor = tf.constant(self.min_damping, tf.float32)
+        if self.blocks and self.relative_min_damping > 0.0:
+            floor = tf.maximum(floor, self.relative_min_damping * self._mean_eigenvalue())
+        return floor
 
     def _sampling_seed(self) -> tf.Tensor:
         """The stateless seed of this step's sampled targets (one stream per replica)."""
@@ -733,6 +754,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "damping_adaptation_period": self.damping_adaptation_period,
                 "gamma_adaptation_period": self.gamma_adaptation_period,
                 "min_damping": self.min_damping,
+                "relative_min_damping": self.relative_min_damping,
                 "approximation": self.approximation,
                 "statistics_fraction": self.statistics_fraction,
                 "statistics_update_period": self.statistics_update_period,
@@ -949,7 +971,7 @@ class _Step:
             )
         rho = quadratic_model.reduction_ratio(loss_change, change)
         omega = (19.0 / 20.0) ** opt.damping_adaptation_period
-        damping = quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt.min_damping)
+        damping = quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt._min_damping())
         opt._rho.assign(tf.where(due, rho, opt._rho))
         opt._damping.assign(tf.where(due, damping, opt._damping))
         if opt.reject_below is None:

@@ -129,7 +129,7 @@ def reduction_ratio(loss_change: tf.Tensor, predicted_change: tf.Tensor) -> tf.T
 
 
 def levenberg_marquardt(
-    damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float
+    damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float | tf.Tensor
 ) -> tf.Tensor:
     """λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4 (ω₁ < 1), else λ [KFAC §6.5]; at least ``min_damping``."""
     new = tf.where(rho > 0.75, damping * omega, tf.where(rho < 0.25, damping / omega, damping))

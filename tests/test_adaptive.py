@@ -89,6 +89,24 @@ def test_default_damping_is_relative_to_the_factored_fishers_mean_eigenvalue(kwa
     assert config["damping"] is None and keras_kfac.KFAC.from_config(config).get_config() == config
 
 
+@pytest.mark.parametrize("relative_min_damping", [1e-2, 0.0])
+def test_adapted_damping_stays_above_a_multiple_of_the_mean_eigenvalue(relative_min_damping):
+    """LM's λ is at least max(min_damping, c · tr(F̃)/n), F̃ from the step's updated statistics."""
+    keras.utils.set_random_seed(0)
+    x = _images(32)
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, adaptive=True, damping=1e-12, damping_warmup=1, reject_below=None,
+                          min_damping=1e-10, relative_min_damping=relative_min_damping, seed=0)
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.train_on_batch(x, x)
+    assert np.isfinite(float(opt.rho.numpy()))
+    expected = max(1e-10, relative_min_damping * _mean_eigenvalue(opt))
+    assert float(opt.damping.numpy()) == pytest.approx(expected, rel=1e-5)
+    assert opt.get_config()["relative_min_damping"] == relative_min_damping
+    with pytest.raises(ValueError, match="relative_min_damping"):
+        keras_kfac.KFAC(model=model, relative_min_damping=-1.0)
+
+
 def test_damping_adaptation_with_a_fixed_learning_rate():
     keras.utils.set_random_seed(1)
     x = _images()

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_kfac
 
@@ -38,7 +39,9 @@ def test_every_weight_stays_finite(name, config):
     """Small versions of every zoo model × 3 seeds × batch sizes 32, 128 and 1000.
 
     One compiled model per case: each (seed, batch size) starts from that
-    seed's initial weights and from the optimizer's initial state.
+    seed's initial weights and from the optimizer's initial state. The
+    batches come from datasets of unknown batch size, so that the training
+    function is traced once for all of them.
     """
     problem = zoo.problem(name, "small", synthetic=True)
     keras.utils.set_random_seed(0)
@@ -54,8 +57,8 @@ def test_every_weight_stays_finite(name, config):
             for variable, value in zip(opt.variables, initial_state):
                 variable.assign(value)
             keras.utils.set_random_seed(seed)
-            history = model.fit(problem.x_train, problem.y_train, batch_size=batch_size, epochs=1,
-                                steps_per_epoch=steps, verbose=0)
+            batches = tf.data.Dataset.from_tensor_slices((problem.x_train, problem.y_train)).batch(batch_size)
+            history = model.fit(batches.repeat(), epochs=1, steps_per_epoch=steps, verbose=0)
             assert int(opt.iterations.numpy()) == steps
             finite = [bool(np.all(np.isfinite(w))) for w in model.get_weights()]
             assert all(finite), (name, config, seed, batch_size)
