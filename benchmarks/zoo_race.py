@@ -283,6 +283,28 @@ def summary_table(results: dict[str, dict[int, dict]], label: str) -> tuple[str,
                    "ahead": sum(v > 1 for v in medians.values()), "models": len(medians)}
 
 
+def dampings_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best given λ₀."""
+    default = Spec("kfac-adaptive", {}).name
+    given = {Spec("kfac-adaptive", {"damping": d}).name: d for d in INITIAL_DAMPINGS}
+    rows = []
+    for name, analyses in results.items():
+        first = next(iter(analyses.values()))
+        for label in first["targets"]:
+            def median_seconds(run: str) -> float:
+                values = [a["rows"][run]["to"][label]["seconds"] for a in analyses.values()]
+                return float(np.median(values)) if all(v is not None for v in values) else math.inf
+
+            seconds = {run: median_seconds(run) for run in given}
+            best = min(seconds, key=seconds.get)
+            own = median_seconds(default)
+            ratio = own / seconds[best] if math.isfinite(seconds[best]) else math.nan
+            rows.append([name, label, H.fmt(own, ".1f"), f"{given[best]:g}", H.fmt(seconds[best], ".1f"),
+                         H.fmt(ratio, ".2f"), "—" if math.isnan(ratio) else ("yes" if ratio <= 1.1 else "no")])
+    return H.markdown_table(["model", "target", "default λ₀: s", "best λ₀", "best λ₀: s", "default ÷ best",
+                             "within 10%"], rows)
+
+
 def _spread(values: list) -> str:
     reached = [v for v in values if v]
     if not reached:
@@ -386,6 +408,10 @@ def main(argv=None) -> None:
             text.append(f"Speedup in seconds (iterations) to Adam-default's {label} validation loss, median "
                         f"(min–max) over seeds: K-FAC default ahead of Adam-default on {verdict['ahead']} of "
                         f"{verdict['models']} models, geometric mean of the medians {geo}×.\n\n{table}\n")
+    if kind == "zoo-dampings":
+        text.append("Adaptive K-FAC: seconds to Adam-default's validation loss from the default relative λ₀ "
+                    f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in INITIAL_DAMPINGS)}}} "
+                    f"(median over seeds; — = not reached in every seed).\n\n{dampings_table(results)}\n")
     text += [model_table(name, analyses) for name, analyses in results.items()]
     table = "\n\n".join(text)
     print("\n" + table, flush=True)

@@ -83,9 +83,13 @@ class KroneckerFactor:
             (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
         )
 
+    def trace(self) -> tf.Tensor:
+        """tr(cov): 0 until a batch's statistics are accepted."""
+        return tf.linalg.trace(self.cov)
+
     def mean_eigenvalue(self) -> tf.Tensor:
-        """tr(cov) / dim."""
-        return tf.maximum(tf.linalg.trace(self.cov) / self.dim, _MIN_MEAN_EIGENVALUE)
+        """tr(cov) / dim, at least a tiny positive floor."""
+        return tf.maximum(self.trace() / self.dim, _MIN_MEAN_EIGENVALUE)
 
     def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
         """(cov + damping·I)⁻¹, symmetrised, through a Cholesky factorisation."""
@@ -120,8 +124,11 @@ class DiagonalFactor(KroneckerFactor):
         self.cov = optimizer.add_variable((dim,), initializer="zeros", dtype="float32", name=f"{name}_cov")
         self.inverse = optimizer.add_variable((dim,), initializer="ones", dtype="float32", name=f"{name}_inverse")
 
+    def trace(self) -> tf.Tensor:
+        return tf.reduce_sum(self.cov)
+
     def mean_eigenvalue(self) -> tf.Tensor:
-        return tf.maximum(tf.reduce_sum(self.cov) / self.dim, _MIN_MEAN_EIGENVALUE)
+        return tf.maximum(self.trace() / self.dim, _MIN_MEAN_EIGENVALUE)
 
     def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
         """diag(cov + damping)⁻¹, as a vector."""

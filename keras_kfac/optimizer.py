@@ -110,8 +110,8 @@ class KFAC(keras.optimizers.Optimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
-            Embedding layers are registered automatically, and its compiled
+        model: the ``keras.Model`` being trained. Its Dense, EinsumDense,
+            Conv1D, Conv2D and Embedding layers are registered automatically, and its compiled
             loss defines the Fisher. Without it, KFAC finds the model it is
             compiled with when Keras builds it.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in
@@ -680,7 +680,9 @@ class KFAC(keras.optimizers.Optimizer):
         due = tf.equal(self._damping, 0.0)
         if not self.adapt_damping:
             due = tf.logical_or(due, refresh)
-        due = tf.logical_and(due, mean_eigenvalue > 0.0)
+        # Factors stay 0 until a batch's statistics are accepted.
+        accepted = tf.reduce_any(tf.stack([b.output_factor.trace() > 0.0 for b in self.blocks]))
+        due = tf.logical_and(due, accepted)
         self._damping.assign(tf.where(due, damping, self._damping))
         self._gamma.assign(tf.where(due, tf.sqrt(self._damping + self.l2_reg), self._gamma))
 

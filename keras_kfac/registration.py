@@ -1,7 +1,8 @@
 """Layer registration: which layers get Kronecker blocks, and which loss is the model's.
 
 A ``LayerCollection`` maps layers to curvature blocks (``register_dense``,
-``register_conv1d``, ``register_conv2d``, ``register_embedding`` or
+``register_conv1d``, ``register_conv2d``, ``register_embedding``,
+``register_einsum_dense`` or
 ``auto_register`` for every supported layer of a model) and
 names the loss whose predictive distribution defines the Fisher
 (``register_loss``; by default the loss the model is compiled with).
@@ -15,13 +16,14 @@ from typing import Any
 import keras
 
 from keras_kfac import capture, losses
-from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, EmbeddingBlock, KroneckerBlock
+from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, EinsumDenseBlock, EmbeddingBlock, KroneckerBlock
 
 # Layer types auto-registration knows, most specific first.
 _BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
     (keras.layers.Conv2D, Conv2DBlock),
     (keras.layers.Conv1D, Conv1DBlock),
     (keras.layers.Dense, DenseBlock),
+    (keras.layers.EinsumDense, EinsumDenseBlock),
     (keras.layers.Embedding, EmbeddingBlock),
 )
 
@@ -29,6 +31,7 @@ _BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
 # Names of the block kinds in saved configurations.
 _BLOCK_OF_KIND: dict[str, type[KroneckerBlock]] = {
     "dense": DenseBlock, "conv1d": Conv1DBlock, "conv2d": Conv2DBlock, "embedding": EmbeddingBlock,
+    "einsum_dense": EinsumDenseBlock,
 }
 _KIND_OF_BLOCK = {block_type: kind for kind, block_type in _BLOCK_OF_KIND.items()}
 
@@ -89,6 +92,10 @@ class LayerCollection:
         """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
         return self._register_by_hand(DenseBlock(layer))
 
+    def register_einsum_dense(self, layer: keras.layers.EinsumDense) -> KroneckerBlock:
+        """Registers an EinsumDense layer whose kernel maps input features to output features at each position."""
+        return self._register_by_hand(EinsumDenseBlock(layer))
+
     def register_conv1d(self, layer: keras.layers.Conv1D) -> KroneckerBlock:
         """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016)."""
         return self._register_by_hand(Conv1DBlock(layer))
@@ -127,7 +134,7 @@ class LayerCollection:
             self._pending = None
 
     def auto_register(self, model: keras.Model) -> None:
-        """Registers ``model`` and every trainable Dense, Conv1D, Conv2D and Embedding layer in it.
+        """Registers ``model`` and every trainable Dense, EinsumDense, Conv1D, Conv2D and Embedding layer in it.
 
         Nested models are searched too; only ``auto_register_types`` are
         taken. Layers registered already are kept; unsupported layers are left

@@ -43,7 +43,7 @@ def subsample_rows(
     return tf.gather(rows, drawn), None if weights is None else tf.gather(weights, drawn)
 
 
-def row_weights(call: LayerCall, value_weights: tf.Tensor) -> tf.Tensor:
+def row_weights(call: LayerCall, value_weights: tf.Tensor, rows: tf.Tensor | None = None) -> tf.Tensor:
     """The weights of one layer call's rows ā: the loss values' weights carried to its locations.
 
     The loss is Σ_v w_v ℓ_v over its values v (examples, and positions of a
@@ -58,7 +58,8 @@ def row_weights(call: LayerCall, value_weights: tf.Tensor) -> tf.Tensor:
     where the weights are per example. A call on a constant input (a position
     embedding) is shared by the whole batch: its rows weigh the same.
     """
-    rows = tf.reduce_prod(tf.shape(call.preactivation)[:-1])
+    if rows is None:  # one row per position of all but the last axis
+        rows = tf.reduce_prod(tf.shape(call.preactivation)[:-1])
     if tf.get_static_value(call.inputs) is not None:
         return tf.ones([rows])
     flat = tf.reshape(tf.cast(value_weights, tf.float32), [-1])
@@ -126,7 +127,9 @@ def factor_rows(
         output_rows = block.rows([g for per_vector in backpropagated for g in per_vector[span]], block.output_rows)
         input_weights = None
         if value_weights is not None:
-            input_weights = tf.concat([row_weights(c, value_weights) for c in block_calls], axis=0)
+            input_weights = tf.concat(
+                [row_weights(c, value_weights, block.row_count(c.preactivation)) for c in block_calls], axis=0
+            )
         rows[id(block)] = (input_rows, output_rows, input_weights)
     return rows
 

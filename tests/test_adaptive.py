@@ -107,6 +107,21 @@ def test_adapted_damping_stays_above_a_multiple_of_the_mean_eigenvalue(relative_
         keras_kfac.KFAC(model=model, relative_min_damping=-1.0)
 
 
+def test_relative_damping_waits_for_a_batch_whose_statistics_are_accepted():
+    """A first batch that weighs nothing adds no statistics: λ stays unset (0), then 3 · tr(F̃)/n."""
+    keras.utils.set_random_seed(0)
+    x = _images(32)
+    model = _autoencoder()
+    opt = keras_kfac.KFAC(model=model, statistics_update_period=1, seed=0)
+    model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.train_on_batch(x, x, sample_weight=np.zeros(32, "float32"))
+    assert float(opt.damping.numpy()) == 0.0
+    assert all(not np.any(b.input_factor.cov.numpy()) for b in opt.blocks)
+    model.train_on_batch(x, x)
+    expected = 3.0 * _mean_eigenvalue(opt)
+    assert expected > 0 and float(opt.damping.numpy()) == pytest.approx(expected, rel=1e-5)
+
+
 def test_damping_adaptation_with_a_fixed_learning_rate():
     keras.utils.set_random_seed(1)
     x = _images()

@@ -197,7 +197,7 @@ def test_a_model_without_registrable_layers_trains_as_its_fallback():
     x, y = _data(n=64)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
-    outputs = keras.layers.EinsumDense("ab,bc->ac", output_shape=(3,))(inputs)
+    outputs = keras.layers.SimpleRNN(3)(keras.layers.Reshape((6, 1))(inputs))
     model = keras.Model(inputs, outputs)
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
@@ -587,9 +587,12 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
                           norm_constraint=constraint, estimation_mode="exact")
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    with tf.GradientTape() as tape:
+        loss = _loss_for("sequential")(y, model(x))
+    gradient = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_weights)]
     model.train_on_batch(x, y)
     after = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    quadratic = 0.0
+    quadratic, linear = 0.0, 0.0
     for i, block in enumerate(opt.blocks):
         a = block.input_factor.cov.numpy().astype(np.float64)
         g = block.output_factor.cov.numpy().astype(np.float64)
@@ -598,8 +601,13 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
         damped = np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
         step = np.concatenate([after[2 * i] - before[2 * i], (after[2 * i + 1] - before[2 * i + 1])[None]], 0)
         quadratic += step.reshape(-1) @ damped @ step.reshape(-1)
+        linear += sum(np.sum((a - b) * g) for a, b, g in zip(after[2 * i:2 * i + 2], before[2 * i:2 * i + 2],
+                                                              gradient[2 * i:2 * i + 2]))
     # The unconstrained step is far larger, so the constraint is active: equality.
     np.testing.assert_allclose(quadratic, constraint, rtol=2e-3)
+    # α is the step length the constraint left: U = αΔ with F̆Δ = −∇h, so α = −UᵀF̆U / Uᵀ∇h < lr.
+    np.testing.assert_allclose(float(opt.alpha.numpy()), -quadratic / linear, rtol=5e-3)
+    assert float(opt.alpha.numpy()) < 0.1
     with pytest.raises(ValueError, match="norm_constraint"):
         keras_kfac.KFAC(norm_constraint=0.0)
 

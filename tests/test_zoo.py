@@ -113,3 +113,19 @@ def test_zoo_profile_smoke(tmp_path):
     seconds = profile["seconds_per_step"]["mlp"]
     assert len(seconds) == 4 and all(value > 0 for value in seconds.values())
     assert "preconditioning" in (tmp_path / "zoo-profile" / "smoke" / "table.md").read_text()
+
+
+def test_dampings_table_compares_the_default_initial_damping_with_the_best_given_one():
+    import zoo_race
+
+    def row(seconds):
+        return {"to": {"converged": {"seconds": seconds}}}
+
+    given = {zoo_race.Spec("kfac-adaptive", {"damping": d}).name: 40.0 for d in zoo_race.INITIAL_DAMPINGS}
+    given[zoo_race.Spec("kfac-adaptive", {"damping": 1e-3}).name] = 20.0
+    given[zoo_race.Spec("kfac-adaptive", {"damping": 150.0}).name] = None
+    analyses = {seed: {"targets": {"converged": 0.3},
+                       "rows": {"kfac-adaptive": row(21.0 + seed), **{k: row(v) for k, v in given.items()}}}
+                for seed in (0, 1, 2)}
+    table = zoo_race.dampings_table({"convnet": analyses}).splitlines()
+    assert table[2] == "| convnet | converged | 22.0 | 0.001 | 20.0 | 1.10 | yes |"

@@ -104,6 +104,10 @@ class KroneckerBlock(abc.ABC):
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
         return tf.reshape(tf.cast(output_gradient, tf.float32), [-1, self.output_dim])
 
+    def row_count(self, preactivation: tf.Tensor) -> tf.Tensor:
+        """How many rows (examples × locations) one call with this pre-activation has."""
+        return tf.reduce_prod(tf.shape(preactivation)[:-1])
+
     @staticmethod
     def rows(tensors: list[tf.Tensor], to_rows) -> tf.Tensor:
         """The rows of every recorded call, stacked: calls count as more locations."""
