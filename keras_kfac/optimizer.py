@@ -110,8 +110,8 @@ class KFAC(keras.optimizers.Optimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense, EinsumDense,
-            Conv1D, Conv2D and Embedding layers are registered automatically, and its compiled
+        model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
+            Embedding layers are registered automatically, and its compiled
             loss defines the Fisher. Without it, KFAC finds the model it is
             compiled with when Keras builds it.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in

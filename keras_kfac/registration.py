@@ -60,7 +60,11 @@ class LayerCollection:
         # Saved registrations waiting for their model (``from_config``).
         self._pending: dict | None = None
         # The layer types ``auto_register`` takes (the block-tridiagonal chain: Dense).
-        self.auto_register_types: tuple[type, ...] = tuple(t for t, _ in _BLOCK_TYPES)
+        # Not EinsumDense: with all four attention projections in blocks the
+        # zoo's transformer stalls at chance level (README, "Registering layers").
+        self.auto_register_types: tuple[type, ...] = tuple(
+            t for t, _ in _BLOCK_TYPES if t is not keras.layers.EinsumDense
+        )
 
     @property
     def blocks(self) -> list[KroneckerBlock]:
@@ -134,7 +138,10 @@ class LayerCollection:
             self._pending = None
 
     def auto_register(self, model: keras.Model) -> None:
-        """Registers ``model`` and every trainable Dense, EinsumDense, Conv1D, Conv2D and Embedding layer in it.
+        """Registers ``model`` and every trainable layer of ``auto_register_types`` in it.
+
+        By default Dense, Conv1D, Conv2D and Embedding layers; add
+        ``keras.layers.EinsumDense`` to the types to take attention projections too.
 
         Nested models are searched too; only ``auto_register_types`` are
         taken. Layers registered already are kept; unsupported layers are left

@@ -10,6 +10,14 @@ from keras_kfac.blocks import EinsumDenseBlock
 K = 3  # outputs of the linear head
 
 
+def _kfac(model: keras.Model, **kwargs) -> keras_kfac.KFAC:
+    """KFAC with EinsumDense layers auto-registered too (an opt-in)."""
+    collection = keras_kfac.LayerCollection()
+    collection.auto_register_types += (keras.layers.EinsumDense,)
+    collection.auto_register(model)
+    return keras_kfac.KFAC(model=model, layer_collection=collection, **kwargs)
+
+
 def test_factors_match_explicit_rows_for_a_transposed_equation():
     """'abc,dce->aebd': positions (a, b), input feature c, output features (d, e) stored as (e, ·, d).
 
@@ -25,7 +33,7 @@ def test_factors_match_explicit_rows_for_a_transposed_equation():
     head = keras.layers.Dense(K)
     model = keras.Sequential([keras.Input((length, channels)), layer, keras.layers.Flatten(), head])
     assert tuple(layer.bias.shape) == (e, 1, d)
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+    opt = _kfac(model, learning_rate=0.0, estimation_mode="exact")
     model.compile(optimizer=opt, loss="mse")
     model.train_on_batch(x, rng.normal(size=(batch, K)).astype("float32"))
 
@@ -49,7 +57,7 @@ def test_factors_match_explicit_rows_for_a_transposed_equation():
 
 
 def _train_once(model, x, y):
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=0.01, momentum=0.0, estimation_mode="exact")
+    opt = _kfac(model, learning_rate=0.5, damping=0.01, momentum=0.0, estimation_mode="exact")
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = [w.numpy().copy() for w in model.trainable_weights]
     model.train_on_batch(x, y)
@@ -111,14 +119,16 @@ def test_attention_style_projection_gives_the_dense_update_on_the_sequence():
     np.testing.assert_allclose(einsum_steps[1].reshape(6), dense_steps[1], rtol=1e-4, atol=1e-6)
 
 
-def test_multi_head_attention_projections_are_registered_and_train():
+def test_multi_head_attention_projections_are_registered_on_request_and_train():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 8))
     attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
     hidden = attention(inputs, inputs)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden))
     model = keras.Model(inputs, outputs)
-    opt = keras_kfac.KFAC(model=model, seed=0)
+    assert keras.layers.EinsumDense not in keras_kfac.LayerCollection().auto_register_types
+    assert [type(b).__name__ for b in keras_kfac.KFAC(model=model).blocks] == ["DenseBlock"]
+    opt = _kfac(model, seed=0)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     kinds = sorted(type(b).__name__ for b in opt.blocks)
     assert kinds == ["DenseBlock"] + ["EinsumDenseBlock"] * 4
