@@ -43,7 +43,7 @@ def subsample_rows(
     return tf.gather(rows, drawn), None if weights is None else tf.gather(weights, drawn)
 
 
-def row_weights(call: LayerCall, value_weights: tf.Tensor, rows: tf.Tensor | None = None) -> tf.Tensor:
+def row_weights(call: LayerCall, value_weights: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
     """The weights of one layer call's rows ā: the loss values' weights carried to its locations.
 
     The loss is Σ_v w_v ℓ_v over its values v (examples, and positions of a
@@ -56,10 +56,9 @@ def row_weights(call: LayerCall, value_weights: tf.Tensor, rows: tf.Tensor | Non
     masked sequence), each example's mean weight where the layer has one row
     per example (R = B), and each example's weight repeated over its locations
     where the weights are per example. A call on a constant input (a position
-    embedding) is shared by the whole batch: its rows weigh the same.
+    embedding) is shared by the whole batch: its rows weigh the same. ``rows``
+    is R, the block's ``row_count`` of the call.
     """
-    if rows is None:  # one row per position of all but the last axis
-        rows = tf.reduce_prod(tf.shape(call.preactivation)[:-1])
     if tf.get_static_value(call.inputs) is not None:
         return tf.ones([rows])
     flat = tf.reshape(tf.cast(value_weights, tf.float32), [-1])

@@ -589,15 +589,15 @@ def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
 
     @tf.function
     def weights(inputs, output_shape):  # traced, as in a training step: inputs are not constants
-        return statistics.row_weights(LayerCall(inputs, tf.zeros(output_shape)), values)
+        return statistics.row_weights(LayerCall(inputs, tf.zeros(output_shape)), values, np.prod(output_shape[:-1]))
 
     np.testing.assert_allclose(weights(tf.ones([2, 3, 4]), [2, 3, 5]), [1, 0, 2, 4, 4, 1])
     np.testing.assert_allclose(weights(tf.ones([2, 4]), [2, 5]), [1, 3])
     np.testing.assert_allclose(weights(tf.ones([2, 6, 4]), [2, 6, 5]), [1, 1, 0, 0, 2, 2, 4, 4, 4, 4, 1, 1])
-    constant_call = tf.function(lambda: statistics.row_weights(LayerCall(tf.range(4), tf.zeros([4, 5])), values))
+    constant_call = tf.function(lambda: statistics.row_weights(LayerCall(tf.range(4), tf.zeros([4, 5])), values, 4))
     np.testing.assert_allclose(constant_call(), np.ones(4))
     # A replica's empty share of the batch: no rows, no loss values.
-    empty = tf.function(lambda: statistics.row_weights(LayerCall(tf.ones([0, 3, 4]), tf.zeros([0, 3, 5])), tf.ones([0, 3])))
+    empty = tf.function(lambda: statistics.row_weights(LayerCall(tf.ones([0, 3, 4]), tf.zeros([0, 3, 5])), tf.ones([0, 3]), 0))
     assert empty().shape == (0,)
 
 
