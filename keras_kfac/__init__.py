@@ -16,10 +16,11 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover
         f"(the current backend is {keras.backend.backend()!r})."
     )
 
-from keras_kfac import callbacks
+from keras_kfac import blocks, callbacks
+from keras_kfac.blocks import register_block_type
 from keras_kfac.callbacks import GrowingBatches, KFACMonitor
 from keras_kfac.optimizer import KFAC
 from keras_kfac.registration import LayerCollection
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "LayerCollection", "KFACMonitor", "GrowingBatches", "callbacks"]
+__all__ = ["KFAC", "LayerCollection", "KFACMonitor", "GrowingBatches", "blocks", "callbacks", "register_block_type"]

@@ -1,11 +1,11 @@
 """Layer registration: which layers get Kronecker blocks, and which loss is the model's.
 
-A ``LayerCollection`` maps layers to curvature blocks (``register_dense``,
-``register_conv1d``, ``register_conv2d``, ``register_embedding``,
-``register_einsum_dense`` or
-``auto_register`` for every supported layer of a model) and
-names the loss whose predictive distribution defines the Fisher
-(``register_loss``; by default the loss the model is compiled with).
+A ``LayerCollection`` maps layers to curvature blocks (``register(layer)``, its
+shorthands ``register_dense``, ``register_conv2d``, ..., or ``auto_register``
+for every served layer of a model), the block of each layer class coming from
+the block registry (``blocks.registry``), and names the loss whose predictive
+distribution defines the Fisher (``register_loss``; by default the loss the
+model is compiled with).
 """
 
 from __future__ import annotations
@@ -17,23 +17,7 @@ import keras
 
 from keras_kfac import capture, losses
 from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, EinsumDenseBlock, EmbeddingBlock, KroneckerBlock
-
-# Layer types auto-registration knows, most specific first.
-_BLOCK_TYPES: tuple[tuple[type, type[KroneckerBlock]], ...] = (
-    (keras.layers.Conv2D, Conv2DBlock),
-    (keras.layers.Conv1D, Conv1DBlock),
-    (keras.layers.Dense, DenseBlock),
-    (keras.layers.EinsumDense, EinsumDenseBlock),
-    (keras.layers.Embedding, EmbeddingBlock),
-)
-
-
-# Names of the block kinds in saved configurations.
-_BLOCK_OF_KIND: dict[str, type[KroneckerBlock]] = {
-    "dense": DenseBlock, "conv1d": Conv1DBlock, "conv2d": Conv2DBlock, "embedding": EmbeddingBlock,
-    "einsum_dense": EinsumDenseBlock,
-}
-_KIND_OF_BLOCK = {block_type: kind for kind, block_type in _BLOCK_OF_KIND.items()}
+from keras_kfac.blocks import registry
 
 
 class LayerCollection:
@@ -59,12 +43,23 @@ class LayerCollection:
         self._loss_config: dict | None = None
         # Saved registrations waiting for their model (``from_config``).
         self._pending: dict | None = None
-        # The layer types ``auto_register`` takes (the block-tridiagonal chain: Dense).
-        # Not EinsumDense: with all four attention projections in blocks the
-        # zoo's transformer stalls at chance level (README, "Registering layers").
-        self.auto_register_types: tuple[type, ...] = tuple(
-            t for t, _ in _BLOCK_TYPES if t is not keras.layers.EinsumDense
-        )
+        self._auto_register_types: tuple[type, ...] | None = None
+
+    @property
+    def auto_register_types(self) -> tuple[type, ...]:
+        """The layer classes ``auto_register`` takes.
+
+        By default those of every registered block type whose ``auto_register``
+        is true (all but EinsumDense); assign a tuple to change it, e.g.
+        ``collection.auto_register_types += (keras.layers.EinsumDense,)``.
+        """
+        if self._auto_register_types is None:
+            return tuple(t for b in registry.block_types() if b.auto_register for t in b.layer_types)
+        return self._auto_register_types
+
+    @auto_register_types.setter
+    def auto_register_types(self, layer_types: tuple[type, ...]) -> None:
+        self._auto_register_types = tuple(layer_types)
 
     @property
     def blocks(self) -> list[KroneckerBlock]:
@@ -80,37 +75,51 @@ class LayerCollection:
     def _register(self, block: KroneckerBlock) -> KroneckerBlock:
         if any(b.layer is block.layer for b in self._blocks):
             raise ValueError(f"Layer '{block.layer.name}' is already registered.")
-        if getattr(block.layer, "lora_enabled", False):
-            raise ValueError(
-                f"Layer '{block.layer.name}' has LoRA enabled; KFAC does not support it."
-            )
         self._blocks.append(block)
         return block
 
-    def _register_by_hand(self, block: KroneckerBlock) -> KroneckerBlock:
-        self._register(block)
+    def register(self, layer: keras.layers.Layer, block_type: type[KroneckerBlock] | None = None) -> KroneckerBlock:
+        """Registers ``layer`` with a block of ``block_type``.
+
+        Args:
+            layer: the layer whose weights the block preconditions.
+            block_type: a ``KroneckerBlock`` subclass serving the layer; by
+                default the registered one for its class
+                (``keras_kfac.register_block_type``).
+
+        Returns:
+            The new block.
+        """
+        if block_type is None:
+            block_type = registry.block_type_for(layer)
+            if block_type is None:
+                raise TypeError(
+                    f"No curvature block serves layer '{layer.name}' ({type(layer).__name__}); "
+                    "write one and register it with keras_kfac.register_block_type."
+                )
+        self._register(block_type(layer))
         self._by_hand = True
-        return block
+        return self._blocks[-1]
 
     def register_dense(self, layer: keras.layers.Dense) -> KroneckerBlock:
         """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
-        return self._register_by_hand(DenseBlock(layer))
+        return self.register(layer, DenseBlock)
 
     def register_einsum_dense(self, layer: keras.layers.EinsumDense) -> KroneckerBlock:
         """Registers an EinsumDense layer whose kernel maps input features to output features at each position."""
-        return self._register_by_hand(EinsumDenseBlock(layer))
+        return self.register(layer, EinsumDenseBlock)
 
     def register_conv1d(self, layer: keras.layers.Conv1D) -> KroneckerBlock:
         """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016)."""
-        return self._register_by_hand(Conv1DBlock(layer))
+        return self.register(layer, Conv1DBlock)
 
     def register_conv2d(self, layer: keras.layers.Conv2D) -> KroneckerBlock:
         """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
-        return self._register_by_hand(Conv2DBlock(layer))
+        return self.register(layer, Conv2DBlock)
 
     def register_embedding(self, layer: keras.layers.Embedding) -> KroneckerBlock:
         """Registers an Embedding layer: a Dense block on one-hot inputs, Ā diagonal [KFAC §3]."""
-        return self._register_by_hand(EmbeddingBlock(layer))
+        return self.register(layer, EmbeddingBlock)
 
     def register_loss(self, loss: Any, loss_weight: float = 1.0) -> None:
         """Sets the loss whose predictive distribution defines the Fisher.
@@ -140,30 +149,27 @@ class LayerCollection:
     def auto_register(self, model: keras.Model) -> None:
         """Registers ``model`` and every trainable layer of ``auto_register_types`` in it.
 
-        By default Dense, Conv1D, Conv2D and Embedding layers; add
-        ``keras.layers.EinsumDense`` to the types to take attention projections too.
+        By default Dense, Conv1D, Conv2D and Embedding layers and those of
+        block types registered by the user; add ``keras.layers.EinsumDense``
+        to the types to take attention projections too.
 
-        Nested models are searched too; only ``auto_register_types`` are
-        taken. Layers registered already are kept; unsupported layers are left
+        Nested models are searched too. Each layer gets the registered block
+        type for its class. Layers registered already are kept; layers no block
+        serves, or serves in this configuration (a warning names why), are left
         to the optimizer's fallback rule (``KFAC(fallback=...)``).
         """
         self.register_model(model)
+        layer_types = self.auto_register_types
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if not layer.trainable or any(b.layer is layer for b in self._blocks):
                 continue
-            for layer_type, block_type in _BLOCK_TYPES:
-                if isinstance(layer, layer_type) and layer_type in self.auto_register_types:
-                    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-                        warnings.warn(
-                            f"KFAC leaves layer '{layer.name}' (LoRA or quantized) "
-                            "to the optimizer's fallback rule."
-                        )
-                        break
-                    try:
-                        self._register(block_type(layer))
-                    except ValueError as error:
-                        warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}")
-                    break
+            block_type = registry.block_type_for(layer)
+            if block_type is None or not isinstance(layer, layer_types):
+                continue
+            try:
+                self._register(block_type(layer))
+            except ValueError as error:
+                warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}")
 
     def get_config(self) -> dict | None:
         """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
@@ -180,7 +186,7 @@ class LayerCollection:
             layers = self._model_layers()
             config["layers"] = [
                 {
-                    "kind": _KIND_OF_BLOCK[type(block)],
+                    "kind": type(block).kind,
                     "index": layers.index(block.layer) if block.layer in layers else None,
                     "name": block.layer.name,
                 }
@@ -219,7 +225,7 @@ class LayerCollection:
                         f"'{self.model.name}' does not have (once)."
                     )
                 layer = matches[0]
-            self._register_by_hand(_BLOCK_OF_KIND[entry["kind"]](layer))
+            self.register(layer, registry.block_type_of_kind(entry["kind"]))
 
     def _find_model(self) -> None:
         """Registers the model being trained by a KFAC that holds this collection, once met."""

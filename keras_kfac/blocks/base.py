@@ -27,7 +27,18 @@ from keras_kfac import curvature
 
 
 class KroneckerBlock(abc.ABC):
-    """Curvature block ``Ā ⊗ G`` of one layer, with its factors' state."""
+    """Curvature block ``Ā ⊗ G`` of one layer, with its factors' state.
+
+    Subclasses declare the layer classes they serve and their name in saved
+    configurations, and are made known by ``registry.register_block_type``.
+    """
+
+    # The layer classes this block serves (their subclasses too).
+    layer_types: tuple[type, ...] = ()
+    # The block's name in saved configurations.
+    kind: str = ""
+    # Whether ``LayerCollection.auto_register`` takes these layers by default.
+    auto_register: bool = True
 
     # Whether the rows ā are the patches at the |T| locations of each example
     # (convolutions), which ``patch_fraction`` may subsample for Ā.
@@ -36,6 +47,13 @@ class KroneckerBlock(abc.ABC):
     input_factor_type: type[curvature.KroneckerFactor] = curvature.KroneckerFactor
 
     def __init__(self, layer: keras.layers.Layer):
+        if not isinstance(layer, self.layer_types):
+            served = ", ".join(t.__name__ for t in self.layer_types)
+            raise TypeError(f"{type(self).__name__} serves {served} layers; got {layer!r}.")
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                f"Layer '{layer.name}' has LoRA enabled or is quantized; KFAC's blocks need its plain kernel."
+            )
         self.layer = layer
         self.input_factor: curvature.KroneckerFactor | None = None
         self.output_factor: curvature.KroneckerFactor | None = None

@@ -13,12 +13,15 @@ import keras
 import tensorflow as tf
 
 from keras_kfac.blocks.convolution import ConvolutionBlock
+from keras_kfac.blocks.registry import register_block_type
 
 
+@register_block_type
 class Conv1DBlock(ConvolutionBlock):
     """Kernel (k, c_in, c_out) and bias of a ``keras.layers.Conv1D``."""
 
-    layer_type = keras.layers.Conv1D
+    layer_types = (keras.layers.Conv1D,)
+    kind = "conv1d"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         """Patches in the kernel's (k, c_in) row-major order, one row an output step."""

@@ -13,12 +13,15 @@ import keras
 import tensorflow as tf
 
 from keras_kfac.blocks.convolution import ConvolutionBlock
+from keras_kfac.blocks.registry import register_block_type
 
 
+@register_block_type
 class Conv2DBlock(ConvolutionBlock):
     """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``."""
 
-    layer_type = keras.layers.Conv2D
+    layer_types = (keras.layers.Conv2D,)
+    kind = "conv2d"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         """Patches in the kernel's (kh, kw, c_in) row-major order, one row a location."""

@@ -10,17 +10,15 @@ from keras_kfac.blocks.base import KroneckerBlock
 class ConvolutionBlock(KroneckerBlock):
     """A block whose rows are the input patches at the output locations [KFC §3.1].
 
-    Subclasses name the ``layer_type`` they take; only ``channels_last``
-    convolutions with ``groups=1`` have a single Kronecker-factored block.
+    Only ``channels_last`` convolutions with ``groups=1`` have a single
+    Kronecker-factored block.
     """
 
     rows_are_patch_locations = True
-    layer_type: type = keras.layers.Layer
 
     def __init__(self, layer: keras.layers.Layer):
-        kind = self.layer_type.__name__
-        if not isinstance(layer, self.layer_type):
-            raise TypeError(f"register_{kind.lower()} takes a keras.layers.{kind}; got {layer!r}.")
+        super().__init__(layer)
+        kind = type(layer).__name__
         if layer.data_format != "channels_last":
             raise ValueError(
                 f"{kind} layer '{layer.name}' uses data_format='{layer.data_format}'; "
@@ -31,4 +29,3 @@ class ConvolutionBlock(KroneckerBlock):
                 f"{kind} layer '{layer.name}' has groups={layer.groups}; KFAC supports "
                 "groups=1 only."
             )
-        super().__init__(layer)

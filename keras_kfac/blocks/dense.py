@@ -6,8 +6,10 @@ import keras
 import tensorflow as tf
 
 from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.registry import register_block_type
 
 
+@register_block_type
 class DenseBlock(KroneckerBlock):
     """Kernel and bias of a ``keras.layers.Dense`` as one Kronecker block.
 
@@ -15,10 +17,8 @@ class DenseBlock(KroneckerBlock):
     leading position, like the locations of a convolution.
     """
 
-    def __init__(self, layer: keras.layers.Layer):
-        if not isinstance(layer, keras.layers.Dense):
-            raise TypeError(f"register_dense takes a keras.layers.Dense; got {layer!r}.")
-        super().__init__(layer)
+    layer_types = (keras.layers.Dense,)
+    kind = "dense"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         return tf.reshape(inputs, [-1, self.kernel_matrix_rows])

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.registry import register_block_type
 
 _EQUATION = re.compile(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)")
 
@@ -30,12 +31,20 @@ def _expand(spec: str, rank: int) -> str:
     return spec.replace("...", "".join(str(i) for i in range(rank - (len(spec) - 3))))
 
 
+@register_block_type
 class EinsumDenseBlock(KroneckerBlock):
-    """Kernel and bias of a ``keras.layers.EinsumDense`` whose kernel maps input features to output features."""
+    """Kernel and bias of a ``keras.layers.EinsumDense`` whose kernel maps input features to output features.
+
+    Not taken by automatic registration: with all four attention projections
+    in blocks the zoo's transformer stalls at chance level (BENCHMARKS.md).
+    """
+
+    layer_types = (keras.layers.EinsumDense,)
+    kind = "einsum_dense"
+    auto_register = False
 
     def __init__(self, layer: keras.layers.Layer):
-        if not isinstance(layer, keras.layers.EinsumDense):
-            raise TypeError(f"register_einsum_dense takes a keras.layers.EinsumDense; got {layer!r}.")
+        super().__init__(layer)
         match = _EQUATION.fullmatch(layer.equation.replace(" ", ""))
         if match is None:
             raise ValueError(f"Layer '{layer.name}': cannot read the EinsumDense equation {layer.equation!r}.")
@@ -57,7 +66,6 @@ class EinsumDenseBlock(KroneckerBlock):
                 f"Layer '{layer.name}' has a bias over axes {bias_axes!r}, not over its output features "
                 f"{''.join(self.output_features)!r}: the bias cannot be a row of W̄."
             )
-        super().__init__(layer)
 
     # Sizes and orders, from the kernel's shape and the equation.
 

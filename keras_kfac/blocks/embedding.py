@@ -16,23 +16,25 @@ import tensorflow as tf
 
 from keras_kfac import curvature
 from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.registry import register_block_type
 
 
+@register_block_type
 class EmbeddingBlock(KroneckerBlock):
     """The table (V, D) of a ``keras.layers.Embedding`` as one block."""
 
+    layer_types = (keras.layers.Embedding,)
+    kind = "embedding"
     input_factor_type = curvature.DiagonalFactor
 
     def __init__(self, layer: keras.layers.Layer):
-        if not isinstance(layer, keras.layers.Embedding):
-            raise TypeError(f"register_embedding takes a keras.layers.Embedding; got {layer!r}.")
+        super().__init__(layer)
         if type(layer).call is not keras.layers.Embedding.call:
             raise ValueError(
                 f"Embedding layer '{layer.name}' ({type(layer).__name__}) overrides the lookup "
                 "(e.g. ReversibleEmbedding's output projection); KFAC's embedding block is "
                 "the plain lookup only."
             )
-        super().__init__(layer)
 
     @property
     def kernel(self) -> keras.Variable:

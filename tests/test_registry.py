@@ -1,0 +1,138 @@
+"""The block registry: a block for a layer class of the user's own, without touching the package."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kfac
+from keras_kfac.blocks import DenseBlock, KroneckerBlock, registry
+
+
+class Affine(keras.layers.Layer):
+    """A user's own layer: s = x W + b, not a Dense subclass."""
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros")
+
+    def call(self, inputs):
+        return inputs @ self.kernel + self.bias
+
+
+class AffineBlock(KroneckerBlock):
+    layer_types = (Affine,)
+    kind = "test_affine"
+
+    def input_patches(self, inputs):
+        return tf.reshape(inputs, [-1, self.kernel_matrix_rows])
+
+
+class MyDense(keras.layers.Dense):
+    pass
+
+
+class MyDenseBlock(DenseBlock):
+    layer_types = (MyDense,)
+    kind = "test_my_dense"
+
+
+@pytest.fixture
+def user_blocks(monkeypatch):
+    """The registry with the test's block types added, restored afterwards."""
+    monkeypatch.setattr(registry, "_REGISTRY", list(registry._REGISTRY))
+    keras_kfac.register_block_type(AffineBlock)
+    keras_kfac.register_block_type(MyDenseBlock)
+
+
+def _model(first: keras.layers.Layer) -> keras.Model:
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Activation("tanh")(first(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+
+def test_a_users_layer_gets_its_block_and_the_dense_update(user_blocks):
+    """Auto-registration finds the user's block; its factors are the explicit float64 ones and its
+    K-FAC step is the one of the equivalent Dense layer."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
+    custom = _model(Affine(4))
+    plain = _model(keras.layers.Dense(4))
+    plain.set_weights(custom.get_weights())
+    results = []
+    for model in (custom, plain):
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2, momentum=0.0, seed=0)
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(x, y)
+        results.append((opt, [w.numpy() for w in model.weights]))
+    (opt, after), (_, expected) = results
+    assert [type(b) for b in opt.blocks] == [AffineBlock, DenseBlock]
+    rows = np.concatenate([x, np.ones((32, 1))], axis=1).astype(np.float64)
+    np.testing.assert_allclose(opt.blocks[0].input_factor.cov.numpy(), rows.T @ rows / 32, rtol=1e-5, atol=1e-6)
+    for got, want in zip(after, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_nearest_layer_class_chooses_the_block(user_blocks):
+    assert registry.block_type_for(MyDense(2)) is MyDenseBlock
+    assert registry.block_type_for(keras.layers.Dense(2)) is DenseBlock
+    assert registry.block_type_for(Affine(2)) is AffineBlock
+    assert registry.block_type_for(keras.layers.SimpleRNN(2)) is None
+    collection = keras_kfac.LayerCollection()
+    assert Affine in collection.auto_register_types
+    assert keras.layers.EinsumDense not in collection.auto_register_types
+
+
+def test_a_users_block_is_saved_by_kind_and_restored(user_blocks):
+    model = _model(Affine(4))
+    model.build((None, 5))
+    collection = keras_kfac.LayerCollection()
+    collection.register_model(model)
+    collection.register(model.layers[1])
+    config = collection.get_config()
+    assert [entry["kind"] for entry in config["layers"]] == ["test_affine"]
+    restored = keras_kfac.LayerCollection.from_config(config)
+    restored.register_model(model)
+    assert [type(b) for b in restored.blocks] == [AffineBlock]
+    config["layers"][0]["kind"] = "unknown_kind"
+    with pytest.raises(ValueError, match="No block type 'unknown_kind'"):
+        keras_kfac.LayerCollection.from_config(config).register_model(model)
+
+
+def test_bad_block_types_and_layers_are_named(user_blocks):
+    with pytest.raises(TypeError, match="KroneckerBlock subclass"):
+        keras_kfac.register_block_type(int)
+
+    class NoLayers(AffineBlock):
+        layer_types = ()
+
+    class NoKind(AffineBlock):
+        kind = ""
+
+    with pytest.raises(ValueError, match="layer_types"):
+        keras_kfac.register_block_type(NoLayers)
+    with pytest.raises(ValueError, match="kind"):
+        keras_kfac.register_block_type(NoKind)
+    collection = keras_kfac.LayerCollection()
+    with pytest.raises(TypeError, match="No curvature block serves layer 'rnn'"):
+        collection.register(keras.layers.SimpleRNN(2, name="rnn"))
+    with pytest.raises(TypeError, match="AffineBlock serves Affine"):
+        collection.register(keras.layers.Dense(2), AffineBlock)
+
+
+def test_lora_layers_are_refused_by_hand_and_left_to_the_fallback_automatically():
+    dense = keras.layers.Dense(3, name="adapted")
+    model = keras.Sequential([keras.Input((4,)), dense, keras.layers.Dense(2)])
+    dense.enable_lora(2)
+    with pytest.raises(ValueError, match="'adapted' has LoRA enabled"):
+        keras_kfac.LayerCollection().register_dense(dense)
+    collection = keras_kfac.LayerCollection()
+    with pytest.warns(UserWarning, match="fallback rule.*'adapted' has LoRA"):
+        collection.auto_register(model)
+    assert [b.layer for b in collection.blocks] == [model.layers[1]]
