@@ -1,5 +1,6 @@
 # `make demo` trains K-FAC, Adam and SGD on Fashion-MNIST and prints a table;
-# `make test` runs the test suite. Both create .venv with the tested versions.
+# `make test` checks the code with ruff (lint and format, settings in
+# pyproject.toml) and runs the test suite. Both create .venv with the tested versions.
 
 PYTHON ?= python3
 VENV := .venv
@@ -37,4 +38,6 @@ demo: venv data
 	$(PY) tutorials/compare_optimizers.py $(DEMO_ARGS)
 
 test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n auto --dist loadscope tests

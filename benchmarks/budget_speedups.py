@@ -70,12 +70,16 @@ def speedups_by_budget(runs: list[dict]) -> list[dict]:
             continue
         kfac = min(adaptive, key=lambda r: _loss_at(r["curve"], _index_at(r["curve"], budget)))
         kc = kfac["curve"]
-        row = {"budget_s": budget, "best_baseline": best["name"], "target": target,
-               "baseline_seconds": first_crossing(curve["seconds"][:i + 1], curve["loss"][:i + 1], target),
-               "baseline_iterations": first_crossing(curve["iterations"][:i + 1], curve["loss"][:i + 1], target),
-               "kfac": kfac["name"],
-               "kfac_seconds": first_crossing(kc["seconds"], kc["loss"], target),
-               "kfac_iterations": first_crossing(kc["iterations"], kc["loss"], target)}
+        row = {
+            "budget_s": budget,
+            "best_baseline": best["name"],
+            "target": target,
+            "baseline_seconds": first_crossing(curve["seconds"][: i + 1], curve["loss"][: i + 1], target),
+            "baseline_iterations": first_crossing(curve["iterations"][: i + 1], curve["loss"][: i + 1], target),
+            "kfac": kfac["name"],
+            "kfac_seconds": first_crossing(kc["seconds"], kc["loss"], target),
+            "kfac_iterations": first_crossing(kc["iterations"], kc["loss"], target),
+        }
         reached = row["kfac_seconds"] is not None and row["kfac_seconds"] <= budget
         row["seconds_speedup"] = row["baseline_seconds"] / row["kfac_seconds"] if reached else None
         row["iteration_speedup"] = row["baseline_iterations"] / row["kfac_iterations"] if reached else None
@@ -91,13 +95,29 @@ def table(seed: str, rows: list[dict], baselines: list[str]) -> str:
         s, i = row["seconds_speedup"], row["iteration_speedup"]
         return "yes" if s and i and s >= GOALS["seconds"] and i >= GOALS["iterations"] else "no"
 
-    body = [[f"{r['budget_s']:.0f}", r["best_baseline"], f"{r['target']:.5f}",
-             f"{r['baseline_seconds']:.1f} / {r['baseline_iterations']:.0f}",
-             "—" if r["kfac_seconds"] is None else f"{r['kfac_seconds']:.1f} / {r['kfac_iterations']:.0f}",
-             ratio(r["seconds_speedup"]), ratio(r["iteration_speedup"]), meets(r)] for r in rows]
-    header = ["budget s", "best baseline at B", "its loss at B", "its s / iters to it", "K-FAC s / iters",
-              "seconds speedup", "iterations speedup",
-              f"both goals (≥ {GOALS['seconds']:g}× s, ≥ {GOALS['iterations']:g}× iters)"]
+    body = [
+        [
+            f"{r['budget_s']:.0f}",
+            r["best_baseline"],
+            f"{r['target']:.5f}",
+            f"{r['baseline_seconds']:.1f} / {r['baseline_iterations']:.0f}",
+            "—" if r["kfac_seconds"] is None else f"{r['kfac_seconds']:.1f} / {r['kfac_iterations']:.0f}",
+            ratio(r["seconds_speedup"]),
+            ratio(r["iteration_speedup"]),
+            meets(r),
+        ]
+        for r in rows
+    ]
+    header = [
+        "budget s",
+        "best baseline at B",
+        "its loss at B",
+        "its s / iters to it",
+        "K-FAC s / iters",
+        "seconds speedup",
+        "iterations speedup",
+        f"both goals (≥ {GOALS['seconds']:g}× s, ≥ {GOALS['iterations']:g}× iters)",
+    ]
     return f"Seed {seed} (baseline runs: {', '.join(baselines)}):\n\n" + markdown_table(header, body)
 
 
@@ -110,8 +130,10 @@ def plot(curves: dict[str, tuple[list[dict], bool]], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.4))
-    for axis, key, goal in ((axes[0], "seconds_speedup", GOALS["seconds"]),
-                            (axes[1], "iteration_speedup", GOALS["iterations"])):
+    for axis, key, goal in (
+        (axes[0], "seconds_speedup", GOALS["seconds"]),
+        (axes[1], "iteration_speedup", GOALS["iterations"]),
+    ):
         for label, (rows, single) in curves.items():
             points = [(r["budget_s"], r[key]) for r in rows if r[key] is not None]
             if points:
@@ -131,8 +153,9 @@ def plot(curves: dict[str, tuple[list[dict], bool]], path: Path) -> None:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json files of time races")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the plot (default: budget_speedups.png next to the first results.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the plot (default: budget_speedups.png next to the first results.json)"
+    )
     args = parser.parse_args(argv)
     curves, tables = {}, []
     for path in args.results:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import keras
 import numpy as np
@@ -179,8 +179,16 @@ class Problem:
 class Run:
     """One model, one optimizer, its clock and its curve."""
 
-    def __init__(self, problem: Problem, spec: OptimizerSpec, batch_size: Callable[[int], int],
-                 initial_weights: list, seed: int, max_iters: int | None, budget_s: float):
+    def __init__(
+        self,
+        problem: Problem,
+        spec: OptimizerSpec,
+        batch_size: Callable[[int], int],
+        initial_weights: list,
+        seed: int,
+        max_iters: int | None,
+        budget_s: float,
+    ):
         self.problem, self.spec, self.seed = problem, spec, seed
         self.batch_size = batch_size
         self.max_iters, self.budget_s = max_iters, budget_s
@@ -211,15 +219,19 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return (self.diverged or self.clock >= self.budget_s or self.reached_stop_loss
-                or (self.max_iters is not None and self.iterations >= self.max_iters))
+        return (
+            self.diverged
+            or self.clock >= self.budget_s
+            or self.reached_stop_loss
+            or (self.max_iters is not None and self.iterations >= self.max_iters)
+        )
 
     def _indices(self, m: int) -> np.ndarray:
         n = len(self.order)
         if self.cursor + m > n:
             self.order = self.rng.permutation(n)
             self.cursor = 0
-        idx = self.order[self.cursor:self.cursor + m]
+        idx = self.order[self.cursor : self.cursor + m]
         self.cursor += m
         return idx
 
@@ -293,8 +305,14 @@ def log_points(budget_s: float, count: int) -> list[float]:
     return [float(f * budget_s) for f in fractions]
 
 
-def race(runs: list[Run], points: list[float], tag: str, iter_points: list[int] | None = None,
-         verbose: bool = True, kfac_after_baselines: bool = False) -> None:
+def race(
+    runs: list[Run],
+    points: list[float],
+    tag: str,
+    iter_points: list[int] | None = None,
+    verbose: bool = True,
+    kfac_after_baselines: bool = False,
+) -> None:
     """Trains `runs` in turns up to each log point (seconds or iterations), then logs.
 
     Each run first takes its (untimed) traced step so that every run starts
@@ -344,8 +362,11 @@ def _log(run: Run, tag: str, verbose: bool) -> None:
         extra += "  DIVERGED"
     if run.reached_stop_loss:
         extra += f"  reached {run.stop_loss:.5f}: stopped"
-    print(f"[{tag}] {run.spec.name:<44} it {run.iterations:>6}  t {run.clock:7.2f}s  "
-          f"batch {c['batch_size'][-1]:>5}  loss {c['loss'][-1]:.5f}{extra}", flush=True)
+    print(
+        f"[{tag}] {run.spec.name:<44} it {run.iterations:>6}  t {run.clock:7.2f}s  "
+        f"batch {c['batch_size'][-1]:>5}  loss {c['loss'][-1]:.5f}{extra}",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------ reading curves
@@ -384,11 +405,13 @@ def value_at(xs: list[float], values: list[float], x: float) -> float | None:
 
 def best_of(summaries: list[dict], metric: str = "loss", higher_is_better: bool = False) -> dict:
     """The grid point with the best final value (diverged runs lose)."""
+
     def key(s):
         v = s["curve"][metric][-1]
         if s["diverged"] or not math.isfinite(v):
             return math.inf
         return -v if higher_is_better else v
+
     return min(summaries, key=key)
 
 
@@ -413,8 +436,15 @@ def json_default(value):
     return str(value)
 
 
-def plot_curves(curves: dict[str, dict], path, title: str, metric: str = "loss",
-                ylabel: str = "training loss", log_y: bool = True, x_keys=("iterations", "seconds")) -> None:
+def plot_curves(
+    curves: dict[str, dict],
+    path,
+    title: str,
+    metric: str = "loss",
+    ylabel: str = "training loss",
+    log_y: bool = True,
+    x_keys=("iterations", "seconds"),
+) -> None:
     """One panel per x axis (iterations, training seconds), log scales."""
     import matplotlib
 
@@ -428,8 +458,15 @@ def plot_curves(curves: dict[str, dict], path, title: str, metric: str = "loss",
             xs = np.asarray(curve[key], dtype=float)
             ys = np.asarray(curve[metric], dtype=float)
             keep = xs > 0
-            axis.plot(xs[keep], ys[keep], marker=".", markersize=3, label=label,
-                      linestyle=curve.get("_style", "-"), color=curve.get("_color"))
+            axis.plot(
+                xs[keep],
+                ys[keep],
+                marker=".",
+                markersize=3,
+                label=label,
+                linestyle=curve.get("_style", "-"),
+                color=curve.get("_color"),
+            )
     for axis, key in zip(axes, x_keys):
         axis.set_xscale("log")
         if log_y:

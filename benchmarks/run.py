@@ -80,19 +80,48 @@ L2 = 1e-5
 KFAC_FIXED = dict(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3)
 
 AUTOENCODER_BUDGETS = {
-    "smoke": dict(n_train=256, n_eval=256, width=0.02, budget_s=math.inf, max_iters=3, logs=2,
-                  baseline_batch=64, kfac_first=64, kfac_reach=None, seeds=1,
-                  grid={"adam": [1e-3], "sgd": [(0.3, 0.99)], "muon": [1e-3]},
-                  kfac_fixed=[KFAC_FIXED]),
-    "small": dict(n_train=10000, n_eval=5000, width=0.25, budget_s=12.0, max_iters=None, logs=12,
-                  baseline_batch=250, kfac_first=500, kfac_reach=150, seeds=1,
-                  grid={"adam": [1e-3, 3e-3], "sgd": [(1.0, 0.99), (3.0, 0.99)], "muon": [1e-2, 3e-2]},
-                  kfac_fixed=[KFAC_FIXED]),
-    "default": dict(n_train=60000, n_eval=5000, width=1.0, budget_s=60.0, max_iters=None, logs=18,
-                    baseline_batch=250, kfac_first=1000, kfac_reach=500, seeds=1,
-                    grid={"adam": [1e-3, 3e-3], "sgd": [(0.3, 0.99), (1.0, 0.99), (3.0, 0.99)],
-                          "muon": [3e-3, 1e-2, 3e-2]},
-                    kfac_fixed=[KFAC_FIXED]),
+    "smoke": dict(
+        n_train=256,
+        n_eval=256,
+        width=0.02,
+        budget_s=math.inf,
+        max_iters=3,
+        logs=2,
+        baseline_batch=64,
+        kfac_first=64,
+        kfac_reach=None,
+        seeds=1,
+        grid={"adam": [1e-3], "sgd": [(0.3, 0.99)], "muon": [1e-3]},
+        kfac_fixed=[KFAC_FIXED],
+    ),
+    "small": dict(
+        n_train=10000,
+        n_eval=5000,
+        width=0.25,
+        budget_s=12.0,
+        max_iters=None,
+        logs=12,
+        baseline_batch=250,
+        kfac_first=500,
+        kfac_reach=150,
+        seeds=1,
+        grid={"adam": [1e-3, 3e-3], "sgd": [(1.0, 0.99), (3.0, 0.99)], "muon": [1e-2, 3e-2]},
+        kfac_fixed=[KFAC_FIXED],
+    ),
+    "default": dict(
+        n_train=60000,
+        n_eval=5000,
+        width=1.0,
+        budget_s=60.0,
+        max_iters=None,
+        logs=18,
+        baseline_batch=250,
+        kfac_first=1000,
+        kfac_reach=500,
+        seeds=1,
+        grid={"adam": [1e-3, 3e-3], "sgd": [(0.3, 0.99), (1.0, 0.99), (3.0, 0.99)], "muon": [3e-3, 1e-2, 3e-2]},
+        kfac_fixed=[KFAC_FIXED],
+    ),
 }
 # The paper's recipe as these races ran it: without the package's safeguards
 # (check of ρ on the first steps, bounded α and μ, undoing a step that raised
@@ -109,39 +138,106 @@ KFAC_INITIAL_DAMPINGS = {"smoke": [1e-2], "small": [1e-2, 1e-4], "default": [1e-
 CONVNET_KFAC = dict(patch_fraction=0.25)
 CONVNET_KFAC_FIXED = dict(CONVNET_KFAC, statistics_fraction=0.125, **KFAC_FIXED)
 CONVNET_BUDGETS = {
-    "smoke": dict(n_train=256, n_eval=256, n_test=256, budget_s=math.inf, max_iters=3, logs=2,
-                  baseline_batch=64, kfac_batch=64, seeds=1,
-                  grid={"adam": [1e-3], "sgd": [(0.05, 0.99)], "muon": [1e-3]},
-                  kfac_adaptive=CONVNET_KFAC,
-                  kfac_fixed=[CONVNET_KFAC_FIXED]),
-    "small": dict(n_train=10000, n_eval=5000, n_test=5000, budget_s=15.0, max_iters=None, logs=10,
-                  baseline_batch=128, kfac_batch=512, seeds=1,
-                  grid={"adam": [1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)], "muon": [3e-3]},
-                  kfac_adaptive=CONVNET_KFAC,
-                  kfac_fixed=[CONVNET_KFAC_FIXED]),
-    "default": dict(n_train=60000, n_eval=5000, n_test=10000, budget_s=60.0, max_iters=None, logs=15,
-                    baseline_batch=128, kfac_batch=512, seeds=1,
-                    grid={"adam": [3e-4, 1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)],
-                          "muon": [1e-3, 3e-3]},
-                    kfac_adaptive=CONVNET_KFAC,
-                    kfac_fixed=[CONVNET_KFAC_FIXED]),
+    "smoke": dict(
+        n_train=256,
+        n_eval=256,
+        n_test=256,
+        budget_s=math.inf,
+        max_iters=3,
+        logs=2,
+        baseline_batch=64,
+        kfac_batch=64,
+        seeds=1,
+        grid={"adam": [1e-3], "sgd": [(0.05, 0.99)], "muon": [1e-3]},
+        kfac_adaptive=CONVNET_KFAC,
+        kfac_fixed=[CONVNET_KFAC_FIXED],
+    ),
+    "small": dict(
+        n_train=10000,
+        n_eval=5000,
+        n_test=5000,
+        budget_s=15.0,
+        max_iters=None,
+        logs=10,
+        baseline_batch=128,
+        kfac_batch=512,
+        seeds=1,
+        grid={"adam": [1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)], "muon": [3e-3]},
+        kfac_adaptive=CONVNET_KFAC,
+        kfac_fixed=[CONVNET_KFAC_FIXED],
+    ),
+    "default": dict(
+        n_train=60000,
+        n_eval=5000,
+        n_test=10000,
+        budget_s=60.0,
+        max_iters=None,
+        logs=15,
+        baseline_batch=128,
+        kfac_batch=512,
+        seeds=1,
+        grid={"adam": [3e-4, 1e-3, 3e-3], "sgd": [(0.03, 0.99), (0.1, 0.99)], "muon": [1e-3, 3e-3]},
+        kfac_adaptive=CONVNET_KFAC,
+        kfac_fixed=[CONVNET_KFAC_FIXED],
+    ),
 }
 
 FIFTY_BUDGETS = {
-    "smoke": dict(n_train=512, n_eval=256, batch=128, kfac_iters=3, adam_iters=6,
-                  adam_lrs=[1e-3], kfac_dampings=[None, 1e-3], seeds=1, width=0.1),
-    "small": dict(n_train=60000, n_eval=10000, batch=1000, kfac_iters=50, adam_iters=500,
-                  adam_lrs=[1e-3, 3e-3, 1e-2], kfac_dampings=[None, 1e-3, 1e-4, 1e-5], seeds=1, width=1.0),
-    "default": dict(n_train=60000, n_eval=10000, batch=1000, kfac_iters=50, adam_iters=500,
-                    adam_lrs=[3e-4, 1e-3, 3e-3, 1e-2], kfac_dampings=[None, 1e-3, 1e-4, 1e-5], seeds=3, width=1.0),
+    "smoke": dict(
+        n_train=512,
+        n_eval=256,
+        batch=128,
+        kfac_iters=3,
+        adam_iters=6,
+        adam_lrs=[1e-3],
+        kfac_dampings=[None, 1e-3],
+        seeds=1,
+        width=0.1,
+    ),
+    "small": dict(
+        n_train=60000,
+        n_eval=10000,
+        batch=1000,
+        kfac_iters=50,
+        adam_iters=500,
+        adam_lrs=[1e-3, 3e-3, 1e-2],
+        kfac_dampings=[None, 1e-3, 1e-4, 1e-5],
+        seeds=1,
+        width=1.0,
+    ),
+    "default": dict(
+        n_train=60000,
+        n_eval=10000,
+        batch=1000,
+        kfac_iters=50,
+        adam_iters=500,
+        adam_lrs=[3e-4, 1e-3, 3e-3, 1e-2],
+        kfac_dampings=[None, 1e-3, 1e-4, 1e-5],
+        seeds=3,
+        width=1.0,
+    ),
 }
 
 PROFILE_BUDGETS = {
     "smoke": dict(models=["autoencoder-small-deep"], width=0.1, rounds=2, chunk=2, warmup=2, batch=64, n_train=512),
-    "small": dict(models=["autoencoder-paper-x0.5", "autoencoder-small-deep", "convnet"], width=1.0,
-                  rounds=4, chunk=4, warmup=3, batch=None, n_train=10000),
-    "default": dict(models=["autoencoder-paper", "autoencoder-paper-x0.5", "autoencoder-small-deep", "convnet"],
-                    width=1.0, rounds=6, chunk=5, warmup=3, batch=None, n_train=20000),
+    "small": dict(
+        models=["autoencoder-paper-x0.5", "autoencoder-small-deep", "convnet"],
+        width=1.0,
+        rounds=4,
+        chunk=4,
+        warmup=3,
+        batch=None,
+        n_train=10000,
+    ),
+    "default": dict(
+        models=["autoencoder-paper", "autoencoder-paper-x0.5", "autoencoder-small-deep", "convnet"],
+        width=1.0,
+        rounds=6,
+        chunk=5,
+        warmup=3,
+        batch=None,
+        n_train=20000,
+    ),
 }
 
 # ------------------------------------------------------------------- models
@@ -171,8 +267,7 @@ def autoencoder_builder(widths, activation: str = "tanh"):
         act, init = "tanh", lambda: "glorot_uniform"
 
     def build(layer_kwargs: dict) -> keras.Model:
-        dense = lambda units, a=None: keras.layers.Dense(units, activation=a, kernel_initializer=init(),
-                                                         **layer_kwargs)
+        dense = lambda units, a=None: keras.layers.Dense(units, activation=a, kernel_initializer=init(), **layer_kwargs)
         layers = [keras.Input((784,))]
         layers += [dense(w, act) for w in widths[:-1]]
         layers += [dense(widths[-1])]
@@ -189,17 +284,19 @@ def scaled_widths(base, scale: float) -> list[int]:
 
 def convnet_builder(layer_kwargs: dict) -> keras.Model:
     """Conv5×5×32-pool-Conv5×5×32-pool-Dense128-Dense10; the factors stay ≤ 801×801."""
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, 5, padding="same", activation="relu", **layer_kwargs),
-        keras.layers.MaxPooling2D(2),  # 14×14
-        keras.layers.Conv2D(32, 5, padding="same", activation="relu", **layer_kwargs),
-        keras.layers.MaxPooling2D(2),  # 7×7
-        keras.layers.MaxPooling2D(2, padding="same"),  # 4×4×32 = 512
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu", **layer_kwargs),
-        keras.layers.Dense(10, **layer_kwargs),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 5, padding="same", activation="relu", **layer_kwargs),
+            keras.layers.MaxPooling2D(2),  # 14×14
+            keras.layers.Conv2D(32, 5, padding="same", activation="relu", **layer_kwargs),
+            keras.layers.MaxPooling2D(2),  # 7×7
+            keras.layers.MaxPooling2D(2, padding="same"),  # 4×4×32 = 512
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu", **layer_kwargs),
+            keras.layers.Dense(10, **layer_kwargs),
+        ]
+    )
 
 
 # --------------------------------------------------------------------- data
@@ -230,7 +327,7 @@ def autoencoder_evaluator(x_eval: np.ndarray, l2: float = 0.0, chunk: int = 2500
     def evaluate(model: keras.Model) -> dict:
         bce, sq = 0.0, 0.0
         for i in range(0, len(x_eval), chunk):
-            x = x_eval[i:i + chunk]
+            x = x_eval[i : i + chunk]
             z = np.asarray(model.predict_on_batch(x), dtype=np.float64)
             bce += float(np.sum(np.maximum(z, 0) - z * x + np.log1p(np.exp(-np.abs(z)))))
             p = 1.0 / (1.0 + np.exp(-z))
@@ -245,8 +342,9 @@ def classifier_evaluator(x_eval, y_eval, x_test, y_test, chunk: int = 2500):
     """Cross-entropy on a training subset and accuracy on the test set."""
 
     def logits(model, x):
-        return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + chunk]), np.float64)
-                               for i in range(0, len(x), chunk)])
+        return np.concatenate(
+            [np.asarray(model.predict_on_batch(x[i : i + chunk]), np.float64) for i in range(0, len(x), chunk)]
+        )
 
     def evaluate(model: keras.Model) -> dict:
         z = logits(model, x_eval)
@@ -289,8 +387,9 @@ def parse_grid_overrides(text: str | None, grid: dict) -> dict:
     return grid
 
 
-def time_race(problem: H.Problem, cfg: dict, kfac_batch, baseline_batch, args, seed: int,
-              specs: list[Spec]) -> list[dict]:
+def time_race(
+    problem: H.Problem, cfg: dict, kfac_batch, baseline_batch, args, seed: int, specs: list[Spec]
+) -> list[dict]:
     """All `specs` on `problem` from the same initial weights, trained in turns."""
     keras.utils.set_random_seed(seed)
     initial = problem.build_model({}).get_weights()
@@ -304,8 +403,9 @@ def time_race(problem: H.Problem, cfg: dict, kfac_batch, baseline_batch, args, s
         H.race(runs, points, f"{problem.name} seed {seed}", kfac_after_baselines=args.kfac_after_baselines)
     else:
         iters = sorted({max(1, cfg["max_iters"] * (i + 1) // cfg["logs"]) for i in range(cfg["logs"])})
-        H.race(runs, [], f"{problem.name} seed {seed}", iter_points=iters,
-               kfac_after_baselines=args.kfac_after_baselines)
+        H.race(
+            runs, [], f"{problem.name} seed {seed}", iter_points=iters, kfac_after_baselines=args.kfac_after_baselines
+        )
     return [r.summary() for r in runs]
 
 
@@ -319,27 +419,42 @@ def analyse_race(summaries: list[dict], budget_s: float, accuracy: bool = False)
     best = H.best_of(baselines)
     bc = best["curve"]
     end = bc["seconds"][-1]
-    final = bc["loss"][-1]
     targets = []
-    for frac, label in ((0.25, "best baseline @25% time"), (0.5, "best baseline @50% time"), (1.0, "best baseline final")):
+    for frac, label in (
+        (0.25, "best baseline @25% time"),
+        (0.5, "best baseline @50% time"),
+        (1.0, "best baseline final"),
+    ):
         v = H.value_at(bc["seconds"], bc["loss"], frac * end)
         if v is not None:
             targets.append({"label": label, "loss": v})
-    analysis = {"winners": {fam: w["name"] for fam, w in winners.items()}, "best_baseline": best["name"],
-                "targets": targets, "rows": {}}
+    analysis = {
+        "winners": {fam: w["name"] for fam, w in winners.items()},
+        "best_baseline": best["name"],
+        "targets": targets,
+        "rows": {},
+    }
     best_time = {t["label"]: H.first_crossing(bc["seconds"], bc["loss"], t["loss"]) for t in targets}
     best_iter = {t["label"]: H.first_crossing(bc["iterations"], bc["loss"], t["loss"]) for t in targets}
     horizon = min(w["curve"]["seconds"][-1] for w in winners.values())
     for fam, w in winners.items():
         c = w["curve"]
-        row = {"name": w["name"], "final_loss": c["loss"][-1], "iterations": w["iterations"],
-               "train_seconds": w["train_seconds"], "trace_seconds": w["trace_seconds"],
-               "median_step_seconds": w["median_step_seconds"], "to_target": {}, "loss_at": {}}
+        row = {
+            "name": w["name"],
+            "final_loss": c["loss"][-1],
+            "iterations": w["iterations"],
+            "train_seconds": w["train_seconds"],
+            "trace_seconds": w["trace_seconds"],
+            "median_step_seconds": w["median_step_seconds"],
+            "to_target": {},
+            "loss_at": {},
+        }
         for t in targets:
             secs = H.first_crossing(c["seconds"], c["loss"], t["loss"])
             its = H.first_crossing(c["iterations"], c["loss"], t["loss"])
             row["to_target"][t["label"]] = {
-                "seconds": secs, "iterations": its,
+                "seconds": secs,
+                "iterations": its,
                 "time_speedup": (best_time[t["label"]] / secs) if secs and best_time[t["label"]] else None,
                 "iteration_speedup": (best_iter[t["label"]] / its) if its and best_iter[t["label"]] else None,
             }
@@ -358,9 +473,12 @@ def analyse_race(summaries: list[dict], budget_s: float, accuracy: bool = False)
         for fam, w in winners.items():
             c = w["curve"]
             analysis["rows"][fam]["to_accuracy"] = {
-                str(a): {"seconds": H.first_crossing(c["seconds"], c["accuracy"], a, higher=True),
-                         "iterations": H.first_crossing(c["iterations"], c["accuracy"], a, higher=True)}
-                for a in acc_targets}
+                str(a): {
+                    "seconds": H.first_crossing(c["seconds"], c["accuracy"], a, higher=True),
+                    "iterations": H.first_crossing(c["iterations"], c["accuracy"], a, higher=True),
+                }
+                for a in acc_targets
+            }
         analysis["best_accuracy_baseline"] = best_acc_run["name"]
     return analysis
 
@@ -371,14 +489,25 @@ def race_tables(analysis: dict, summaries: list[dict], seed: int, accuracy: bool
     winners = set(analysis["winners"].values())
     for s in summaries:
         c = s["curve"]
-        grid_rows.append([("**" + s["name"] + "**") if s["name"] in winners else s["name"],
-                          str(s["iterations"]), H.fmt(s["train_seconds"], ".1f"), H.fmt(s["trace_seconds"], ".1f"),
-                          H.fmt(1e3 * s["median_step_seconds"], ".1f"),
-                          "diverged" if s["diverged"] else H.fmt(c["loss"][-1], ".5f")]
-                         + ([H.fmt(c["accuracy"][-1], ".4f")] if accuracy else []))
+        grid_rows.append(
+            [
+                ("**" + s["name"] + "**") if s["name"] in winners else s["name"],
+                str(s["iterations"]),
+                H.fmt(s["train_seconds"], ".1f"),
+                H.fmt(s["trace_seconds"], ".1f"),
+                H.fmt(1e3 * s["median_step_seconds"], ".1f"),
+                "diverged" if s["diverged"] else H.fmt(c["loss"][-1], ".5f"),
+            ]
+            + ([H.fmt(c["accuracy"][-1], ".4f")] if accuracy else [])
+        )
     out.append(f"Grid (seed {seed}; **bold** = the family's winner, by final training loss):\n")
-    out.append(H.markdown_table(["run", "iters", "train s", "trace s", "ms/step (median)", "final loss"]
-                                + (["test acc"] if accuracy else []), grid_rows))
+    out.append(
+        H.markdown_table(
+            ["run", "iters", "train s", "trace s", "ms/step (median)", "final loss"]
+            + (["test acc"] if accuracy else []),
+            grid_rows,
+        )
+    )
     targets = analysis["targets"]
     header = ["optimizer (winner)", "final loss"]
     for t in targets:
@@ -388,13 +517,18 @@ def race_tables(analysis: dict, summaries: list[dict], seed: int, accuracy: bool
         row = [f"{H.FAMILIES[fam]}: {r['name']}", H.fmt(r["final_loss"], ".5f")]
         for t in targets:
             d = r["to_target"][t["label"]]
-            row += [H.fmt(d["seconds"], ".1f"), H.fmt(d["iterations"], ".0f"),
-                    H.fmt(d["time_speedup"], ".2f") + ("×" if d["time_speedup"] else ""),
-                    H.fmt(d["iteration_speedup"], ".2f") + ("×" if d["iteration_speedup"] else "")]
+            row += [
+                H.fmt(d["seconds"], ".1f"),
+                H.fmt(d["iterations"], ".0f"),
+                H.fmt(d["time_speedup"], ".2f") + ("×" if d["time_speedup"] else ""),
+                H.fmt(d["iteration_speedup"], ".2f") + ("×" if d["iteration_speedup"] else ""),
+            ]
         rows.append(row)
-    out.append(f"\nTargets from the best baseline ({analysis['best_baseline']}); speedup = best baseline's "
-               "seconds (iterations) to the target / this optimizer's (> 1: faster than the best baseline; "
-               "interpolated between log points):\n")
+    out.append(
+        f"\nTargets from the best baseline ({analysis['best_baseline']}); speedup = best baseline's "
+        "seconds (iterations) to the target / this optimizer's (> 1: faster than the best baseline; "
+        "interpolated between log points):\n"
+    )
     out.append(H.markdown_table(header, rows))
     times = list(next(iter(analysis["rows"].values()))["loss_at"].keys())
     best_row = analysis["rows"][next(f for f, r in analysis["rows"].items() if r["name"] == analysis["best_baseline"])]
@@ -412,7 +546,7 @@ def race_tables(analysis: dict, summaries: list[dict], seed: int, accuracy: bool
         rows = []
         for fam, r in analysis["rows"].items():
             row = [H.FAMILIES[fam], H.fmt(r["final_accuracy"], ".4f")]
-            for a, d in r["to_accuracy"].items():
+            for d in r["to_accuracy"].values():
                 row += [H.fmt(d["seconds"], ".1f"), H.fmt(d["iterations"], ".0f")]
             rows.append(row)
         header = ["optimizer", "final test acc"]
@@ -434,6 +568,7 @@ def seed_spread(per_seed: dict[int, dict]) -> str:
     for fam, items in collected.items():
         ts = [d["time_speedup"] for _, _, d in items]
         its = [d["iteration_speedup"] for _, _, d in items]
+
         def spread(v):
             vals = [x for x in v if x]
             miss = len(v) - len(vals)
@@ -441,10 +576,13 @@ def seed_spread(per_seed: dict[int, dict]) -> str:
                 return f"not reached ({miss}/{len(v)})"
             s = f"{min(vals):.2f} / {np.median(vals):.2f} / {max(vals):.2f}"
             return s + (f" (+{miss} not reached)" if miss else "")
+
         rows.append([H.FAMILIES[fam], ", ".join(str(s) for s, _, _ in items), spread(ts), spread(its)])
-    return ("Spread over seeds of the speedups to the best baseline's final loss "
-            "(min / median / max; each seed's target is that seed's best baseline):\n\n"
-            + H.markdown_table(["optimizer", "seeds", "time speedup", "iteration speedup"], rows))
+    return (
+        "Spread over seeds of the speedups to the best baseline's final loss "
+        "(min / median / max; each seed's target is that seed's best baseline):\n\n"
+        + H.markdown_table(["optimizer", "seeds", "time speedup", "iteration speedup"], rows)
+    )
 
 
 def against_each_baseline(runs_by_seed: dict) -> str:
@@ -467,13 +605,28 @@ def against_each_baseline(runs_by_seed: dict) -> str:
             for key in ("seconds", "iterations"):
                 own = H.first_crossing(curve[key], curve["loss"], target)
                 reached = H.first_crossing(kfac["curve"][key], kfac["curve"]["loss"], target)
-                cells += [H.fmt(reached, ".1f" if key == "seconds" else ".0f"),
-                          f"{own / reached:.2f}×" if reached and own else "—"]
+                cells += [
+                    H.fmt(reached, ".1f" if key == "seconds" else ".0f"),
+                    f"{own / reached:.2f}×" if reached and own else "—",
+                ]
             rows.append(cells)
-    return ("Adaptive K-FAC (its best initial damping) against each baseline: seconds and iterations "
-            "to that baseline's final loss, and the baseline's own seconds (iterations) to it ÷ K-FAC's:\n\n"
-            + H.markdown_table(["seed", "baseline", "winner", "its final loss", "K-FAC s", "time speedup",
-                                "K-FAC iters", "iteration speedup"], rows))
+    return (
+        "Adaptive K-FAC (its best initial damping) against each baseline: seconds and iterations "
+        "to that baseline's final loss, and the baseline's own seconds (iterations) to it ÷ K-FAC's:\n\n"
+        + H.markdown_table(
+            [
+                "seed",
+                "baseline",
+                "winner",
+                "its final loss",
+                "K-FAC s",
+                "time speedup",
+                "K-FAC iters",
+                "iteration speedup",
+            ],
+            rows,
+        )
+    )
 
 
 def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_specs, accuracy=False):
@@ -481,8 +634,11 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     grid = parse_grid_overrides(args.grid, cfg["grid"])
     specs = kfac_specs + baseline_specs(grid)
     problem, kfac_batch, baseline_batch = problem_factory()
-    print(f"# {name}, budget {args.budget}: {len(specs)} runs of {cfg['budget_s']} training s "
-          f"(max iters {cfg['max_iters']}), {len(problem.x_train)} training examples", flush=True)
+    print(
+        f"# {name}, budget {args.budget}: {len(specs)} runs of {cfg['budget_s']} training s "
+        f"(max iters {cfg['max_iters']}), {len(problem.x_train)} training examples",
+        flush=True,
+    )
     started = time.time()
     all_summaries = {args.seed: time_race(problem, cfg, kfac_batch, baseline_batch, args, args.seed, specs)}
     analyses = {args.seed: analyse_race(all_summaries[args.seed], cfg["budget_s"], accuracy)}
@@ -499,31 +655,51 @@ def run_time_race_problem(args, name: str, problem_factory, cfg: dict, kfac_spec
     if seeds > 1:
         table += "\n\n" + seed_spread(analyses)
     table += "\n\n" + against_each_baseline(all_summaries)
-    settings = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in cfg.items()
-                if k != "grid"}
+    settings = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in cfg.items() if k != "grid"}
     settings.update(seed=args.seed, seeds=seeds)
-    header = (f"## {name} — budget `{budget_label(args)}`\n\n"
-              f"Settings: {json.dumps(settings)}; grid {json.dumps(grid)}; K-FAC runs "
-              f"{[s.name for s in kfac_specs]}. Wall time of the benchmark {wall:.0f} s.\n")
+    header = (
+        f"## {name} — budget `{budget_label(args)}`\n\n"
+        f"Settings: {json.dumps(settings)}; grid {json.dumps(grid)}; K-FAC runs "
+        f"{[s.name for s in kfac_specs]}. Wall time of the benchmark {wall:.0f} s.\n"
+    )
     if args.kfac_after_baselines:
-        header += ("\nThe baselines raced first; each K-FAC run then stopped at the first log point at or below "
-                   "their lowest final loss, so its 'final loss' is its loss there and 'loss at equal training "
-                   "time' ends at its stop.\n")
-    finish(args, out_dir, name, header + "\n" + table, {
-        "problem": name, "budget": args.budget, "settings": settings, "grid": grid,
-        "environment": environment(), "analysis": {str(k): v for k, v in analyses.items()},
-        "runs": {str(k): v for k, v in all_summaries.items()},
-    })
+        header += (
+            "\nThe baselines raced first; each K-FAC run then stopped at the first log point at or below "
+            "their lowest final loss, so its 'final loss' is its loss there and 'loss at equal training "
+            "time' ends at its stop.\n"
+        )
+    finish(
+        args,
+        out_dir,
+        name,
+        header + "\n" + table,
+        {
+            "problem": name,
+            "budget": args.budget,
+            "settings": settings,
+            "grid": grid,
+            "environment": environment(),
+            "analysis": {str(k): v for k, v in analyses.items()},
+            "runs": {str(k): v for k, v in all_summaries.items()},
+        },
+    )
     curves = {}
     for s in all_summaries[args.seed]:
         if s["name"] in analyses[args.seed]["winners"].values():
-            curves[f"{H.FAMILIES[s['family']]} ({s['name'].split('[')[-1].rstrip(']') if '[' in s['name'] else 'defaults'})"] = s["curve"]
+            setting = s["name"].split("[")[-1].rstrip("]") if "[" in s["name"] else "defaults"
+            curves[f"{H.FAMILIES[s['family']]} ({setting})"] = s["curve"]
     pngs = [out_dir / "loss.png"]
     H.plot_curves(curves, pngs[0], f"{name} ({budget_label(args)}): training loss, seed {args.seed}")
     if accuracy:
         pngs.append(out_dir / "accuracy.png")
-        H.plot_curves(curves, pngs[1], f"{name} ({budget_label(args)}): test accuracy", metric="accuracy",
-                      ylabel="test accuracy", log_y=False)
+        H.plot_curves(
+            curves,
+            pngs[1],
+            f"{name} ({budget_label(args)}): test accuracy",
+            metric="accuracy",
+            ylabel="test accuracy",
+            log_y=False,
+        )
     save_figures(args, name, pngs)
 
 
@@ -532,13 +708,19 @@ def autoencoder_problem(args, cfg):
         x, _, _, _ = load_images(args, cfg["n_train"], flatten=True)
         widths = scaled_widths(PAPER_WIDTHS, args.width_scale or cfg["width"])
         problem = H.Problem(
-            name="autoencoder", build_model=autoencoder_builder(widths, args.activation),
-            loss=keras.losses.BinaryCrossentropy(from_logits=True), x_train=x, y_train=x,
-            evaluate=autoencoder_evaluator(x[:cfg["n_eval"]], cfg["l2"]), l2=cfg["l2"],
-            metric_names=("loss", "sq_error", "l2_penalty"))
+            name="autoencoder",
+            build_model=autoencoder_builder(widths, args.activation),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            x_train=x,
+            y_train=x,
+            evaluate=autoencoder_evaluator(x[: cfg["n_eval"]], cfg["l2"]),
+            l2=cfg["l2"],
+            metric_names=("loss", "sq_error", "l2_penalty"),
+        )
         print(f"widths {widths}, activation {args.activation}, l2 {cfg['l2']:g}", flush=True)
         kfac_batch = H.batch_size_schedule(cfg["kfac_first"], len(x), cfg["kfac_reach"])
         return problem, kfac_batch, H.batch_size_schedule(cfg["baseline_batch"], len(x), None)
+
     return factory
 
 
@@ -546,17 +728,27 @@ def convnet_problem(args, cfg):
     def factory():
         x, y, xt, yt = load_images(args, cfg["n_train"], flatten=False, n_test=cfg["n_test"])
         problem = H.Problem(
-            name="convnet", build_model=convnet_builder,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), x_train=x, y_train=y,
-            evaluate=classifier_evaluator(x[:cfg["n_eval"]], y[:cfg["n_eval"]], xt, yt), l2=L2,
-            metric_names=("loss", "accuracy"))
-        return (problem, H.batch_size_schedule(cfg["kfac_batch"], len(x), None),
-                H.batch_size_schedule(cfg["baseline_batch"], len(x), None))
+            name="convnet",
+            build_model=convnet_builder,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            x_train=x,
+            y_train=y,
+            evaluate=classifier_evaluator(x[: cfg["n_eval"]], y[: cfg["n_eval"]], xt, yt),
+            l2=L2,
+            metric_names=("loss", "accuracy"),
+        )
+        return (
+            problem,
+            H.batch_size_schedule(cfg["kfac_batch"], len(x), None),
+            H.batch_size_schedule(cfg["baseline_batch"], len(x), None),
+        )
+
     return factory
 
 
-def kfac_specs(cfg: dict, budget: str, paper_damping: float, dampings: list[float | None] | None = None,
-               fixed: bool = True) -> list[Spec]:
+def kfac_specs(
+    cfg: dict, budget: str, paper_damping: float, dampings: list[float | None] | None = None, fixed: bool = True
+) -> list[Spec]:
     """Adaptive K-FAC from the paper's initial damping and from smaller ones, and fixed-lr K-FAC.
 
     `dampings` replaces the budget's initial dampings λ₀ of the adaptive runs
@@ -590,18 +782,29 @@ def run_fifty(args):
     out_dir = output_dir(args, name)
     x, _, _, _ = load_images(args, cfg["n_train"], flatten=True)
     widths = scaled_widths(SMALL_DEEP_WIDTHS, args.width_scale or cfg["width"])
-    problem = H.Problem(name=name, build_model=autoencoder_builder(widths, args.activation),
-                        loss=keras.losses.BinaryCrossentropy(from_logits=True), x_train=x, y_train=x,
-                        evaluate=autoencoder_evaluator(x[:cfg["n_eval"]]), l2=L2,
-                        metric_names=("loss", "sq_error"))
+    problem = H.Problem(
+        name=name,
+        build_model=autoencoder_builder(widths, args.activation),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        x_train=x,
+        y_train=x,
+        evaluate=autoencoder_evaluator(x[: cfg["n_eval"]]),
+        l2=L2,
+        metric_names=("loss", "sq_error"),
+    )
     batch = H.batch_size_schedule(cfg["batch"], len(x), None)
     # Adaptive K-FAC: the paper's initial damping (None) and a few smaller ones.
-    specs = [Spec("kfac-adaptive", dict(PAPER_RECIPE, damping=PAPER_DAMPING["autoencoder"] if d is None else d))
-             for d in cfg["kfac_dampings"]]
+    specs = [
+        Spec("kfac-adaptive", dict(PAPER_RECIPE, damping=PAPER_DAMPING["autoencoder"] if d is None else d))
+        for d in cfg["kfac_dampings"]
+    ]
     specs += [Spec("kfac-fixed", {})]
     specs += [Spec("adam", {"learning_rate": lr}) for lr in cfg["adam_lrs"]]
-    print(f"# {name}, budget {args.budget}: widths {widths}, batch {cfg['batch']}, {len(x)} examples; "
-          f"K-FAC {cfg['kfac_iters']} iterations, Adam {cfg['adam_iters']}", flush=True)
+    print(
+        f"# {name}, budget {args.budget}: widths {widths}, batch {cfg['batch']}, {len(x)} examples; "
+        f"K-FAC {cfg['kfac_iters']} iterations, Adam {cfg['adam_iters']}",
+        flush=True,
+    )
     seeds = args.seeds or cfg["seeds"]
     per_seed = {}
     for seed in range(args.seed, args.seed + seeds):
@@ -614,8 +817,9 @@ def run_fifty(args):
             runs.append(H.Run(problem, spec, batch, initial, seed, iters, math.inf))
         # Log every 5 iterations up to the K-FAC horizon, then every 25.
         k, a = cfg["kfac_iters"], cfg["adam_iters"]
-        points = sorted(set(list(range(max(1, k // 10), k + 1, max(1, k // 10)))
-                            + list(range(k, a + 1, max(1, a // 20))) + [a]))
+        points = sorted(
+            set(list(range(max(1, k // 10), k + 1, max(1, k // 10))) + list(range(k, a + 1, max(1, a // 20))) + [a])
+        )
         H.race(runs, [], f"{name} seed {seed}", iter_points=points)
         per_seed[seed] = [r.summary() for r in runs]
     rows, records = [], {}
@@ -633,10 +837,13 @@ def run_fifty(args):
         adam_iters_to = H.first_crossing(best["curve"]["iterations"], best["curve"]["loss"], k_loss)
         kfac_iters_to_adam = H.first_crossing(ka["curve"]["iterations"], ka["curve"]["loss"], adam_final)
         record = {
-            "kfac_adaptive_loss": k_loss, "best_kfac_adaptive": ka["name"],
+            "kfac_adaptive_loss": k_loss,
+            "best_kfac_adaptive": ka["name"],
             "kfac_adaptive_losses": {s["name"]: s["curve"]["loss"][-1] for s in adaptive},
             "kfac_fixed_loss": kf["curve"]["loss"][-1],
-            "best_adam": best["name"], "adam_loss_at_kfac_iters": adam_at_k, "adam_final_loss": adam_final,
+            "best_adam": best["name"],
+            "adam_loss_at_kfac_iters": adam_at_k,
+            "adam_final_loss": adam_final,
             "adam_losses": {s["name"]: s["curve"]["loss"][-1] for s in adams},
             "adam_iterations_to_kfac_loss": adam_iters_to,
             "kfac_iterations_to_adam_final": kfac_iters_to_adam,
@@ -645,47 +852,100 @@ def run_fifty(args):
             "adaptive_over_fixed": mean_step(ka) / mean_step(kf),
             "adaptive_over_adam": mean_step(ka) / mean_step(best),
             "fixed_over_adam": mean_step(kf) / mean_step(best),
-            "kfac_adaptive_train_seconds": ka["train_seconds"], "adam_train_seconds": best["train_seconds"],
+            "kfac_adaptive_train_seconds": ka["train_seconds"],
+            "adam_train_seconds": best["train_seconds"],
         }
         records[seed] = record
-        rows.append([str(seed), H.fmt(paper["curve"]["loss"][-1], ".5f"), ka["name"], H.fmt(k_loss, ".5f"),
-                     H.fmt(kf["curve"]["loss"][-1], ".5f"),
-                     f"{best['name']}", H.fmt(adam_at_k, ".5f"), H.fmt(adam_final, ".5f"),
-                     H.fmt(adam_iters_to, ".0f") if adam_iters_to else f"not in {cfg['adam_iters']}",
-                     H.fmt(kfac_iters_to_adam, ".0f") if kfac_iters_to_adam else f"not in {k_iters}",
-                     "yes" if record["claim_holds"] else "no",
-                     f"{record['adaptive_over_fixed']:.2f}", f"{record['adaptive_over_adam']:.2f}",
-                     f"{record['fixed_over_adam']:.2f}"])
+        rows.append(
+            [
+                str(seed),
+                H.fmt(paper["curve"]["loss"][-1], ".5f"),
+                ka["name"],
+                H.fmt(k_loss, ".5f"),
+                H.fmt(kf["curve"]["loss"][-1], ".5f"),
+                f"{best['name']}",
+                H.fmt(adam_at_k, ".5f"),
+                H.fmt(adam_final, ".5f"),
+                H.fmt(adam_iters_to, ".0f") if adam_iters_to else f"not in {cfg['adam_iters']}",
+                H.fmt(kfac_iters_to_adam, ".0f") if kfac_iters_to_adam else f"not in {k_iters}",
+                "yes" if record["claim_holds"] else "no",
+                f"{record['adaptive_over_fixed']:.2f}",
+                f"{record['adaptive_over_adam']:.2f}",
+                f"{record['fixed_over_adam']:.2f}",
+            ]
+        )
     k, a = cfg["kfac_iters"], cfg["adam_iters"]
     table = H.markdown_table(
-        ["seed", f"adaptive K-FAC, paper λ₀, loss @{k}", "best adaptive K-FAC", f"its loss @{k}",
-         f"K-FAC fixed-lr loss @{k}", "best Adam", f"Adam loss @{k}",
-         f"Adam loss @{a}", "Adam iters to K-FAC's loss", "K-FAC iters to Adam's final", f"K-FAC@{k} < Adam@{a}",
-         "step time adaptive / fixed K-FAC", "adaptive K-FAC / Adam", "fixed K-FAC / Adam"], rows)
-    table += ("\n\nThe comparison uses the best adaptive K-FAC (by its loss at iteration "
-              f"{k}) against the best Adam (by its loss at {a}).")
+        [
+            "seed",
+            f"adaptive K-FAC, paper λ₀, loss @{k}",
+            "best adaptive K-FAC",
+            f"its loss @{k}",
+            f"K-FAC fixed-lr loss @{k}",
+            "best Adam",
+            f"Adam loss @{k}",
+            f"Adam loss @{a}",
+            "Adam iters to K-FAC's loss",
+            "K-FAC iters to Adam's final",
+            f"K-FAC@{k} < Adam@{a}",
+            "step time adaptive / fixed K-FAC",
+            "adaptive K-FAC / Adam",
+            "fixed K-FAC / Adam",
+        ],
+        rows,
+    )
+    table += (
+        "\n\nThe comparison uses the best adaptive K-FAC (by its loss at iteration "
+        f"{k}) against the best Adam (by its loss at {a})."
+    )
     adam_rows = []
     for seed, summaries in per_seed.items():
         for s in summaries:
-            adam_rows.append([str(seed), s["name"], str(s["iterations"]), H.fmt(s["curve"]["loss"][-1], ".5f"),
-                              H.fmt(1e3 * mean_step(s), ".1f"), H.fmt(1e3 * s["median_step_seconds"], ".1f"), H.fmt(s["train_seconds"], ".1f"),
-                              H.fmt(s["trace_seconds"], ".1f")])
-    table += ("\n\nAll runs (mean step time = training seconds / iterations, the traced first step charged "
-              "at the next step's time; median step time; trace = first step, off the clock). Step-time ratios "
-              "above use the means, which include K-FAC's inverse refreshes:\n\n") + H.markdown_table(
-        ["seed", "run", "iters", "final loss", "ms/step (mean)", "ms/step (median)", "train s", "trace s"], adam_rows)
-    header = (f"## {name} — budget `{args.budget}`\n\nWidths {widths} (mirrored), batch {cfg['batch']} for all, "
-              f"{len(x)} training examples, loss on {cfg['n_eval']} of them; Adam lrs {cfg['adam_lrs']}; "
-              "K-FAC adaptive = `KFAC(adaptive=True, l2_reg=1e-5)` (τ₁ = τ₂ = 1) with the paper's initial "
-              f"damping and with damping (initial λ₀) in {[d for d in cfg['kfac_dampings'] if d]}, fixed = "
-              "`KFAC(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3, l2_reg=1e-5)`.\n")
+            adam_rows.append(
+                [
+                    str(seed),
+                    s["name"],
+                    str(s["iterations"]),
+                    H.fmt(s["curve"]["loss"][-1], ".5f"),
+                    H.fmt(1e3 * mean_step(s), ".1f"),
+                    H.fmt(1e3 * s["median_step_seconds"], ".1f"),
+                    H.fmt(s["train_seconds"], ".1f"),
+                    H.fmt(s["trace_seconds"], ".1f"),
+                ]
+            )
+    table += (
+        "\n\nAll runs (mean step time = training seconds / iterations, the traced first step charged "
+        "at the next step's time; median step time; trace = first step, off the clock). Step-time ratios "
+        "above use the means, which include K-FAC's inverse refreshes:\n\n"
+    ) + H.markdown_table(
+        ["seed", "run", "iters", "final loss", "ms/step (mean)", "ms/step (median)", "train s", "trace s"], adam_rows
+    )
+    header = (
+        f"## {name} — budget `{args.budget}`\n\nWidths {widths} (mirrored), batch {cfg['batch']} for all, "
+        f"{len(x)} training examples, loss on {cfg['n_eval']} of them; Adam lrs {cfg['adam_lrs']}; "
+        "K-FAC adaptive = `KFAC(adaptive=True, l2_reg=1e-5)` (τ₁ = τ₂ = 1) with the paper's initial "
+        f"damping and with damping (initial λ₀) in {[d for d in cfg['kfac_dampings'] if d]}, fixed = "
+        "`KFAC(learning_rate=0.1, damping=1e-2, norm_constraint=1e-3, l2_reg=1e-5)`.\n"
+    )
     for seed, r in records.items():
-        print(f"seed {seed}: adaptive K-FAC step = {r['adaptive_over_fixed']:.2f}× fixed-lr K-FAC step, "
-              f"{r['adaptive_over_adam']:.2f}× Adam step; fixed-lr K-FAC = {r['fixed_over_adam']:.2f}× Adam")
-    finish(args, out_dir, name, header + "\n" + table, {
-        "problem": name, "budget": args.budget, "settings": cfg, "environment": environment(),
-        "records": {str(k): v for k, v in records.items()},
-        "runs": {str(k): v for k, v in per_seed.items()}})
+        print(
+            f"seed {seed}: adaptive K-FAC step = {r['adaptive_over_fixed']:.2f}× fixed-lr K-FAC step, "
+            f"{r['adaptive_over_adam']:.2f}× Adam step; fixed-lr K-FAC = {r['fixed_over_adam']:.2f}× Adam"
+        )
+    finish(
+        args,
+        out_dir,
+        name,
+        header + "\n" + table,
+        {
+            "problem": name,
+            "budget": args.budget,
+            "settings": cfg,
+            "environment": environment(),
+            "records": {str(k): v for k, v in records.items()},
+            "runs": {str(k): v for k, v in per_seed.items()},
+        },
+    )
     curves = {}
     for s in per_seed[args.seed]:
         curves[s["name"]] = s["curve"]
@@ -719,11 +979,14 @@ PROFILE_VARIANTS = [
     ("kfac fixed, statistics every 10 steps", Spec("kfac-fixed", {"statistics_update_period": 10})),
     ("kfac adaptive (τ1=τ2=1)", Spec("kfac-adaptive", {})),
     ("kfac adaptive, τ2=1/4", Spec("kfac-adaptive", {"curvature_fraction": 0.25})),
-    ("kfac adaptive, τ1=1/8, τ2=1/4 (paper)", Spec("kfac-adaptive", {"statistics_fraction": 0.125,
-                                                                    "curvature_fraction": 0.25})),
-    ("kfac adaptive, paper, Conv2D patches 1/4", Spec("kfac-adaptive", {"statistics_fraction": 0.125,
-                                                                       "curvature_fraction": 0.25,
-                                                                       "patch_fraction": 0.25})),
+    (
+        "kfac adaptive, τ1=1/8, τ2=1/4 (paper)",
+        Spec("kfac-adaptive", {"statistics_fraction": 0.125, "curvature_fraction": 0.25}),
+    ),
+    (
+        "kfac adaptive, paper, Conv2D patches 1/4",
+        Spec("kfac-adaptive", {"statistics_fraction": 0.125, "curvature_fraction": 0.25, "patch_fraction": 0.25}),
+    ),
 ]
 
 
@@ -739,8 +1002,15 @@ def run_profile(args):
         builder, loss, kind, batch = models[model_name]
         batch = cfg["batch"] or batch
         x, y = (xa, xa) if kind == "ae" else (xc, yc)
-        problem = H.Problem(name=model_name, build_model=builder, loss=loss, x_train=x, y_train=y,
-                            evaluate=lambda m: {"loss": 0.0}, l2=L2)
+        problem = H.Problem(
+            name=model_name,
+            build_model=builder,
+            loss=loss,
+            x_train=x,
+            y_train=y,
+            evaluate=lambda m: {"loss": 0.0},
+            l2=L2,
+        )
         keras.utils.set_random_seed(args.seed)
         probe = builder({})
         initial = probe.get_weights()
@@ -767,8 +1037,11 @@ def run_profile(args):
         med = {label: float(np.median(v)) for label, v in times.items()}
         sgd = med["sgd"]
         rows = [[label, H.fmt(1e3 * t, ".1f"), f"{t / sgd:.2f}", f"{t / med['adam']:.2f}"] for label, t in med.items()]
-        fixed, p1, pinf = med["kfac fixed (T3=10, τ1=1)"], med["kfac fixed, inverses every step (T3=1)"], \
-            med["kfac fixed, inverses never (T3=10^6)"]
+        fixed, p1, pinf = (
+            med["kfac fixed (T3=10, τ1=1)"],
+            med["kfac fixed, inverses every step (T3=1)"],
+            med["kfac fixed, inverses never (T3=10^6)"],
+        )
         stats_part = (fixed - med["kfac fixed, τ1=1/8"]) / (7 / 8)
         inverse_refresh = p1 - pinf
         breakdown = {
@@ -780,23 +1053,36 @@ def run_profile(args):
             "quadratic model + damping/γ adaptation: adaptive − fixed (τ2=1)": med["kfac adaptive (τ1=τ2=1)"] - fixed,
         }
         bd_rows = [[k, H.fmt(1e3 * v, ".1f"), f"{v / fixed:.2f}"] for k, v in breakdown.items()]
-        text.append(f"### {model_name} ({params:,} parameters, batch {batch})\n\n"
-                    + H.markdown_table(["variant", "ms/step (median)", "÷ SGD", "÷ Adam"], rows)
-                    + "\n\nWhere the time goes (differences of the medians above; noisy, can be negative):\n\n"
-                    + H.markdown_table(["part", "ms/step", "share of a fixed-lr K-FAC step"], bd_rows))
-        results[model_name] = {"params": params, "batch": batch, "median_seconds": med, "samples": times,
-                               "breakdown": breakdown,
-                               "trace_seconds": {label: run.trace_s for label, run in runs}}
+        text.append(
+            f"### {model_name} ({params:,} parameters, batch {batch})\n\n"
+            + H.markdown_table(["variant", "ms/step (median)", "÷ SGD", "÷ Adam"], rows)
+            + "\n\nWhere the time goes (differences of the medians above; noisy, can be negative):\n\n"
+            + H.markdown_table(["part", "ms/step", "share of a fixed-lr K-FAC step"], bd_rows)
+        )
+        results[model_name] = {
+            "params": params,
+            "batch": batch,
+            "median_seconds": med,
+            "samples": times,
+            "breakdown": breakdown,
+            "trace_seconds": {label: run.trace_s for label, run in runs},
+        }
         print(text[-1], flush=True)
-    header = (f"## profile — budget `{args.budget}`\n\nEach variant trains its own copy of the model from the "
-              f"same weights; after {cfg['warmup']} warm-up steps the variants take turns "
-              f"({cfg['rounds']} rounds, order reversed every other round; 10 steps per K-FAC turn so that "
-              f"T3=10 refreshes are included in proportion, {cfg['chunk']} per SGD/Adam turn); "
-              "the table gives the median over rounds of the mean step time of a turn. "
-              "All K-FAC variants have l2_reg=1e-5; fixed = learning_rate 0.1, damping 1e-2, norm_constraint 1e-3.\n")
-    finish(args, out_dir, name, header + "\n" + "\n\n".join(text),
-           {"problem": name, "budget": args.budget, "settings": cfg, "environment": environment(),
-            "results": results})
+    header = (
+        f"## profile — budget `{args.budget}`\n\nEach variant trains its own copy of the model from the "
+        f"same weights; after {cfg['warmup']} warm-up steps the variants take turns "
+        f"({cfg['rounds']} rounds, order reversed every other round; 10 steps per K-FAC turn so that "
+        f"T3=10 refreshes are included in proportion, {cfg['chunk']} per SGD/Adam turn); "
+        "the table gives the median over rounds of the mean step time of a turn. "
+        "All K-FAC variants have l2_reg=1e-5; fixed = learning_rate 0.1, damping 1e-2, norm_constraint 1e-3.\n"
+    )
+    finish(
+        args,
+        out_dir,
+        name,
+        header + "\n" + "\n\n".join(text),
+        {"problem": name, "budget": args.budget, "settings": cfg, "environment": environment(), "results": results},
+    )
     png = out_dir / "step_time.png"
     plot_profile(results, png)
     save_figures(args, name, [png])
@@ -841,9 +1127,16 @@ def environment() -> dict:
         pass
     import tensorflow as tf
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "cpu": cpu, "cores": os.cpu_count(),
-            "gpus": len(tf.config.list_physical_devices("GPU")), "command": " ".join(sys.argv)}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "command": " ".join(sys.argv),
+    }
 
 
 TIME_RACES = ("autoencoder", "convnet")
@@ -890,40 +1183,79 @@ PROBLEMS = ["autoencoder", "autoencoder-50-vs-500", "convnet", "profile"]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--problem", required=True, choices=PROBLEMS + ["all"],
-                        help="one problem, or all of them in turn")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--problem", required=True, choices=PROBLEMS + ["all"], help="one problem, or all of them in turn"
+    )
     parser.add_argument("--budget", default="default", choices=["smoke", "small", "default"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds from --seed on (the winners of the first seed's grid and K-FAC are rerun)")
-    parser.add_argument("--width-scale", type=float, default=None,
-                        help="scale the autoencoder's layer widths (default: the budget's)")
-    parser.add_argument("--activation", choices=["tanh", "logistic"], default="tanh",
-                        help="tanh + Glorot init, or the paper's logistic units + sparse init")
-    parser.add_argument("--budget-seconds", type=float, default=None,
-                        help="override training seconds per run of the autoencoder and convnet races "
-                             "(results in <budget>-<seconds>s folders)")
-    parser.add_argument("--kfac-first-batch", type=int, default=None,
-                        help="autoencoder: K-FAC's first batch size m₁ (default: the budget's)")
-    parser.add_argument("--kfac-reach", type=int, default=None,
-                        help="autoencoder: the iteration at which K-FAC's batch reaches N (default: the budget's)")
-    parser.add_argument("--kfac-dampings", default=None,
-                        help="autoencoder and convnet: the adaptive K-FAC runs' initial dampings, e.g. "
-                             "'paper,1e-4' (default: the budget's)")
-    parser.add_argument("--no-kfac-fixed", action="store_true",
-                        help="autoencoder and convnet: leave out the fixed-lr K-FAC run")
-    parser.add_argument("--logs", type=int, default=None,
-                        help="autoencoder and convnet: number of log points per run (default: the budget's)")
-    parser.add_argument("--kfac-after-baselines", action="store_true",
-                        help="autoencoder and convnet: race the baselines first, then the K-FAC runs, each "
-                             "stopping at the first log point at or below the baselines' lowest final loss")
-    parser.add_argument("--grid", default=None,
-                        help="override baseline grids, e.g. 'adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3'")
-    parser.add_argument("--l2", type=float, default=None,
-                        help=f"the autoencoder race's l2 penalty η (default {L2:g}; the paper's η = 1e-5 on its "
-                             "loss summed over the 784 pixels is 1e-5/784 on Keras' pixel mean)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of seeds from --seed on (the winners of the first seed's grid and K-FAC are rerun)",
+    )
+    parser.add_argument(
+        "--width-scale", type=float, default=None, help="scale the autoencoder's layer widths (default: the budget's)"
+    )
+    parser.add_argument(
+        "--activation",
+        choices=["tanh", "logistic"],
+        default="tanh",
+        help="tanh + Glorot init, or the paper's logistic units + sparse init",
+    )
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="override training seconds per run of the autoencoder and convnet races "
+        "(results in <budget>-<seconds>s folders)",
+    )
+    parser.add_argument(
+        "--kfac-first-batch",
+        type=int,
+        default=None,
+        help="autoencoder: K-FAC's first batch size m₁ (default: the budget's)",
+    )
+    parser.add_argument(
+        "--kfac-reach",
+        type=int,
+        default=None,
+        help="autoencoder: the iteration at which K-FAC's batch reaches N (default: the budget's)",
+    )
+    parser.add_argument(
+        "--kfac-dampings",
+        default=None,
+        help="autoencoder and convnet: the adaptive K-FAC runs' initial dampings, e.g. "
+        "'paper,1e-4' (default: the budget's)",
+    )
+    parser.add_argument(
+        "--no-kfac-fixed", action="store_true", help="autoencoder and convnet: leave out the fixed-lr K-FAC run"
+    )
+    parser.add_argument(
+        "--logs",
+        type=int,
+        default=None,
+        help="autoencoder and convnet: number of log points per run (default: the budget's)",
+    )
+    parser.add_argument(
+        "--kfac-after-baselines",
+        action="store_true",
+        help="autoencoder and convnet: race the baselines first, then the K-FAC runs, each "
+        "stopping at the first log point at or below the baselines' lowest final loss",
+    )
+    parser.add_argument(
+        "--grid", default=None, help="override baseline grids, e.g. 'adam=1e-3,3e-3;sgd=1:0.99,3:0.99;muon=3e-3'"
+    )
+    parser.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help=f"the autoencoder race's l2 penalty η (default {L2:g}; the paper's η = 1e-5 on its "
+        "loss summed over the 784 pixels is 1e-5/784 on Keras' pixel mean)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -945,8 +1277,13 @@ def run_problem(args: argparse.Namespace) -> None:
         if args.kfac_reach:
             cfg["kfac_reach"] = args.kfac_reach
         cfg["l2"] = L2 if args.l2 is None else args.l2
-        kfac = kfac_specs(cfg, args.budget, PAPER_DAMPING["autoencoder"], parse_kfac_dampings(args.kfac_dampings),
-                          not args.no_kfac_fixed)
+        kfac = kfac_specs(
+            cfg,
+            args.budget,
+            PAPER_DAMPING["autoencoder"],
+            parse_kfac_dampings(args.kfac_dampings),
+            not args.no_kfac_fixed,
+        )
         run_time_race_problem(args, "autoencoder", autoencoder_problem(args, cfg), cfg, kfac)
     elif args.problem == "convnet":
         cfg = dict(CONVNET_BUDGETS[args.budget])
@@ -954,8 +1291,9 @@ def run_problem(args: argparse.Namespace) -> None:
             cfg["budget_s"] = args.budget_seconds
         if args.logs:
             cfg["logs"] = args.logs
-        kfac = kfac_specs(cfg, args.budget, PAPER_DAMPING["convnet"], parse_kfac_dampings(args.kfac_dampings),
-                          not args.no_kfac_fixed)
+        kfac = kfac_specs(
+            cfg, args.budget, PAPER_DAMPING["convnet"], parse_kfac_dampings(args.kfac_dampings), not args.no_kfac_fixed
+        )
         run_time_race_problem(args, "convnet", convnet_problem(args, cfg), cfg, kfac, accuracy=True)
     elif args.problem == "profile":
         run_profile(args)

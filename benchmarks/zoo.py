@@ -25,8 +25,8 @@ in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 import numpy as np
@@ -69,8 +69,7 @@ def _images(flatten: bool, n_train: int, n_val: int, synthetic: bool, side: int 
     (x, y), (xt, yt) = fashion_mnist_arrays(flatten=flatten, num_train=n_train)
     xt = xt[:n_val]
     if side != 28:
-        pool = lambda images: images.reshape(-1, side, 28 // side, side, 28 // side).mean((2, 4)).reshape(
-            (-1,) + shape)
+        pool = lambda images: images.reshape(-1, side, 28 // side, side, 28 // side).mean((2, 4)).reshape((-1,) + shape)
         x, xt = pool(x), pool(xt)
     return x, y.astype(np.int32), xt, yt[:n_val].astype(np.int32)
 
@@ -116,7 +115,7 @@ def sentiment_data(count: int, seed: int, vocabulary: int, length: int) -> tuple
     words = np.arange(2, vocabulary)
     polarity = np.zeros(vocabulary)
     third = len(words) // 3
-    polarity[words[:third]], polarity[words[third:2 * third]] = 1.0, -1.0
+    polarity[words[:third]], polarity[words[third : 2 * third]] = 1.0, -1.0
     x = np.zeros((0, length), np.int32)
     y = np.zeros((0,), np.int32)
     while len(x) < count:
@@ -143,16 +142,18 @@ def mlp(hidden=(256, 128), side: int = 28) -> keras.Model:
 
 
 def convnet(filters=(32, 64), side: int = 28) -> keras.Model:
-    return keras.Sequential([
-        keras.Input((side, side, 1)),
-        layers.Conv2D(filters[0], kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Conv2D(filters[1], kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Flatten(),
-        layers.Dropout(0.5),
-        layers.Dense(10, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((side, side, 1)),
+            layers.Conv2D(filters[0], kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(filters[1], kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
 
 
 def _residual_block(x, filters: int, strides: int):
@@ -181,13 +182,15 @@ def resnet(filters=(16, 32, 64), side: int = 28) -> keras.Model:
 
 
 def lstm(units: int = 128) -> keras.Model:
-    return keras.Sequential([
-        keras.Input((2 * ADDITION_DIGITS + 1, len(ADDITION_CHARS))),
-        layers.LSTM(units),
-        layers.RepeatVector(ADDITION_DIGITS + 1),
-        layers.LSTM(units, return_sequences=True),
-        layers.Dense(len(ADDITION_CHARS), activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((2 * ADDITION_DIGITS + 1, len(ADDITION_CHARS))),
+            layers.LSTM(units),
+            layers.RepeatVector(ADDITION_DIGITS + 1),
+            layers.LSTM(units, return_sequences=True),
+            layers.Dense(len(ADDITION_CHARS), activation="softmax"),
+        ]
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac_zoo")
@@ -259,27 +262,68 @@ def problem(name: str, size: str = "default", synthetic: bool = False) -> ZooPro
     side = 14 if small else 28
     if name == "mlp":
         x, y, xv, yv = _images(True, n_train, n_val, synthetic, side)
-        return ZooProblem(name, lambda: mlp((32, 16) if small else (256, 128), side),
-                          "sparse_categorical_crossentropy", x, y, xv, yv, 128)
+        return ZooProblem(
+            name,
+            lambda: mlp((32, 16) if small else (256, 128), side),
+            "sparse_categorical_crossentropy",
+            x,
+            y,
+            xv,
+            yv,
+            128,
+        )
     if name == "convnet":
         x, y, xv, yv = _images(False, n_train, n_val, synthetic, side)
         one_hot = lambda labels: keras.utils.to_categorical(labels, 10).astype(np.float32)
-        return ZooProblem(name, lambda: convnet((4, 8) if small else (32, 64), side),
-                          "categorical_crossentropy", x, one_hot(y), xv, one_hot(yv), 128)
+        return ZooProblem(
+            name,
+            lambda: convnet((4, 8) if small else (32, 64), side),
+            "categorical_crossentropy",
+            x,
+            one_hot(y),
+            xv,
+            one_hot(yv),
+            128,
+        )
     if name == "resnet":
         x, y, xv, yv = _images(False, n_train, n_val, synthetic, side)
-        return ZooProblem(name, lambda: resnet((4, 8, 8) if small else (16, 32, 64), side),
-                          "sparse_categorical_crossentropy", x, y, xv, yv, 128)
+        return ZooProblem(
+            name,
+            lambda: resnet((4, 8, 8) if small else (16, 32, 64), side),
+            "sparse_categorical_crossentropy",
+            x,
+            y,
+            xv,
+            yv,
+            128,
+        )
     if name == "lstm":
         x, y = addition_data(n_train + n_val, seed=7)
-        return ZooProblem(name, lambda: lstm(16 if small else 128), "categorical_crossentropy",
-                          x[:n_train], y[:n_train], x[n_train:], y[n_train:], 32)
+        return ZooProblem(
+            name,
+            lambda: lstm(16 if small else 128),
+            "categorical_crossentropy",
+            x[:n_train],
+            y[:n_train],
+            x[n_train:],
+            y[n_train:],
+            32,
+        )
     if name == "transformer":
         vocabulary, length = (50, 12) if small else (200, 40)
         x, y = sentiment_data(n_train + n_val, seed=11, vocabulary=vocabulary, length=length)
         build = lambda: transformer(vocabulary, length, *((8, 2, 8) if small else (32, 2, 32)))
-        return ZooProblem(name, build, "sparse_categorical_crossentropy",
-                          x[:n_train], y[:n_train], x[n_train:], y[n_train:], 32)
+        return ZooProblem(
+            name, build, "sparse_categorical_crossentropy", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 32
+        )
     x, _, xv, _ = _images(True, n_train, n_val, synthetic, side)
-    return ZooProblem(name, lambda: autoencoder((32, 16, 8, 4) if small else (1000, 500, 250, 30), side),
-                      keras.losses.BinaryCrossentropy(from_logits=True), x, x, xv, xv, 1000)
+    return ZooProblem(
+        name,
+        lambda: autoencoder((32, 16, 8, 4) if small else (1000, 500, 250, 30), side),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        x,
+        x,
+        xv,
+        xv,
+        1000,
+    )

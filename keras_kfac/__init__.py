@@ -4,8 +4,7 @@ try:
     import tensorflow  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "keras_kfac needs TensorFlow: `pip install tensorflow` (GPU) or "
-        "`pip install tensorflow-cpu`."
+        "keras_kfac needs TensorFlow: `pip install tensorflow` (GPU) or `pip install tensorflow-cpu`."
     ) from error
 
 import keras

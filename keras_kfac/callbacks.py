@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,9 +30,7 @@ def _kfac_of(optimizer: Any) -> KFAC:
     """The KFAC instance behind `optimizer` (unwrapping a LossScaleOptimizer)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if not isinstance(inner, KFAC):
-        raise ValueError(
-            f"KFACMonitor needs a model compiled with keras_kfac.KFAC; got {type(inner).__name__}."
-        )
+        raise ValueError(f"KFACMonitor needs a model compiled with keras_kfac.KFAC; got {type(inner).__name__}.")
     return inner
 
 

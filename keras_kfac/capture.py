@@ -16,7 +16,8 @@ import functools
 import inspect
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -59,9 +60,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_graph: "weakref.WeakKeyDictionary[tf.Graph, dict[tuple[int, int], list]]" = (
-            weakref.WeakKeyDictionary()
-        )
+        self._by_graph: weakref.WeakKeyDictionary[tf.Graph, dict[tuple[int, int], list]] = weakref.WeakKeyDictionary()
 
     def record(self, owner: object, graph: tf.Graph, call: object) -> None:
         """Adds ``call`` to ``graph``'s records, dropping those of unrelated graphs.

@@ -10,7 +10,7 @@ F̂⁻¹ = Ξᵀ Λ Ξ computed by ``tridiagonal``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -43,12 +43,13 @@ class TridiagonalChain:
         ]
         with tf.init_scope():  # build may run while the train step is traced
             identity = [
-                t.numpy()
-                for t in tridiagonal.TridiagonalInverse.identity(input_dims, output_dims).to_tensors()
+                t.numpy() for t in tridiagonal.TridiagonalInverse.identity(input_dims, output_dims).to_tensors()
             ]
         self.inverse = [
             optimizer.add_variable(
-                value.shape, dtype="float32", name=f"chain_inverse_{i}",
+                value.shape,
+                dtype="float32",
+                name=f"chain_inverse_{i}",
                 initializer=keras.initializers.Constant(value),
             )
             for i, value in enumerate(identity)
@@ -99,9 +100,7 @@ class TridiagonalChain:
         if not all(k in grads for block_keys in keys for k in block_keys):
             return {}
         matrices = [b.gradient_matrix([grads[k] for k in block_keys]) for b, block_keys in zip(self.blocks, keys)]
-        results = tridiagonal.apply_tridiagonal_inverse(
-            tridiagonal.TridiagonalInverse.from_tensors(tensors), matrices
-        )
+        results = tridiagonal.apply_tridiagonal_inverse(tridiagonal.TridiagonalInverse.from_tensors(tensors), matrices)
         updates = {}
         for block, block_keys, result in zip(self.blocks, keys, results):
             updates.update(zip(block_keys, block.split_matrix(result)))

@@ -36,9 +36,7 @@ def moving_average_decay(num_updates: tf.Tensor, max_decay: float) -> tf.Tensor:
 
 def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
     """True when no element of any tensor is NaN or infinite."""
-    return tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    )
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
 def cross_moment(left: tf.Tensor, right: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
@@ -76,9 +74,7 @@ class KroneckerFactor:
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
         self.dim = dim
-        self.cov = optimizer.add_variable(
-            (dim, dim), initializer="zeros", dtype="float32", name=f"{name}_cov"
-        )
+        self.cov = optimizer.add_variable((dim, dim), initializer="zeros", dtype="float32", name=f"{name}_cov")
         self.inverse = optimizer.add_variable(
             (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
         )

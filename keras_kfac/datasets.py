@@ -73,8 +73,7 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     data = np.frombuffer(raw, np.uint8, offset=header_size)
     if data.size != int(np.prod(shape)):
         raise ValueError(
-            f"{path}: header declares shape {shape} ({int(np.prod(shape))} values) "
-            f"but the file holds {data.size}"
+            f"{path}: header declares shape {shape} ({int(np.prod(shape))} values) but the file holds {data.size}"
         )
     return data.reshape(shape)
 
@@ -84,9 +83,7 @@ def _read_split(folder: Path, split: str) -> Split:
     images = read_idx(folder / FILE_NAMES[f"{split}_images"], ndim=3)
     labels = read_idx(folder / FILE_NAMES[f"{split}_labels"], ndim=1)
     if len(images) != len(labels):
-        raise ValueError(
-            f"{folder}: {len(images)} {split} images but {len(labels)} labels"
-        )
+        raise ValueError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
     return images, labels
 
 

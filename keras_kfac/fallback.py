@@ -39,13 +39,10 @@ def resolve(fallback: Any) -> keras.optimizers.Optimizer | None:
         fallback = keras.optimizers.get(copy.deepcopy(fallback))
     if not isinstance(fallback, keras.optimizers.Optimizer):
         raise TypeError(
-            "`fallback` must be a keras.optimizers.Optimizer, the name of one, or "
-            f"'{MOMENTUM}'; got {fallback!r}."
+            f"`fallback` must be a keras.optimizers.Optimizer, the name of one, or '{MOMENTUM}'; got {fallback!r}."
         )
     if isinstance(fallback, keras.optimizers.LossScaleOptimizer) or hasattr(fallback, "layer_collection"):
-        raise ValueError(
-            f"`fallback` must be a plain first-order optimizer; got {type(fallback).__name__}."
-        )
+        raise ValueError(f"`fallback` must be a plain first-order optimizer; got {type(fallback).__name__}.")
     return fallback
 
 

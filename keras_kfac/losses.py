@@ -100,8 +100,7 @@ class CategoricalLogits(PredictiveDistribution):
         p = tf.nn.softmax(z)
         num_classes = z.shape[-1]
         return [
-            tf.sqrt(p[..., j : j + 1]) * (tf.one_hot(j, num_classes, dtype=z.dtype) - p)
-            for j in range(num_classes)
+            tf.sqrt(p[..., j : j + 1]) * (tf.one_hot(j, num_classes, dtype=z.dtype) - p) for j in range(num_classes)
         ]
 
     def hessian_product(self, z, v):
@@ -161,10 +160,7 @@ class NormalMean(PredictiveDistribution):
 
     def hessian_factor(self, z):
         num_units = z.shape[-1]
-        return [
-            (2.0**0.5) * tf.ones_like(z) * tf.one_hot(j, num_units, dtype=z.dtype)
-            for j in range(num_units)
-        ]
+        return [(2.0**0.5) * tf.ones_like(z) * tf.one_hot(j, num_units, dtype=z.dtype) for j in range(num_units)]
 
     def hessian_product(self, z, v):
         return 2.0 * v
@@ -342,9 +338,7 @@ def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
     if name not in _LOSS_NAMES:
         raise _unsupported(loss)
     if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"KFAC supports the loss reductions {_REDUCTIONS}; got {reduction!r}."
-        )
+        raise ValueError(f"KFAC supports the loss reductions {_REDUCTIONS}; got {reduction!r}.")
     axis = kwargs.get("axis", -1)
     if axis != -1:
         raise ValueError(f"KFAC supports losses over the last axis only; got axis={axis}.")
@@ -372,10 +366,7 @@ def resolve_compiled_loss(model: keras.Model) -> RegisteredLoss:
     if isinstance(loss, (list, tuple, dict)):
         items = list(loss.values()) if isinstance(loss, dict) else list(loss)
         if len(items) != 1:
-            raise ValueError(
-                "KFAC supports models with a single loss; got "
-                f"{len(items)} compiled losses."
-            )
+            raise ValueError(f"KFAC supports models with a single loss; got {len(items)} compiled losses.")
         loss = items[0]
         if isinstance(weights, dict):
             weights = list(weights.values())

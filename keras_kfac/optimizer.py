@@ -11,7 +11,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, curvature, fallback as fallback_rule, losses, quadratic_model, replicas, statistics
+from keras_kfac import capture, curvature, losses, quadratic_model, replicas, statistics
+from keras_kfac import fallback as fallback_rule
 from keras_kfac.chain import TridiagonalChain
 from keras_kfac.preconditioner import BlockDiagonal
 from keras_kfac.registration import LayerCollection
@@ -25,11 +26,13 @@ _EAGER_MESSAGE = (
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 # The default step (no learning rate, momentum or adaptation given); its
 # neighbours race it in `benchmarks/zoo_race.py --candidates`.
-DEFAULT_STEP = dict(learning_rate=1.0, momentum=0.5, norm_constraint=1e-3,
-                    statistics_update_period=5, inverse_update_period=25)
+DEFAULT_STEP = dict(
+    learning_rate=1.0, momentum=0.5, norm_constraint=1e-3, statistics_update_period=5, inverse_update_period=25
+)
 # A step with a learning rate or momentum given, and the quadratic model's.
-CLASSIC_STEP = dict(learning_rate=0.01, momentum=0.9, norm_constraint=None,
-                    statistics_update_period=1, inverse_update_period=10)
+CLASSIC_STEP = dict(
+    learning_rate=0.01, momentum=0.9, norm_constraint=None, statistics_update_period=1, inverse_update_period=10
+)
 DEFAULT_RELATIVE_DAMPING = 3.0
 # Floor of the adapted λ in units of tr(F̃)/n (see `relative_min_damping`).
 DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
@@ -54,8 +57,7 @@ def _check_range(
     above = high is not None and (value > high if high_closed else value >= high)
     if value < low or (low_open and value == low) or above:
         interval = (
-            f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}"
-            f"{']' if high_closed else ')'}"
+            f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}{']' if high_closed else ')'}"
         )
         raise ValueError(f"`{name}` must be in {interval}; got {value!r}.")
 
@@ -230,7 +232,11 @@ class KFAC(keras.optimizers.Optimizer):
         adapt_damping = adaptive if adapt_damping is None else bool(adapt_damping)
         adapt_gamma = adaptive if adapt_gamma is None else bool(adapt_gamma)
         if use_quadratic_model:
-            for arg, value in (("learning_rate", learning_rate), ("momentum", momentum), ("norm_constraint", norm_constraint)):
+            for arg, value in (
+                ("learning_rate", learning_rate),
+                ("momentum", momentum),
+                ("norm_constraint", norm_constraint),
+            ):
                 if value is not None:
                     raise ValueError(
                         f"`{arg}` is not used when the quadratic model chooses the step "
@@ -272,14 +278,12 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_update_period = _check_period("statistics_update_period", statistics_update_period)
         damping_adaptation_period = _check_period("damping_adaptation_period", damping_adaptation_period)
         gamma_adaptation_period = _check_period("gamma_adaptation_period", gamma_adaptation_period)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not -(2**31) <= seed < 2**31):
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**31) <= seed < 2**31
+        ):
             raise ValueError(f"`seed` must be an int32 integer, in [-2**31, 2**31); got {seed!r}.")
         if estimation_mode not in losses.ESTIMATION_MODES:
-            raise ValueError(
-                f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; "
-                f"got {estimation_mode!r}."
-            )
+            raise ValueError(f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; got {estimation_mode!r}.")
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"`approximation` must be one of {APPROXIMATIONS}; got {approximation!r}.")
         if model is not None and not isinstance(model, keras.Model):
@@ -287,9 +291,7 @@ class KFAC(keras.optimizers.Optimizer):
         if isinstance(layer_collection, dict):  # from a saved configuration
             layer_collection = LayerCollection.from_config(layer_collection)
         if layer_collection is not None and not isinstance(layer_collection, LayerCollection):
-            raise TypeError(
-                f"`layer_collection` must be a keras_kfac.LayerCollection; got {layer_collection!r}."
-            )
+            raise TypeError(f"`layer_collection` must be a keras_kfac.LayerCollection; got {layer_collection!r}.")
         super().__init__(learning_rate=1.0 if learning_rate is None else learning_rate, name=name, **kwargs)
         self.adaptive = adaptive
         self.use_quadratic_model = use_quadratic_model
@@ -389,9 +391,11 @@ class KFAC(keras.optimizers.Optimizer):
                 collection.register_model(model)
         collection.prepare()
         trainable = {self._var_key(v) for v in variables}
-        if collection.blocks and not any(
-            self._var_key(v) in trainable for b in collection.blocks for v in b.variables
-        ) and any(b.layer.trainable for b in collection.blocks):
+        if (
+            collection.blocks
+            and not any(self._var_key(v) in trainable for b in collection.blocks for v in b.variables)
+            and any(b.layer.trainable for b in collection.blocks)
+        ):
             raise ValueError(
                 f"KFAC's registered layers ({', '.join(b.name for b in collection.blocks)}) are "
                 "not among the variables it is asked to train: create one KFAC per model, with "
@@ -447,19 +451,20 @@ class KFAC(keras.optimizers.Optimizer):
         if not unowned:
             return
         rule = (
-            "a plain momentum step on their gradient" if self.fallback is None
+            "a plain momentum step on their gradient"
+            if self.fallback is None
             else f"the fallback optimizer {type(self.fallback).__name__}"
         )
         names = ", ".join(v.path if hasattr(v, "path") else v.name for v in unowned)
         if not self.blocks:
             warnings.warn(
-                f"KFAC found no layer it can precondition in this model, so every variable "
-                f"is trained by {rule}.",
+                f"KFAC found no layer it can precondition in this model, so every variable is trained by {rule}.",
                 stacklevel=3,
             )
         else:
-            warnings.warn(f"KFAC has no curvature block for these variables and trains them with {rule}: {names}",
-                          stacklevel=3)
+            warnings.warn(
+                f"KFAC has no curvature block for these variables and trains them with {rule}: {names}", stacklevel=3
+            )
 
     @property
     def variables(self) -> list:
@@ -476,8 +481,7 @@ class KFAC(keras.optimizers.Optimizer):
             raise RuntimeError(_EAGER_MESSAGE)
         if self.layer_collection.model is None:
             raise RuntimeError(
-                "KFAC has no model: create it with KFAC(model=model) or a "
-                "LayerCollection that registered the model."
+                "KFAC has no model: create it with KFAC(model=model) or a LayerCollection that registered the model."
             )
         self._check_replicated_passes()
         if getattr(self, "_unrecorded_step", False):
@@ -529,7 +533,8 @@ class KFAC(keras.optimizers.Optimizer):
             return
         model = self.layer_collection.model
         synchronized = [
-            layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
+            layer.name
+            for layer in model._flatten_layers(include_self=False, recursive=True)
             if getattr(layer, "synchronized", False)
         ]
         conditional = [
@@ -549,7 +554,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "Use BatchNormalization(synchronized=False) or turn those options off."
             )
 
-    def _take_records(self) -> "_Batch":
+    def _take_records(self) -> _Batch:
         """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
@@ -564,7 +569,7 @@ class KFAC(keras.optimizers.Optimizer):
             loss=collection.loss(),
         )
 
-    def _update_curvature(self, batch: "_Batch", gradients_finite: tf.Tensor) -> None:
+    def _update_curvature(self, batch: _Batch, gradients_finite: tf.Tensor) -> None:
         """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
 
         With τ₁ = 1 and T_cov = 1 the statistics use the training step's own
@@ -612,7 +617,9 @@ class KFAC(keras.optimizers.Optimizer):
         def estimate_sub_batch() -> tuple[list, list, list]:
             x, y_true, sample_weight = _sub_batch(
                 (batch.loss_call.x, batch.y_true, batch.sample_weight),
-                tf.shape(batch.z)[0], self.statistics_fraction, batch.loss.reduction,
+                tf.shape(batch.z)[0],
+                self.statistics_fraction,
+                batch.loss.reduction,
             )
             y_pred, layer_calls, _ = self._forward(x)
             y_pred = keras.tree.flatten(y_pred)[0]
@@ -689,7 +696,8 @@ class KFAC(keras.optimizers.Optimizer):
     def _mean_eigenvalue(self) -> tf.Tensor:
         """tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G, the mean eigenvalue of F̃ = ⊕ Ā ⊗ G."""
         traces = [
-            b.input_factor.mean_eigenvalue() * b.output_factor.mean_eigenvalue()
+            b.input_factor.mean_eigenvalue()
+            * b.output_factor.mean_eigenvalue()
             * float(b.input_factor.dim * b.output_factor.dim)
             for b in self.blocks
         ]
@@ -866,7 +874,9 @@ class _Step:
             weight = batch.curvature_weight
         else:
             x, y, sample_weight = _sub_batch(
-                (call.x, call.y_true, call.sample_weight), tf.shape(batch.z)[0], opt.curvature_fraction,
+                (call.x, call.y_true, call.sample_weight),
+                tf.shape(batch.z)[0],
+                opt.curvature_fraction,
                 batch.loss.reduction,
             )
             y_pred, loss = self.forward(x, y, sample_weight)
@@ -926,8 +936,9 @@ class _Step:
     def coefficients(self, curvature_matrix, linear, length) -> tuple[tf.Tensor, tf.Tensor]:
         """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum."""
         if self.opt.use_quadratic_model:
-            return quadratic_model.solve_coefficients(curvature_matrix, linear, self.has_previous,
-                                                      self.opt.max_momentum)
+            return quadratic_model.solve_coefficients(
+                curvature_matrix, linear, self.has_previous, self.opt.max_momentum
+            )
         fixed = tf.stack([length, tf.constant(self.opt.momentum, tf.float32)])
         if curvature_matrix is None:
             return fixed, tf.constant(0.0)
@@ -949,8 +960,9 @@ class _Step:
 
     # Adaptation: local passes in tf.cond branches, decisions outside them.
 
-    def adapt_damping(self, update: list[tf.Tensor], change: tf.Tensor, before: list[tf.Tensor],
-                      due: tf.Tensor) -> tf.Tensor:
+    def adapt_damping(
+        self, update: list[tf.Tensor], change: tf.Tensor, before: list[tf.Tensor], due: tf.Tensor
+    ) -> tf.Tensor:
         """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
 
         Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
@@ -1017,8 +1029,9 @@ class _Step:
         fishers = replicas.curvature(fishers, self.batch.loss.reduction)
         values = []
         for index in range(3):
-            _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index],
-                                         lengths[index])
+            _, value = self.coefficients(
+                self.damped_curvature(fishers[index], dots[index]), linears[index], lengths[index]
+            )
             values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
         chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
 

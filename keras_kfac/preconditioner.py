@@ -8,7 +8,7 @@ the block-tridiagonal F̂⁻¹ [KFAC §4.3].
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 

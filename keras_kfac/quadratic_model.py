@@ -26,9 +26,7 @@ from keras_kfac.losses import RegisteredLoss
 MIN_RELATIVE_DETERMINANT = 1e-5
 
 
-def jacobian_vector_products(
-    z: tf.Tensor, variables: list, directions: list[list[tf.Tensor]]
-) -> list[tf.Tensor]:
+def jacobian_vector_products(z: tf.Tensor, variables: list, directions: list[list[tf.Tensor]]) -> list[tf.Tensor]:
     """``J d`` for each direction d (one tensor per variable), shaped like z.
 
     ``u ↦ Jᵀu`` is linear in u, so ``J d = ∂⟨Jᵀu, d⟩/∂u``: two reverse-mode
@@ -38,42 +36,31 @@ def jacobian_vector_products(
     transposed = tf.gradients(z, variables, grad_ys=u)
     # An embedding's gradient is sparse (IndexedSlices): made dense, it is a
     # tensor that the second pass can differentiate in u.
-    transposed = [
-        tf.zeros_like(v) if t is None else tf.convert_to_tensor(t) for t, v in zip(transposed, variables)
-    ]
+    transposed = [tf.zeros_like(v) if t is None else tf.convert_to_tensor(t) for t, v in zip(transposed, variables)]
     products = []
     for direction in directions:
-        (product,) = tf.gradients(
-            transposed, u, grad_ys=[tf.cast(d, t.dtype) for d, t in zip(direction, transposed)]
-        )
+        (product,) = tf.gradients(transposed, u, grad_ys=[tf.cast(d, t.dtype) for d, t in zip(direction, transposed)])
         products.append(tf.zeros_like(z) if product is None else product)
     return products
 
 
-def fisher_gram(
-    loss: RegisteredLoss, z: tf.Tensor, products: list[tf.Tensor], sample_weight
-) -> tf.Tensor:
+def fisher_gram(loss: RegisteredLoss, z: tf.Tensor, products: list[tf.Tensor], sample_weight) -> tf.Tensor:
     """The matrix ``[d_iᵀ F d_j]`` from the products ``J d_i`` (float32)."""
     z = tf.cast(z, tf.float32)
     products = [tf.cast(p, tf.float32) for p in products]
     hessian_products = [loss.reduced_hessian_product(z, p, sample_weight) for p in products]
-    return tf.stack(
-        [tf.stack([tf.reduce_sum(p * hp) for hp in hessian_products]) for p in products]
-    )
+    return tf.stack([tf.stack([tf.reduce_sum(p * hp) for hp in hessian_products]) for p in products])
 
 
 def dot_gram(directions: list[list[tf.Tensor]]) -> tf.Tensor:
     """The matrix ``[d_iᵀ d_j]`` (float32)."""
-    return tf.stack(
-        [tf.stack([inner(a, b) for b in directions]) for a in directions]
-    )
+    return tf.stack([tf.stack([inner(a, b) for b in directions]) for a in directions])
 
 
 def inner(a: list[tf.Tensor], b: list[tf.Tensor]) -> tf.Tensor:
     """Σ over variables of ⟨a, b⟩ (float32)."""
     return tf.add_n(
-        [tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)]
-        or [tf.constant(0.0)]
+        [tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)] or [tf.constant(0.0)]
     )
 
 
@@ -98,17 +85,19 @@ def solve_coefficients(
     safe_det = tf.where(solvable, determinant, 1.0)
     alpha_2 = -(curvature[1, 1] * linear[0] - curvature[0, 1] * linear[1]) / safe_det
     mu_2 = -(curvature[0, 0] * linear[1] - curvature[1, 0] * linear[0]) / safe_det
-    coefficients = tf.where(
-        solvable, tf.stack([alpha_2, mu_2]), tf.stack([alpha_only, tf.constant(0.0)])
-    )
+    coefficients = tf.where(solvable, tf.stack([alpha_2, mu_2]), tf.stack([alpha_only, tf.constant(0.0)]))
     if max_momentum is not None:
         top = tf.constant(max_momentum, tf.float32)
         inside = tf.logical_and(tf.logical_and(coefficients[0] >= 0.0, coefficients[1] >= 0.0), coefficients[1] <= top)
-        edges = tf.stack([
-            tf.stack([tf.maximum(alpha_only, 0.0), 0.0]),
-            tf.stack([tf.maximum(-(linear[0] + top * curvature[0, 1]) / tf.maximum(curvature[0, 0], tiny), 0.0), top]),
-            tf.stack([0.0, tf.clip_by_value(-linear[1] / tf.maximum(curvature[1, 1], tiny), 0.0, top)]),
-        ])
+        edges = tf.stack(
+            [
+                tf.stack([tf.maximum(alpha_only, 0.0), 0.0]),
+                tf.stack(
+                    [tf.maximum(-(linear[0] + top * curvature[0, 1]) / tf.maximum(curvature[0, 0], tiny), 0.0), top]
+                ),
+                tf.stack([0.0, tf.clip_by_value(-linear[1] / tf.maximum(curvature[1, 1], tiny), 0.0, top)]),
+            ]
+        )
         edges = tf.where(has_previous, edges, tf.stack([edges[0], edges[0], edges[0]]))
         values = tf.stack([model_value(curvature, linear, e) for e in tf.unstack(edges)])
         best = tf.gather(edges, tf.argmin(tf.where(tf.math.is_finite(values), values, float("inf"))))
@@ -128,9 +117,7 @@ def reduction_ratio(loss_change: tf.Tensor, predicted_change: tf.Tensor) -> tf.T
     return loss_change / tf.minimum(predicted_change, -1e-30)
 
 
-def levenberg_marquardt(
-    damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float | tf.Tensor
-) -> tf.Tensor:
+def levenberg_marquardt(damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float | tf.Tensor) -> tf.Tensor:
     """λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4 (ω₁ < 1), else λ [KFAC §6.5]; at least ``min_damping``."""
     new = tf.where(rho > 0.75, damping * omega, tf.where(rho < 0.25, damping / omega, damping))
     # A non-finite ρ (a diverging step) counts as a bad one.

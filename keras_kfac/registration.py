@@ -16,8 +16,15 @@ from typing import Any
 import keras
 
 from keras_kfac import capture, losses
-from keras_kfac.blocks import Conv1DBlock, Conv2DBlock, DenseBlock, EinsumDenseBlock, EmbeddingBlock, KroneckerBlock
-from keras_kfac.blocks import registry
+from keras_kfac.blocks import (
+    Conv1DBlock,
+    Conv2DBlock,
+    DenseBlock,
+    EinsumDenseBlock,
+    EmbeddingBlock,
+    KroneckerBlock,
+    registry,
+)
 
 
 class LayerCollection:
@@ -169,7 +176,7 @@ class LayerCollection:
             try:
                 self._register(block_type(layer))
             except ValueError as error:
-                warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}")
+                warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}", stacklevel=2)
 
     def get_config(self) -> dict | None:
         """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
@@ -197,7 +204,7 @@ class LayerCollection:
         return config or None
 
     @classmethod
-    def from_config(cls, config: dict) -> "LayerCollection":
+    def from_config(cls, config: dict) -> LayerCollection:
         """A collection that registers the saved layers once it meets its model."""
         collection = cls()
         if "loss" in config:

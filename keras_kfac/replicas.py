@@ -80,7 +80,7 @@ def weighted_mean(values: list[tf.Tensor], masses: list[tf.Tensor]) -> tuple[lis
     if count() == 1:
         return values, masses
     reduced = total([m * v for v, m in zip(values, masses)] + list(masses))
-    sums, masses = reduced[: len(values)], reduced[len(values):]
+    sums, masses = reduced[: len(values)], reduced[len(values) :]
     return [tf.math.divide_no_nan(s, m) for s, m in zip(sums, masses)], masses
 
 

@@ -100,9 +100,7 @@ class TridiagonalInverse:
         """Inverse of ``to_tensors`` (accepts variables; L is inferred from the count)."""
         tensors = list(tensors)
         if len(tensors) < 3 or (len(tensors) + 2) % 5:
-            raise ValueError(
-                f"Expected 5L − 2 tensors for a chain of L ≥ 1 blocks; got {len(tensors)}."
-            )
+            raise ValueError(f"Expected 5L − 2 tensors for a chain of L ≥ 1 blocks; got {len(tensors)}.")
         num_blocks = (len(tensors) + 2) // 5
         sizes = [num_blocks - 1] * 2 + [num_blocks] * 3
         parts, start = [], 0
@@ -162,9 +160,7 @@ def damped_inverse_root(cov: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
     dim = tf.shape(cov)[0]
     damped = _symmetric(cov) + tf.cast(damping, tf.float32) * tf.eye(dim)
     values, vectors = tf.linalg.eigh(damped)
-    floor = tf.maximum(
-        _RELATIVE_EIGENVALUE_FLOOR * tf.reduce_max(tf.abs(values)), _ABSOLUTE_EIGENVALUE_FLOOR
-    )
+    floor = tf.maximum(_RELATIVE_EIGENVALUE_FLOOR * tf.reduce_max(tf.abs(values)), _ABSOLUTE_EIGENVALUE_FLOOR)
     return vectors * tf.math.rsqrt(tf.maximum(values, floor))[tf.newaxis, :]
 
 
@@ -270,9 +266,7 @@ def tridiagonal_inverse(
     return TridiagonalInverse(input_links, output_links, input_bases, output_bases, denominators)
 
 
-def _link(
-    root: tf.Tensor, next_root: tf.Tensor, cross: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _link(root: tf.Tensor, next_root: tf.Tensor, cross: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """For one factor of a link: (X M̂_{i+1}⁻¹, K, s) with Rᵀ X M̂_{i+1}⁻¹ Xᵀ R = E diag(s) Eᵀ.
 
     ``X`` is the cross statistic, M̂ the damped factor (Â or Ĝ) and R, R' the roots
@@ -288,9 +282,7 @@ def _link(
     return link, basis, values
 
 
-def apply_tridiagonal_inverse(
-    inverse: TridiagonalInverse, gradients: list[tf.Tensor]
-) -> list[tf.Tensor]:
+def apply_tridiagonal_inverse(inverse: TridiagonalInverse, gradients: list[tf.Tensor]) -> list[tf.Tensor]:
     """F̂⁻¹ applied to the chain's gradients, blockwise: Ξᵀ Λ Ξ vec(V) [KFAC §4.3].
 
     ``gradients[i]`` is ∇W̄_i of shape (n_i, d_i); the result has the same shapes.
@@ -304,8 +296,7 @@ def apply_tridiagonal_inverse(
         raise ValueError(f"Expected {num_blocks} gradient matrices; got {len(gradients)}.")
     v = [tf.cast(g, tf.float32) for g in gradients]
     u = [
-        v[i] - _kron_apply(inverse.input_links[i], inverse.output_links[i], v[i + 1])
-        for i in range(num_blocks - 1)
+        v[i] - _kron_apply(inverse.input_links[i], inverse.output_links[i], v[i + 1]) for i in range(num_blocks - 1)
     ] + [v[-1]]
     w = [
         apply_kronecker_difference_inverse(
@@ -314,9 +305,7 @@ def apply_tridiagonal_inverse(
         for i in range(num_blocks)
     ]
     p, q = inverse.input_links, inverse.output_links
-    return [w[0]] + [
-        w[i] - _kron_transpose_apply(p[i - 1], q[i - 1], w[i - 1]) for i in range(1, num_blocks)
-    ]
+    return [w[0]] + [w[i] - _kron_transpose_apply(p[i - 1], q[i - 1], w[i - 1]) for i in range(1, num_blocks)]
 
 
 def _kron_apply(p: tf.Tensor, q: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
@@ -350,9 +339,7 @@ def chain_cross_statistics(
         (input_cross, output_cross), each a list of L − 1 matrices.
     """
     if len(input_rows) != len(output_rows):
-        raise ValueError(
-            f"Got input rows for {len(input_rows)} blocks but output rows for {len(output_rows)}."
-        )
+        raise ValueError(f"Got input rows for {len(input_rows)} blocks but output rows for {len(output_rows)}.")
     input_rows = [tf.cast(r, tf.float32) for r in input_rows]
     output_rows = [tf.cast(r, tf.float32) for r in output_rows]
     for rows in (input_rows, output_rows):

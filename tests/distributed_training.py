@@ -28,30 +28,63 @@ import keras_kfac  # noqa: E402
 # Deterministic estimation ("exact", "empirical"): sampled targets differ
 # between one device and two replicas by construction.
 CONFIGURATIONS = {
-    "fixed": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact",
-                  inverse_update_period=2),
-    "adaptive": dict(adaptive=True, damping=1.0, l2_reg=1e-3, estimation_mode="exact",
-                     damping_adaptation_period=2, gamma_adaptation_period=3, statistics_update_period=2,
-                     inverse_update_period=2),
+    "fixed": dict(
+        learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact", inverse_update_period=2
+    ),
+    "adaptive": dict(
+        adaptive=True,
+        damping=1.0,
+        l2_reg=1e-3,
+        estimation_mode="exact",
+        damping_adaptation_period=2,
+        gamma_adaptation_period=3,
+        statistics_update_period=2,
+        inverse_update_period=2,
+    ),
     # A loss summed over the batch: the replicas' curvatures add up instead.
-    "sum_reduction": dict(adaptive=True, damping=30.0, estimation_mode="exact", damping_adaptation_period=2,
-                          gamma_adaptation_period=3),
+    "sum_reduction": dict(
+        adaptive=True, damping=30.0, estimation_mode="exact", damping_adaptation_period=2, gamma_adaptation_period=3
+    ),
     # Under mixed precision Keras wraps KFAC in a LossScaleOptimizer. Damped
     # enough that the runs' float16 rounding differences are not amplified,
     # over the steps, by nearly singular factors.
     "mixed_float16": dict(learning_rate=0.05, momentum=0.9, damping=3e-2, estimation_mode="exact"),
-    "tridiagonal": dict(learning_rate=0.05, momentum=0.5, damping=1e-2, estimation_mode="empirical",
-                        approximation="block_tridiagonal", adapt_damping=True, damping_adaptation_period=2),
+    "tridiagonal": dict(
+        learning_rate=0.05,
+        momentum=0.5,
+        damping=1e-2,
+        estimation_mode="empirical",
+        approximation="block_tridiagonal",
+        adapt_damping=True,
+        damping_adaptation_period=2,
+    ),
     # Embedding (a diagonal Ā) and Conv1D blocks.
     # The paper's recipe without the safeguards: λ and γ then move on this short run.
-    "tokens": dict(adaptive=True, damping=1.0, l2_reg=1e-3, estimation_mode="exact",
-                   damping_adaptation_period=2, gamma_adaptation_period=3, statistics_update_period=2,
-                   damping_warmup=0, reject_below=None),
+    "tokens": dict(
+        adaptive=True,
+        damping=1.0,
+        l2_reg=1e-3,
+        estimation_mode="exact",
+        damping_adaptation_period=2,
+        gamma_adaptation_period=3,
+        statistics_update_period=2,
+        damping_warmup=0,
+        reject_below=None,
+    ),
     # Not comparable with one device (sampled targets, per-replica fractions):
     # only the replicas' agreement is checked.
-    "sampled_fractions": dict(adaptive=True, damping=1.0, l2_reg=1e-3, damping_adaptation_period=2,
-                              gamma_adaptation_period=3, statistics_fraction=0.5, curvature_fraction=0.5,
-                              patch_fraction=0.5, damping_warmup=0, reject_below=None),
+    "sampled_fractions": dict(
+        adaptive=True,
+        damping=1.0,
+        l2_reg=1e-3,
+        damping_adaptation_period=2,
+        gamma_adaptation_period=3,
+        statistics_fraction=0.5,
+        curvature_fraction=0.5,
+        patch_fraction=0.5,
+        damping_warmup=0,
+        reject_below=None,
+    ),
     # A last batch of 15 examples (shares 8 and 7), and one of 1 (shares 1 and 0).
     "uneven_shares": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
     "empty_replica": dict(learning_rate=0.05, momentum=0.9, damping=1e-2, l2_reg=1e-3, estimation_mode="exact"),
@@ -60,8 +93,17 @@ CONFIGURATIONS = {
     # A layer that all-reduces in its forward pass: a clear error.
     "synchronized_batch_norm": dict(adaptive=True),
 }
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
-              "empty_replica", "fallback")
+ONE_DEVICE = (
+    "fixed",
+    "adaptive",
+    "sum_reduction",
+    "mixed_float16",
+    "tridiagonal",
+    "tokens",
+    "uneven_shares",
+    "empty_replica",
+    "fallback",
+)
 GLOBAL_BATCH = 16
 STEPS = 6
 # Examples short of (or beyond) STEPS full batches, for the uneven last batches.
@@ -71,19 +113,29 @@ EXAMPLES_OFFSET = {"uneven_shares": -1, "empty_replica": 1}
 def _model(name: str) -> keras.Model:
     keras.utils.set_random_seed(1)
     if name == "tokens":
-        return keras.Sequential([
-            keras.Input((8,), dtype="int32"), keras.layers.Embedding(10, 4),
-            keras.layers.Conv1D(4, 3, padding="causal", activation="tanh"), keras.layers.Flatten(),
-            keras.layers.Dense(3, activation="softmax"),
-        ])
+        return keras.Sequential(
+            [
+                keras.Input((8,), dtype="int32"),
+                keras.layers.Embedding(10, 4),
+                keras.layers.Conv1D(4, 3, padding="causal", activation="tanh"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
     # Dense layers only for empty_replica: TensorFlow's ReluGrad of a Conv2D
     # fails on an empty batch whatever the optimizer.
     if name in ("tridiagonal", "empty_replica"):
-        layers = [keras.layers.Flatten(), keras.layers.Dense(12, activation="tanh"),
-                  keras.layers.Dense(3, activation="softmax")]
+        layers = [
+            keras.layers.Flatten(),
+            keras.layers.Dense(12, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
     else:
-        layers = [keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
-                  keras.layers.Dense(3, activation="softmax")]
+        layers = [
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
     if name == "synchronized_batch_norm":
         layers.insert(1, keras.layers.BatchNormalization(synchronized=True))
     if name == "fallback":
@@ -103,7 +155,7 @@ def _replica_share_weights(examples: int) -> np.ndarray:
     shares = [(last + 1) // 2, last // 2]
     start = examples - last
     for share in (s for s in shares if s):
-        weights[start:start + share] = last / (2.0 * share)
+        weights[start : start + share] = last / (2.0 * share)
         start += share
     return weights
 

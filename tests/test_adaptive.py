@@ -2,21 +2,23 @@
 
 import copy
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 
 
 def _autoencoder():
-    return keras.Sequential([
-        keras.Input((12,)),
-        keras.layers.Dense(6, activation="tanh"),
-        keras.layers.Dense(3),
-        keras.layers.Dense(6, activation="tanh"),
-        keras.layers.Dense(12),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(3),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(12),
+        ]
+    )
 
 
 def _images(n=128):
@@ -30,8 +32,7 @@ def test_adaptive_recipe_trains_and_exposes_its_state(jit_compile):
     keras.utils.set_random_seed(0)
     x = _images()
     model = _autoencoder()
-    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2,
-                          gamma_adaptation_period=3, seed=0)
+    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2, gamma_adaptation_period=3, seed=0)
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True), jit_compile=jit_compile)
     history = model.fit(x, x, batch_size=32, epochs=4, verbose=0)
     losses = history.history["loss"]
@@ -95,8 +96,16 @@ def test_adapted_damping_stays_above_a_multiple_of_the_mean_eigenvalue(relative_
     keras.utils.set_random_seed(0)
     x = _images(32)
     model = _autoencoder()
-    opt = keras_kfac.KFAC(model=model, adaptive=True, damping=1e-12, damping_warmup=1, reject_below=None,
-                          min_damping=1e-10, relative_min_damping=relative_min_damping, seed=0)
+    opt = keras_kfac.KFAC(
+        model=model,
+        adaptive=True,
+        damping=1e-12,
+        damping_warmup=1,
+        reject_below=None,
+        min_damping=1e-10,
+        relative_min_damping=relative_min_damping,
+        seed=0,
+    )
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     model.train_on_batch(x, x)
     assert np.isfinite(float(opt.rho.numpy()))
@@ -126,8 +135,9 @@ def test_damping_adaptation_with_a_fixed_learning_rate():
     keras.utils.set_random_seed(1)
     x = _images()
     model = _autoencoder()
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.5, damping=1.0,
-                          adapt_damping=True, damping_adaptation_period=1)
+    opt = keras_kfac.KFAC(
+        model=model, learning_rate=0.05, momentum=0.5, damping=1.0, adapt_damping=True, damping_adaptation_period=1
+    )
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     model.fit(x, x, batch_size=32, epochs=2, verbose=0)
     assert float(opt.alpha.numpy()) == pytest.approx(0.05)
@@ -144,14 +154,16 @@ def test_fractions_of_the_batch():
     keras.utils.set_random_seed(2)
     x = _images(40)
     model = _autoencoder()
-    opt = keras_kfac.KFAC(model=model, use_quadratic_model=True, damping=0.1,
-                          statistics_fraction=0.25, curvature_fraction=0.5)
+    opt = keras_kfac.KFAC(
+        model=model, use_quadratic_model=True, damping=0.1, statistics_fraction=0.25, curvature_fraction=0.5
+    )
     model.compile(optimizer=opt, loss="mse")
     first = model.layers[0]
     model.train_on_batch(x, x)
     rows = np.concatenate([x[:10], np.ones((10, 1), "float32")], 1).astype(np.float64)
-    np.testing.assert_allclose(opt.layer_collection.block_for(first).input_factor.cov.numpy(),
-                               rows.T @ rows / 10, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        opt.layer_collection.block_for(first).input_factor.cov.numpy(), rows.T @ rows / 10, rtol=1e-5, atol=1e-6
+    )
     history = model.fit(x, x, batch_size=40, epochs=3, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
 
@@ -184,8 +196,14 @@ def test_extra_forward_passes_leave_batch_normalization_statistics_alone():
     dense = keras.layers.Dense(6, activation="tanh")
     norm = keras.layers.BatchNormalization(momentum=0.9)
     model = keras.Sequential([keras.Input((12,)), dense, norm, keras.layers.Dense(12)])
-    opt = keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=1,
-                          statistics_fraction=0.25, curvature_fraction=0.5, seed=0)
+    opt = keras_kfac.KFAC(
+        model=model,
+        adaptive=True,
+        damping_adaptation_period=1,
+        statistics_fraction=0.25,
+        curvature_fraction=0.5,
+        seed=0,
+    )
     model.compile(optimizer=opt, loss="mse")
     with pytest.warns(UserWarning, match="no curvature block"):
         model.build((None, 12))
@@ -205,8 +223,15 @@ def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
     hidden = keras.layers.Dense(6, activation="tanh", activity_regularizer=keras.regularizers.L2(0.05))
     output = keras.layers.Dense(12)
     model = keras.Sequential([keras.Input((12,)), hidden, output])
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.0, damping=1.0, adapt_damping=True,
-                          damping_adaptation_period=1, curvature_fraction=curvature_fraction)
+    opt = keras_kfac.KFAC(
+        model=model,
+        learning_rate=0.05,
+        momentum=0.0,
+        damping=1.0,
+        adapt_damping=True,
+        damping_adaptation_period=1,
+        curvature_fraction=curvature_fraction,
+    )
     model.compile(optimizer=opt, loss="mse")
     rows = x[: int(np.ceil(curvature_fraction * len(x)))].astype(np.float64)
 
@@ -219,7 +244,6 @@ def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
     model.train_on_batch(x, x)
     expected = (h() - before) / float(opt.quadratic_change.numpy())
     assert float(opt.rho.numpy()) == pytest.approx(expected, rel=1e-3, abs=1e-4)
-
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
@@ -236,12 +260,22 @@ def test_sub_batches_estimate_the_whole_batch_for_mean_and_sum_losses(reduction)
     results = []
     for fraction in (1.0, 0.5):
         keras.utils.set_random_seed(6)
-        model = keras.Sequential([
-            keras.Input((12,)), keras.layers.Dense(5, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)),
-            keras.layers.Dense(12),
-        ])
-        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
-                              estimation_mode="exact", statistics_fraction=fraction, curvature_fraction=fraction)
+        model = keras.Sequential(
+            [
+                keras.Input((12,)),
+                keras.layers.Dense(5, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)),
+                keras.layers.Dense(12),
+            ]
+        )
+        opt = keras_kfac.KFAC(
+            model=model,
+            adaptive=True,
+            damping=0.1,
+            damping_adaptation_period=1,
+            estimation_mode="exact",
+            statistics_fraction=fraction,
+            curvature_fraction=fraction,
+        )
         model.compile(optimizer=opt, loss=keras.losses.MeanSquaredError(reduction=reduction))
         for _ in range(3):
             model.train_on_batch(x, x, sample_weight=weights)
@@ -251,8 +285,9 @@ def test_sub_batches_estimate_the_whole_batch_for_mean_and_sum_losses(reduction)
         np.testing.assert_allclose(b.input_factor.cov.numpy(), a.input_factor.cov.numpy(), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(b.output_factor.cov.numpy(), a.output_factor.cov.numpy(), rtol=1e-4, atol=1e-7)
     for name in ("alpha", "mu", "quadratic_change", "rho", "damping"):
-        assert float(getattr(halves, name).numpy()) == pytest.approx(float(getattr(whole, name).numpy()), rel=1e-3), name
-
+        assert float(getattr(halves, name).numpy()) == pytest.approx(float(getattr(whole, name).numpy()), rel=1e-3), (
+            name
+        )
 
 
 @pytest.mark.parametrize("wrapper", ["loss_scale", "gradient_accumulation"])
@@ -263,8 +298,13 @@ def test_quadratic_model_inside_a_conditional_update(wrapper):
     for wrapped in (False, True):
         keras.utils.set_random_seed(7)
         model = _autoencoder()
-        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.01, damping_adaptation_period=1,
-                              gradient_accumulation_steps=2 if wrapped and wrapper == "gradient_accumulation" else None)
+        opt = keras_kfac.KFAC(
+            model=model,
+            adaptive=True,
+            damping=0.01,
+            damping_adaptation_period=1,
+            gradient_accumulation_steps=2 if wrapped and wrapper == "gradient_accumulation" else None,
+        )
         optimizer = keras.optimizers.LossScaleOptimizer(opt) if wrapped and wrapper == "loss_scale" else opt
         model.compile(optimizer=optimizer, loss="mse")
         for _ in range(2):
@@ -275,10 +315,11 @@ def test_quadratic_model_inside_a_conditional_update(wrapper):
     (plain, plain_model), (wrapped_opt, wrapped_model) = runs
     assert float(plain.alpha.numpy()) != 0.0
     for name in ("alpha", "mu", "rho", "quadratic_change"):
-        assert float(getattr(wrapped_opt, name).numpy()) == pytest.approx(float(getattr(plain, name).numpy()), rel=1e-4), name
+        assert float(getattr(wrapped_opt, name).numpy()) == pytest.approx(
+            float(getattr(plain, name).numpy()), rel=1e-4
+        ), name
     for a, b in zip(plain_model.get_weights(), wrapped_model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-
 
 
 def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
@@ -289,16 +330,24 @@ def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
     for dtype in ("float32", "int32"):
         keras.utils.set_random_seed(6)
         model = _autoencoder()
-        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
-                              estimation_mode="exact", statistics_fraction=0.5, curvature_fraction=0.5)
+        opt = keras_kfac.KFAC(
+            model=model,
+            adaptive=True,
+            damping=0.1,
+            damping_adaptation_period=1,
+            estimation_mode="exact",
+            statistics_fraction=0.5,
+            curvature_fraction=0.5,
+        )
         model.compile(optimizer=opt, loss=keras.losses.MeanSquaredError(reduction="sum"))
         model.train_on_batch(x, x, sample_weight=weights.astype(dtype))
         results.append(opt)
     for a, b in zip(results[0].blocks, results[1].blocks):
         np.testing.assert_allclose(b.output_factor.cov.numpy(), a.output_factor.cov.numpy(), rtol=1e-5, atol=1e-8)
     for name in ("alpha", "quadratic_change", "rho"):
-        assert float(getattr(results[1], name).numpy()) == pytest.approx(float(getattr(results[0], name).numpy()), rel=1e-5)
-
+        assert float(getattr(results[1], name).numpy()) == pytest.approx(
+            float(getattr(results[0], name).numpy()), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
@@ -318,12 +367,23 @@ def test_masked_sequence_output_weighs_the_curvature_as_the_loss_does(fraction):
     runs = []
     for masked in (True, False):
         keras.utils.set_random_seed(9)
-        model = keras.Sequential([
-            keras.Input((5,), dtype="int32"), keras.layers.Embedding(6, 4, mask_zero=masked),
-            keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3),
-        ])
-        opt = keras_kfac.KFAC(model=model, adaptive=True, damping=0.1, damping_adaptation_period=1,
-                              estimation_mode="exact", statistics_fraction=fraction, curvature_fraction=fraction)
+        model = keras.Sequential(
+            [
+                keras.Input((5,), dtype="int32"),
+                keras.layers.Embedding(6, 4, mask_zero=masked),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(3),
+            ]
+        )
+        opt = keras_kfac.KFAC(
+            model=model,
+            adaptive=True,
+            damping=0.1,
+            damping_adaptation_period=1,
+            estimation_mode="exact",
+            statistics_fraction=fraction,
+            curvature_fraction=fraction,
+        )
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         for _ in range(2):
             if masked:
@@ -335,7 +395,9 @@ def test_masked_sequence_output_weighs_the_curvature_as_the_loss_does(fraction):
     for a, b in zip(masked_opt.blocks, weighted_opt.blocks):
         np.testing.assert_allclose(a.output_factor.cov.numpy(), b.output_factor.cov.numpy(), rtol=1e-4, atol=1e-7)
     for name in ("alpha", "mu", "rho"):
-        assert float(getattr(masked_opt, name).numpy()) == pytest.approx(float(getattr(weighted_opt, name).numpy()), rel=1e-3)
+        assert float(getattr(masked_opt, name).numpy()) == pytest.approx(
+            float(getattr(weighted_opt, name).numpy()), rel=1e-3
+        )
     for a, b in zip(masked_model.get_weights(), weighted_model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -345,8 +407,14 @@ def test_extra_forward_passes_draw_fresh_dropout_masks():
     advances = []
     for fraction in (1.0, 0.5):
         keras.utils.set_random_seed(5)
-        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(6, activation="tanh"),
-                                  keras.layers.Dropout(0.5), keras.layers.Dense(12)])
+        model = keras.Sequential(
+            [
+                keras.Input((12,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dropout(0.5),
+                keras.layers.Dense(12),
+            ]
+        )
         opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1.0, statistics_fraction=fraction)
         model.compile(optimizer=opt, loss="mse")
         model.build((None, 12))

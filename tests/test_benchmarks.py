@@ -35,7 +35,11 @@ def run_benchmark(out_dir: Path, *flags: str) -> str:
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, str(RUN), "--budget", "smoke", "--synthetic", "--out-dir", str(out_dir), *flags],
-        cwd=out_dir, env=env, capture_output=True, text=True, timeout=900,
+        cwd=out_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
     return completed.stdout
@@ -108,8 +112,9 @@ def test_budget_seconds_results_get_their_own_folder():
     run = load_module("bench_run", RUN)
 
     def label(problem: str, seconds: float | None, activation: str = "tanh", l2: float | None = None) -> str:
-        return run.budget_label(argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem,
-                                                   activation=activation, l2=l2))
+        return run.budget_label(
+            argparse.Namespace(budget="small", budget_seconds=seconds, problem=problem, activation=activation, l2=l2)
+        )
 
     assert label("autoencoder", None) == "small"
     assert label("autoencoder", 60.0) == "small-60s"
@@ -167,8 +172,9 @@ def test_grid_overrides_replace_or_drop_a_family():
 
 
 def test_race_tables_name_the_seeds_that_ran(tmp_path):
-    stdout = run_benchmark(tmp_path, "--problem", "autoencoder", "--seed", "3", "--seeds", "2",
-                           "--no-kfac-fixed", "--grid", "adam=;sgd=")
+    stdout = run_benchmark(
+        tmp_path, "--problem", "autoencoder", "--seed", "3", "--seeds", "2", "--no-kfac-fixed", "--grid", "adam=;sgd="
+    )
     assert "[autoencoder seed 4] muon" in stdout and "adam[" not in stdout
     table = (tmp_path / "autoencoder" / "smoke" / "table.md").read_text()
     assert "Grid (seed 3;" in table
@@ -199,8 +205,11 @@ def test_kfac_after_baselines_stops_kfac_at_the_lowest_baseline_final_loss():
             trained.append((self.spec.family, self.iterations))
 
         def record(self) -> dict:
-            for key, value in (("iterations", self.iterations), ("seconds", self.clock),
-                               ("loss", self.losses[self.iterations])):
+            for key, value in (
+                ("iterations", self.iterations),
+                ("seconds", self.clock),
+                ("loss", self.losses[self.iterations]),
+            ):
                 self.curve[key].append(value)
             return {"loss": self.curve["loss"][-1]}
 
@@ -230,8 +239,7 @@ def test_budget_speedups_read_shorter_races_off_a_long_one(tmp_path):
     speedups = load_module("budget_speedups", ROOT / "benchmarks" / "budget_speedups.py")
 
     def run(name, family, seconds, iterations, loss):
-        return {"name": name, "family": family,
-                "curve": {"seconds": seconds, "iterations": iterations, "loss": loss}}
+        return {"name": name, "family": family, "curve": {"seconds": seconds, "iterations": iterations, "loss": loss}}
 
     runs = [
         run("adam", "adam", [0, 10, 20, 30], [0, 100, 200, 300], [1.0, 0.5, 0.45, 0.44]),

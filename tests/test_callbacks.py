@@ -91,14 +91,17 @@ def test_fit_trains_on_the_scheduled_batch_sizes(multiple_of):
     x, y = data(96)
     model = small_model()
     optimizer = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=1e-2, seed=0)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[ExamplesSeen()])
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[ExamplesSeen()]
+    )
     b = growth_to_reach(8, 96, 9)
-    batches = GrowingBatches(x, y, initial_batch_size=8, growth_iterations=b, steps_per_epoch=4,
-                             multiple_of=multiple_of, seed=3)
+    batches = GrowingBatches(
+        x, y, initial_batch_size=8, growth_iterations=b, steps_per_epoch=4, multiple_of=multiple_of, seed=3
+    )
     history = model.fit(batches, epochs=3, verbose=0)
-    expected = [sum(growing_batch_size(k, 8, 96, b, multiple_of) for k in range(4 * e + 1, 4 * e + 5))
-                for e in range(3)]
+    expected = [
+        sum(growing_batch_size(k, 8, 96, b, multiple_of) for k in range(4 * e + 1, 4 * e + 5)) for e in range(3)
+    ]
     assert history.history["examples"] == expected
     assert int(optimizer.iterations.numpy()) == 12
     # A second fit with the same instance continues the schedule at k = 13 (full batches).
@@ -153,8 +156,10 @@ def test_monitor_writes_per_step_and_epoch_summaries(tmp_path):
     x, y = data()
     model = small_model()
     compile_kfac(model, learning_rate=0.05, damping=1e-2)
-    callbacks = [KFACMonitor(log_dir=tmp_path, update_freq=2, quantities=("damping", "alpha")),
-                 keras.callbacks.TensorBoard(log_dir=str(tmp_path))]
+    callbacks = [
+        KFACMonitor(log_dir=tmp_path, update_freq=2, quantities=("damping", "alpha")),
+        keras.callbacks.TensorBoard(log_dir=str(tmp_path)),
+    ]
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)  # 12 steps
     events = scalar_events(tmp_path / "train")
     assert [step for step, _ in events["kfac/damping"]] == [2, 4, 6, 8, 10, 12]

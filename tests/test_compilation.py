@@ -44,8 +44,13 @@ SCRIPT = textwrap.dedent(
     [
         dict(learning_rate=0.01),
         dict(learning_rate=0.01, statistics_update_period=3, patch_fraction=0.5),
-        dict(adaptive=True, statistics_fraction=0.5, curvature_fraction=0.5,
-             damping_adaptation_period=2, gamma_adaptation_period=3),
+        dict(
+            adaptive=True,
+            statistics_fraction=0.5,
+            curvature_fraction=0.5,
+            damping_adaptation_period=2,
+            gamma_adaptation_period=3,
+        ),
     ],
     ids=["fixed", "statistics-period-and-patches", "adaptive-fractions"],
 )
@@ -53,7 +58,10 @@ def test_training_step_compiles_once_under_xla(kwargs):
     env = dict(os.environ, TF_CPP_VMODULE="device_compilation_profiler=1", TF_CPP_MIN_LOG_LEVEL="0")
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT.replace("{kwargs}", repr(kwargs))],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps done 9" in result.stdout

@@ -150,9 +150,7 @@ def test_fashion_mnist_arrays(places, flatten, shape):
     assert x_train.shape == shape and x_train.dtype == np.float32
     assert x_test.shape[0] == 3
     assert 0.0 <= x_train.min() and x_train.max() <= 1.0
-    np.testing.assert_allclose(
-        x_train.reshape(2, 28, 28) * 255.0, arrays["train_images"][:2], atol=1e-3
-    )
+    np.testing.assert_allclose(x_train.reshape(2, 28, 28) * 255.0, arrays["train_images"][:2], atol=1e-3)
     assert y_train.dtype == np.int32
     np.testing.assert_array_equal(y_train, arrays["train_labels"][:2])
     np.testing.assert_array_equal(y_test, arrays["test_labels"])

@@ -18,8 +18,17 @@ import pytest
 SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
 # uneven_shares, empty_replica: last batches that split 8 + 7 and 1 + 0 examples;
 # fallback: a LayerNormalization trained by the Adam fallback.
-ONE_DEVICE = ("fixed", "adaptive", "sum_reduction", "mixed_float16", "tridiagonal", "tokens", "uneven_shares",
-              "empty_replica", "fallback")
+ONE_DEVICE = (
+    "fixed",
+    "adaptive",
+    "sum_reduction",
+    "mixed_float16",
+    "tridiagonal",
+    "tokens",
+    "uneven_shares",
+    "empty_replica",
+    "fallback",
+)
 REPLICATED = ONE_DEVICE + ("sampled_fractions",)
 
 
@@ -27,7 +36,10 @@ REPLICATED = ONE_DEVICE + ("sampled_fractions",)
 def results():
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), *REPLICATED, "synchronized_batch_norm"],
-        capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=SCRIPT.parent.parent,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]

@@ -1,8 +1,8 @@
 """EinsumDense blocks: factors against explicit float64 rows, Dense in disguise, attention projections."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 from keras_kfac.blocks import EinsumDenseBlock
@@ -28,8 +28,7 @@ def test_factors_match_explicit_rows_for_a_transposed_equation():
     rng = np.random.default_rng(0)
     batch, length, channels, d, e = 4, 3, 2, 2, 3
     x = rng.normal(size=(batch, length, channels)).astype("float32")
-    layer = keras.layers.EinsumDense("abc,dce->aebd", output_shape=(e, length, d), bias_axes="de",
-                                     activation="tanh")
+    layer = keras.layers.EinsumDense("abc,dce->aebd", output_shape=(e, length, d), bias_axes="de", activation="tanh")
     head = keras.layers.Dense(K)
     model = keras.Sequential([keras.Input((length, channels)), layer, keras.layers.Flatten(), head])
     assert tuple(layer.bias.shape) == (e, 1, d)
@@ -74,19 +73,33 @@ def test_a_plain_matmul_gives_the_dense_update(equation):
     head = [rng.normal(size=(5, 3)).astype("float32") * 0.5, np.zeros(3, "float32")]
     transposed = equation == "ab,cb->ac"
 
-    einsum = keras.Sequential([keras.Input((4,)), keras.layers.EinsumDense(equation, 5, bias_axes="c",
-                                                                           activation="tanh"), keras.layers.Dense(3)])
+    einsum = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.EinsumDense(equation, 5, bias_axes="c", activation="tanh"),
+            keras.layers.Dense(3),
+        ]
+    )
     einsum.set_weights([kernel.T if transposed else kernel, bias, *head])
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
     dense.set_weights([kernel, bias, *head])
     einsum_opt, einsum_steps = _train_once(einsum, x, y)
     dense_opt, dense_steps = _train_once(dense, x, y)
-    np.testing.assert_allclose(einsum_opt.blocks[0].input_factor.cov.numpy(),
-                               dense_opt.blocks[0].input_factor.cov.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(einsum_opt.blocks[0].output_factor.cov.numpy(),
-                               dense_opt.blocks[0].output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(einsum_steps[0].T if transposed else einsum_steps[0], dense_steps[0],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        einsum_opt.blocks[0].input_factor.cov.numpy(),
+        dense_opt.blocks[0].input_factor.cov.numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        einsum_opt.blocks[0].output_factor.cov.numpy(),
+        dense_opt.blocks[0].output_factor.cov.numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        einsum_steps[0].T if transposed else einsum_steps[0], dense_steps[0], rtol=1e-4, atol=1e-6
+    )
     for einsum_step, dense_step in zip(einsum_steps[1:], dense_steps[1:]):
         np.testing.assert_allclose(einsum_step, dense_step, rtol=1e-4, atol=1e-6)
 
@@ -99,22 +112,33 @@ def test_attention_style_projection_gives_the_dense_update_on_the_sequence():
     kernel = rng.normal(size=(4, 2, 3)).astype("float32") * 0.5
     bias = rng.normal(size=(2, 3)).astype("float32") * 0.1
     head = [rng.normal(size=(30, 3)).astype("float32") * 0.3, np.zeros(3, "float32")]
-    einsum = keras.Sequential([
-        keras.Input((5, 4)), keras.layers.EinsumDense("abc,cde->abde", (5, 2, 3), bias_axes="de"),
-        keras.layers.Flatten(), keras.layers.Dense(3),
-    ])
+    einsum = keras.Sequential(
+        [
+            keras.Input((5, 4)),
+            keras.layers.EinsumDense("abc,cde->abde", (5, 2, 3), bias_axes="de"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
     einsum.set_weights([kernel, bias, *head])
-    dense = keras.Sequential([
-        keras.Input((5, 4)), keras.layers.Dense(6), keras.layers.Flatten(), keras.layers.Dense(3),
-    ])
+    dense = keras.Sequential(
+        [
+            keras.Input((5, 4)),
+            keras.layers.Dense(6),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
     dense.set_weights([kernel.reshape(4, 6), bias.reshape(6), *head])
     einsum_opt, einsum_steps = _train_once(einsum, x, y)
     dense_opt, dense_steps = _train_once(dense, x, y)
     for einsum_block, dense_block in zip(einsum_opt.blocks, dense_opt.blocks):
-        np.testing.assert_allclose(einsum_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(),
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(einsum_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            einsum_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            einsum_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7
+        )
     np.testing.assert_allclose(einsum_steps[0].reshape(4, 6), dense_steps[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(einsum_steps[1].reshape(6), dense_steps[1], rtol=1e-4, atol=1e-6)
 
@@ -142,11 +166,14 @@ def test_multi_head_attention_projections_are_registered_on_request_and_train():
     assert all(id(v) in owned for v in model.trainable_variables)
 
 
-@pytest.mark.parametrize("equation, output_shape, bias_axes, problem", [
-    ("abc,bcd->abd", (3, 4), None, "also positions"),
-    ("abc,cd->ad", (4,), None, "summed without the kernel"),
-    ("abc,cde->abde", (3, 2, 4), "e", "not over its output features"),
-])
+@pytest.mark.parametrize(
+    "equation, output_shape, bias_axes, problem",
+    [
+        ("abc,bcd->abd", (3, 4), None, "also positions"),
+        ("abc,cd->ad", (4,), None, "summed without the kernel"),
+        ("abc,cde->abde", (3, 2, 4), "e", "not over its output features"),
+    ],
+)
 def test_an_einsum_that_is_not_a_dense_layer_per_position_is_refused(equation, output_shape, bias_axes, problem):
     layer = keras.layers.EinsumDense(equation, output_shape, bias_axes=bias_axes)
     layer.build((None, 3, 5))

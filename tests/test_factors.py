@@ -8,9 +8,9 @@ the factors after one ``train_on_batch`` are the batch estimates.
 
 import zlib
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 
@@ -62,8 +62,8 @@ def _reference_factors(loss, mode, params, x, y, sample_weight):
     g0 = np.zeros((HIDDEN, HIDDEN))
     g1 = np.zeros((K, K))
     for n in range(len(x)):
-        jac_out = np.eye(K)                              # ∂z/∂s_1
-        jac_hidden = (k2 * (1 - h[n] ** 2)[:, None]).T   # ∂z/∂s_0 = W2ᵀ diag(tanh')
+        jac_out = np.eye(K)  # ∂z/∂s_1
+        jac_hidden = (k2 * (1 - h[n] ** 2)[:, None]).T  # ∂z/∂s_0 = W2ᵀ diag(tanh')
         if mode == "exact":
             curvature = weights[n] * c * hessians[n] / len(x)
         else:
@@ -92,15 +92,20 @@ def _targets(kind, rng):
 
 
 def _params(model):
-    return [(w.numpy().astype(np.float64), b.numpy().astype(np.float64))
-            for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])]
+    return [
+        (w.numpy().astype(np.float64), b.numpy().astype(np.float64))
+        for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])
+    ]
 
 
 def _mlp(activation=None):
-    return keras.Sequential([
-        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"),
-        keras.layers.Dense(K, activation=activation),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras.layers.Dense(HIDDEN, activation="tanh"),
+            keras.layers.Dense(K, activation=activation),
+        ]
+    )
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -117,12 +122,12 @@ def test_dense_factors_match_explicit_fisher(name, mode, weighted):
     opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode=mode)
     model.compile(optimizer=opt, loss=compiled_loss)
     model.train_on_batch(x, y, sample_weight=sample_weight)
-    expected = _reference_factors(kind, mode, params, x.astype(np.float64), y,
-                                  None if sample_weight is None else sample_weight.astype(np.float64))
+    expected = _reference_factors(
+        kind, mode, params, x.astype(np.float64), y, None if sample_weight is None else sample_weight.astype(np.float64)
+    )
     for block, (a, g) in zip(opt.blocks, expected):
         np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-8)
-
 
 
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
@@ -179,9 +184,12 @@ def test_empirical_fisher_takes_labels_one_rank_below_the_output(loss):
     g_out = []
     for labels in (y, y[:, None]):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((D_IN,)), keras.layers.Dense(1, activation="sigmoid" if loss != "mse" else None),
-        ])
+        model = keras.Sequential(
+            [
+                keras.Input((D_IN,)),
+                keras.layers.Dense(1, activation="sigmoid" if loss != "mse" else None),
+            ]
+        )
         opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="empirical")
         model.compile(optimizer=opt, loss=loss)
         model.build((None, D_IN))
@@ -200,11 +208,17 @@ def test_one_example_kronecker_block_is_the_exact_fisher_block(name):
     kind, activation, compiled_loss = LOSSES[name]
     rng = np.random.default_rng(7)
     x = rng.normal(size=(1, D_IN)).astype("float32")
-    model = keras.Sequential([
-        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"), keras.layers.Dense(K),
-    ])
-    params = [(w.numpy().astype(np.float64), b.numpy().astype(np.float64))
-              for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])]
+    model = keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras.layers.Dense(HIDDEN, activation="tanh"),
+            keras.layers.Dense(K),
+        ]
+    )
+    params = [
+        (w.numpy().astype(np.float64), b.numpy().astype(np.float64))
+        for w, b in zip(model.trainable_weights[::2], model.trainable_weights[1::2])
+    ]
     opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
     model.compile(optimizer=opt, loss=compiled_loss)
     y = _targets(kind, rng)[:1]
@@ -277,7 +291,6 @@ def test_conv2d_factors_match_explicit_patches_and_location_sums(stride, dilatio
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
 
 
-
 def _sequence_patches(x, size, stride, dilation, padding):
     """(B, T, size·c) Conv1D patches by loops, with 'valid', 'same' (TensorFlow's split) or 'causal' padding."""
     b, length, channels = x.shape
@@ -301,8 +314,15 @@ def _sequence_patches(x, size, stride, dilation, padding):
 
 @pytest.mark.parametrize(
     "stride, dilation, padding",
-    [(1, 1, "valid"), (1, 1, "same"), (2, 1, "same"), (2, 1, "valid"), (1, 2, "same"), (1, 2, "causal"),
-     (2, 1, "causal")],
+    [
+        (1, 1, "valid"),
+        (1, 1, "same"),
+        (2, 1, "same"),
+        (2, 1, "valid"),
+        (1, 2, "same"),
+        (1, 2, "causal"),
+        (2, 1, "causal"),
+    ],
 )
 def test_conv1d_factors_match_explicit_patches_and_step_sums(stride, dilation, padding):
     """KFC over output steps: Ā = E_{n,t}[ā_t ā_tᵀ], G = (1/B) Σ_{n,t} ds_t ds_tᵀ for exact MSE."""
@@ -332,7 +352,6 @@ def test_conv1d_factors_match_explicit_patches_and_step_sums(stride, dilation, p
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
 
 
-
 def test_embedding_factors_are_token_frequencies_and_output_sums():
     """diag Ā = count(token)/(B·steps); G = (1/B) Σ_{n,t} ds_t ds_tᵀ for exact MSE through a linear head."""
     rng = np.random.default_rng(4)
@@ -358,7 +377,6 @@ def test_embedding_factors_are_token_frequencies_and_output_sums():
     moved = embedding.embeddings.numpy()
     np.testing.assert_array_equal(moved[-2:], table[-2:])
     assert not np.allclose(moved[:-2], table[:-2])
-
 
 
 class _TokensAndPositions(keras.layers.Layer):
@@ -399,8 +417,14 @@ def test_statistics_update_period_averages_only_every_period_th_batch():
     labels = rng.integers(0, 2, size=8)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, momentum=0.0, estimation_mode="empirical",
-                          statistics_update_period=3, ema_decay=0.95)
+    opt = keras_kfac.KFAC(
+        model=model,
+        learning_rate=0.0,
+        momentum=0.0,
+        estimation_mode="empirical",
+        statistics_update_period=3,
+        ema_decay=0.95,
+    )
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     for x in batches:
         model.train_on_batch(x, labels)
@@ -430,7 +454,9 @@ def test_subsampled_rows_are_a_uniform_draw_without_replacement():
         counts[drawn.astype(int)] += 1
     # Each row is drawn with probability 3/10: 120 of 400 expected, sd ≈ 9.2.
     assert np.all(np.abs(counts - 120) < 40), counts
-    np.testing.assert_array_equal(statistics.subsample_rows(rows, None, 1.0, tf.constant([7, 0]))[0].numpy(), rows.numpy())
+    np.testing.assert_array_equal(
+        statistics.subsample_rows(rows, None, 1.0, tf.constant([7, 0]))[0].numpy(), rows.numpy()
+    )
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -442,8 +468,15 @@ def test_patch_fraction_gives_an_unbiased_conv2d_input_factor(jit_compile):
     conv = keras.layers.Conv2D(3, (2, 2), padding="valid")
     model = keras.Sequential([keras.Input((5, 5, 2)), conv, keras.layers.Flatten(), keras.layers.Dense(K)])
     # ema_decay → 1: ε_k = 1 − 1/k, so the factor is the plain mean of the steps' estimates.
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, momentum=0.0, estimation_mode="exact",
-                          ema_decay=1 - 1e-9, patch_fraction=0.25, seed=3)
+    opt = keras_kfac.KFAC(
+        model=model,
+        learning_rate=0.0,
+        momentum=0.0,
+        estimation_mode="exact",
+        ema_decay=1 - 1e-9,
+        patch_fraction=0.25,
+        seed=3,
+    )
     model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
     block = opt.layer_collection.block_for(conv)
 
@@ -471,19 +504,32 @@ def test_patch_fraction_gives_an_unbiased_conv2d_input_factor(jit_compile):
 def _weighting_model(kind):
     keras.utils.set_random_seed(3)
     if kind == "conv2d":
-        return keras.Sequential([
-            keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3, activation="tanh"), keras.layers.Flatten(),
-            keras.layers.Dense(K),
-        ])
+        return keras.Sequential(
+            [
+                keras.Input((5, 5, 2)),
+                keras.layers.Conv2D(3, 3, activation="tanh"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(K),
+            ]
+        )
     if kind == "tokens":
-        return keras.Sequential([
-            keras.Input((6,), dtype="int32"), keras.layers.Embedding(5, 3),
-            keras.layers.Conv1D(4, 3, activation="tanh"), keras.layers.Dense(3, activation="tanh"),
-            keras.layers.Flatten(), keras.layers.Dense(K),
-        ])
-    return keras.Sequential([
-        keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh"), keras.layers.Dense(K),
-    ])
+        return keras.Sequential(
+            [
+                keras.Input((6,), dtype="int32"),
+                keras.layers.Embedding(5, 3),
+                keras.layers.Conv1D(4, 3, activation="tanh"),
+                keras.layers.Dense(3, activation="tanh"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(K),
+            ]
+        )
+    return keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras.layers.Dense(HIDDEN, activation="tanh"),
+            keras.layers.Dense(K),
+        ]
+    )
 
 
 REPEATS = {  # reduction: (weights of (x0, x1, x2, x3), the examples of the repeated batch)
@@ -543,14 +589,18 @@ def test_masked_positions_are_absent_from_the_input_factors():
 
     kept = ids[ids != 0]
     frequencies = np.bincount(kept, minlength=vocabulary) / kept.size
-    np.testing.assert_allclose(opt.layer_collection.block_for(embedding).input_factor.cov.numpy(), frequencies, rtol=1e-6)
+    np.testing.assert_allclose(
+        opt.layer_collection.block_for(embedding).input_factor.cov.numpy(), frequencies, rtol=1e-6
+    )
     table = embedding.embeddings.numpy().astype(np.float64)
     rows = np.concatenate([table[kept], np.ones((kept.size, 1))], axis=1)
     np.testing.assert_allclose(
         opt.layer_collection.block_for(dense).input_factor.cov.numpy(), rows.T @ rows / kept.size, rtol=1e-5, atol=1e-7
     )
-    layer_outputs = np.tanh(np.concatenate([table[kept], np.ones((kept.size, 1))], axis=1)
-                            @ np.concatenate([dense.kernel.numpy(), dense.bias.numpy()[None]], 0))
+    layer_outputs = np.tanh(
+        np.concatenate([table[kept], np.ones((kept.size, 1))], axis=1)
+        @ np.concatenate([dense.kernel.numpy(), dense.bias.numpy()[None]], 0)
+    )
     head_rows = np.concatenate([layer_outputs, np.ones((kept.size, 1))], axis=1)
     np.testing.assert_allclose(
         opt.blocks[-1].input_factor.cov.numpy(), head_rows.T @ head_rows / kept.size, rtol=1e-5, atol=1e-6
@@ -575,7 +625,9 @@ def test_ignore_class_and_a_sequence_mask_both_drop_positions():
     kept = (ids != 0) & (labels != -1)
     table = embedding.embeddings.numpy().astype(np.float64)
     rows = np.concatenate([table[ids[kept]], np.ones((kept.sum(), 1))], axis=1)
-    np.testing.assert_allclose(opt.blocks[-1].input_factor.cov.numpy(), rows.T @ rows / kept.sum(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        opt.blocks[-1].input_factor.cov.numpy(), rows.T @ rows / kept.sum(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
@@ -597,7 +649,9 @@ def test_row_weights_carry_the_loss_values_weights_to_a_layers_locations():
     constant_call = tf.function(lambda: statistics.row_weights(LayerCall(tf.range(4), tf.zeros([4, 5])), values, 4))
     np.testing.assert_allclose(constant_call(), np.ones(4))
     # A replica's empty share of the batch: no rows, no loss values.
-    empty = tf.function(lambda: statistics.row_weights(LayerCall(tf.ones([0, 3, 4]), tf.zeros([0, 3, 5])), tf.ones([0, 3]), 0))
+    empty = tf.function(
+        lambda: statistics.row_weights(LayerCall(tf.ones([0, 3, 4]), tf.zeros([0, 3, 5])), tf.ones([0, 3]), 0)
+    )
     assert empty().shape == (0,)
 
 

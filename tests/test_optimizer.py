@@ -2,9 +2,9 @@
 
 import copy
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import keras_kfac
@@ -20,9 +20,7 @@ def _data(n=96, d=6, classes=3, seed=0):
 
 
 def _sequential(d=6, classes=3):
-    return keras.Sequential(
-        [keras.Input((d,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(classes)]
-    )
+    return keras.Sequential([keras.Input((d,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(classes)])
 
 
 def _functional(d=6, classes=3):
@@ -232,13 +230,15 @@ def test_hand_made_layer_collection():
         collection.register_embedding(keras.layers.ReversibleEmbedding(5, 2))
 
 
-
-@pytest.mark.parametrize("register, layer", [
-    ("register_conv1d", keras.layers.Conv1D(4, 3, groups=2, name="grouped")),
-    ("register_conv1d", keras.layers.Conv1D(4, 3, data_format="channels_first", name="transposed")),
-    ("register_conv2d", keras.layers.Conv2D(4, 3, groups=2, name="grouped")),
-    ("register_conv2d", keras.layers.Conv2D(4, 3, data_format="channels_first", name="transposed")),
-])
+@pytest.mark.parametrize(
+    "register, layer",
+    [
+        ("register_conv1d", keras.layers.Conv1D(4, 3, groups=2, name="grouped")),
+        ("register_conv1d", keras.layers.Conv1D(4, 3, data_format="channels_first", name="transposed")),
+        ("register_conv2d", keras.layers.Conv2D(4, 3, groups=2, name="grouped")),
+        ("register_conv2d", keras.layers.Conv2D(4, 3, data_format="channels_first", name="transposed")),
+    ],
+)
 def test_unsupported_convolutions_are_named_and_left_to_the_fallback_rule(register, layer):
     collection = keras_kfac.LayerCollection()
     with pytest.raises(ValueError, match=f"'{layer.name}'.*(groups|channels_first)"):
@@ -269,7 +269,6 @@ def test_layer_used_twice_counts_as_more_locations():
     np.testing.assert_allclose(a, rows.T @ rows / 32, rtol=1e-4, atol=1e-6)
 
 
-
 def test_positions_folded_into_the_batch_axis_count_as_locations():
     """A Dense layer on (B·T, D) rows (a model that reshapes) has the factors of the Dense on (B, T, D)."""
     rng = np.random.default_rng(1)
@@ -295,18 +294,18 @@ def test_positions_folded_into_the_batch_axis_count_as_locations():
     np.testing.assert_allclose(factors[1][1], factors[0][1], rtol=1e-5, atol=1e-7)
 
 
-
 @pytest.mark.parametrize("loss", ["mse", {"first": None, "second": "mse"}])
 def test_models_with_several_outputs_are_rejected_clearly(loss):
     """One loss on two outputs, or a loss on the second only: the Fisher is not the first output's."""
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(4, activation="tanh")(inputs)
-    model = keras.Model(inputs, [keras.layers.Dense(2, name="first")(hidden), keras.layers.Dense(2, name="second")(hidden)])
+    model = keras.Model(
+        inputs, [keras.layers.Dense(2, name="first")(hidden), keras.layers.Dense(2, name="second")(hidden)]
+    )
     model.compile(optimizer=keras_kfac.KFAC(model=model, learning_rate=0.1), loss=loss)
     x = np.zeros((4, 6), "float32")
     with pytest.raises((NotImplementedError, ValueError), match=r"single (output; this model has 2|loss; got 2)"):
         model.train_on_batch(x, [np.zeros((4, 2), "float32")] * 2)
-
 
 
 class GuideStepNet(keras.Model):
@@ -351,7 +350,6 @@ def test_custom_train_step_of_the_keras_guide_trains_as_fit_does(adaptive):
             model.fit(x, y, batch_size=32, epochs=1, verbose=0)
 
 
-
 class RenamedLossNet(SubclassedNet):
     """An override of compute_loss with its own parameter names (Keras passes them by position)."""
 
@@ -365,8 +363,9 @@ def test_compute_loss_override_with_renamed_parameters_trains_as_the_plain_model
     for net in (SubclassedNet, RenamedLossNet):
         keras.utils.set_random_seed(0)
         model = net()
-        model.compile(optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping=1e-2, seed=1),
-                      loss=_loss_for("subclassed"))
+        model.compile(
+            optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping=1e-2, seed=1), loss=_loss_for("subclassed")
+        )
         model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         weights.append(model.get_weights())
     for a, b in zip(*weights):
@@ -377,8 +376,10 @@ def test_optimizer_without_its_model_finds_it_or_says_so():
     """KFAC() and a KFAC made from a configuration meet their model while Keras
     builds the optimizer, before the first real step: they record every step."""
     x, y = _data(n=32)
-    for orphan in (keras_kfac.KFAC(learning_rate=0.1),
-                   keras_kfac.KFAC.from_config(keras_kfac.KFAC(learning_rate=0.1).get_config())):
+    for orphan in (
+        keras_kfac.KFAC(learning_rate=0.1),
+        keras_kfac.KFAC.from_config(keras_kfac.KFAC(learning_rate=0.1).get_config()),
+    ):
         model = _sequential()
         model.compile(optimizer=orphan, loss=_loss_for("sequential"))
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
@@ -420,16 +421,33 @@ def test_an_optimizer_whose_first_step_fails_stays_unbuilt_and_can_be_compiled_a
 def test_learning_rate_schedule_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
     opt = keras_kfac.KFAC(
-        learning_rate=schedule, damping=0.02, momentum=0.5, ema_decay=0.9,
-        inverse_update_period=7, estimation_mode="exact", l2_reg=1e-4, seed=11,
-        statistics_fraction=0.5, curvature_fraction=0.25, patch_fraction=0.3,
+        learning_rate=schedule,
+        damping=0.02,
+        momentum=0.5,
+        ema_decay=0.9,
+        inverse_update_period=7,
+        estimation_mode="exact",
+        l2_reg=1e-4,
+        seed=11,
+        statistics_fraction=0.5,
+        curvature_fraction=0.25,
+        patch_fraction=0.3,
     )
     config = opt.get_config()
     clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
     assert clone.get_config() == config
-    for key, value in dict(damping=0.02, momentum=0.5, ema_decay=0.9, inverse_update_period=7,
-                           estimation_mode="exact", l2_reg=1e-4, seed=11, statistics_fraction=0.5,
-                           curvature_fraction=0.25, patch_fraction=0.3).items():
+    for key, value in dict(
+        damping=0.02,
+        momentum=0.5,
+        ema_decay=0.9,
+        inverse_update_period=7,
+        estimation_mode="exact",
+        l2_reg=1e-4,
+        seed=11,
+        statistics_fraction=0.5,
+        curvature_fraction=0.25,
+        patch_fraction=0.3,
+    ).items():
         assert config[key] == value
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, keras_kfac.KFAC)
@@ -463,8 +481,9 @@ def test_invalid_hyperparameters_name_the_argument(kwargs, name):
 
 
 def test_numpy_scalars_are_valid_hyperparameters():
-    opt = keras_kfac.KFAC(damping=np.float32(1e-3), learning_rate=np.float64(0.1), inverse_update_period=np.int64(5),
-                          seed=np.int64(3))
+    opt = keras_kfac.KFAC(
+        damping=np.float32(1e-3), learning_rate=np.float64(0.1), inverse_update_period=np.int64(5), seed=np.int64(3)
+    )
     config = opt.get_config()
     assert config["inverse_update_period"] == 5 and type(config["inverse_update_period"]) is int
     assert config["damping"] == pytest.approx(1e-3) and type(config["damping"]) is float
@@ -481,16 +500,24 @@ def test_unsupported_loss_says_how_to_register_one():
 
 @pytest.mark.parametrize(
     "alias, canonical",
-    [("MSE", "mean_squared_error"), ("bce", "binary_crossentropy"), ("BCE", "binary_crossentropy"),
-     ("MeanSquaredError", "mean_squared_error"), ("BinaryCrossentropy", "binary_crossentropy"),
-     ("CategoricalCrossentropy", "categorical_crossentropy"),
-     ("SparseCategoricalCrossentropy", "sparse_categorical_crossentropy")],
+    [
+        ("MSE", "mean_squared_error"),
+        ("bce", "binary_crossentropy"),
+        ("BCE", "binary_crossentropy"),
+        ("MeanSquaredError", "mean_squared_error"),
+        ("BinaryCrossentropy", "binary_crossentropy"),
+        ("CategoricalCrossentropy", "categorical_crossentropy"),
+        ("SparseCategoricalCrossentropy", "sparse_categorical_crossentropy"),
+    ],
 )
 def test_every_name_compile_accepts_for_a_supported_loss_is_known(alias, canonical):
     named, reference = resolve_loss(alias), resolve_loss(canonical)
     assert type(named.distribution) is type(reference.distribution)
     assert (named.from_logits, named.reduction, named.needs_logits) == (
-        reference.from_logits, reference.reduction, reference.needs_logits)
+        reference.from_logits,
+        reference.reduction,
+        reference.needs_logits,
+    )
 
 
 def test_a_model_compiled_with_an_upper_case_loss_name_trains():
@@ -519,7 +546,7 @@ def test_hand_made_collection_finds_its_model_in_the_first_training_step():
         opt = keras_kfac.KFAC(layer_collection=collection, learning_rate=0.1, damping=1e-2, seed=0)
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         for start in range(0, 96, 32):
-            model.train_on_batch(x[start:start + 32], y[start:start + 32])
+            model.train_on_batch(x[start : start + 32], y[start : start + 32])
         assert collection.model is model
         trained.append(model.get_weights())
     for with_model, without in zip(*trained):
@@ -560,8 +587,9 @@ def test_non_finite_gradient_leaves_weights_and_statistics_untouched(bad):
     moves, the fallback optimizer's variables and state included."""
     model = _sequential()
     if bad == "fallback":  # a LayerNormalization: no moving statistics of Keras' own to spoil
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(),
-                                  keras.layers.Dense(3)])
+        model = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(), keras.layers.Dense(3)]
+        )
     opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2)
     model.compile(optimizer=opt, loss="mse")
     x, _ = _data(n=32)
@@ -583,8 +611,9 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
     x, y = _data(n=48)
     model = _sequential()
     constraint = 1e-4
-    opt = keras_kfac.KFAC(model=model, learning_rate=1.0, damping=1e-3, momentum=0.0,
-                          norm_constraint=constraint, estimation_mode="exact")
+    opt = keras_kfac.KFAC(
+        model=model, learning_rate=1.0, damping=1e-3, momentum=0.0, norm_constraint=constraint, estimation_mode="exact"
+    )
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
     with tf.GradientTape() as tape:
@@ -601,8 +630,10 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
         damped = np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
         step = np.concatenate([after[2 * i] - before[2 * i], (after[2 * i + 1] - before[2 * i + 1])[None]], 0)
         quadratic += step.reshape(-1) @ damped @ step.reshape(-1)
-        linear += sum(np.sum((a - b) * g) for a, b, g in zip(after[2 * i:2 * i + 2], before[2 * i:2 * i + 2],
-                                                              gradient[2 * i:2 * i + 2]))
+        linear += sum(
+            np.sum((a - b) * g)
+            for a, b, g in zip(after[2 * i : 2 * i + 2], before[2 * i : 2 * i + 2], gradient[2 * i : 2 * i + 2])
+        )
     # The unconstrained step is far larger, so the constraint is active: equality.
     np.testing.assert_allclose(quadratic, constraint, rtol=2e-3)
     # α is the step length the constraint left: U = αΔ with F̆Δ = −∇h, so α = −UᵀF̆U / Uᵀ∇h < lr.

@@ -170,6 +170,7 @@ def _block_inverse_step(block, grad_matrix, gamma):
 
 def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
     import keras
+
     import keras_kfac
 
     keras.utils.set_random_seed(3)
@@ -187,8 +188,9 @@ def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
     weights_2 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
 
     def flat(ws):
-        return np.concatenate([np.concatenate([ws[0], ws[1][None]], 0).ravel(),
-                               np.concatenate([ws[2], ws[3][None]], 0).ravel()])
+        return np.concatenate(
+            [np.concatenate([ws[0], ws[1][None]], 0).ravel(), np.concatenate([ws[2], ws[3][None]], 0).ravel()]
+        )
 
     previous = flat(weights_1) - flat(weights_0)
     fisher, grad = _explicit_mlp_fisher_and_gradient(
@@ -196,19 +198,23 @@ def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
     )
     sizes = [4 * 4, 5 * 2]
     gamma = np.sqrt(damping)
-    delta = -np.concatenate([
-        _block_inverse_step(block, part.reshape(block.input_dim, block.output_dim), gamma)
-        for block, part in zip(opt.blocks, np.split(grad, np.cumsum(sizes)[:-1]))
-    ])
+    delta = -np.concatenate(
+        [
+            _block_inverse_step(block, part.reshape(block.input_dim, block.output_dim), gamma)
+            for block, part in zip(opt.blocks, np.split(grad, np.cumsum(sizes)[:-1]))
+        ]
+    )
     directions = [delta, previous]
     c = np.array([[u @ fisher @ v + damping * u @ v for v in directions] for u in directions])
     b = np.array([grad @ d for d in directions])
     expected = -np.linalg.solve(c, b)
     np.testing.assert_allclose([float(opt.alpha.numpy()), float(opt.mu.numpy())], expected, rtol=2e-3, atol=1e-5)
-    np.testing.assert_allclose(flat(weights_2) - flat(weights_1), expected[0] * delta + expected[1] * previous,
-                               rtol=2e-3, atol=1e-6)
-    np.testing.assert_allclose(float(opt.quadratic_change.numpy()), 0.5 * expected @ c @ expected + b @ expected,
-                               rtol=2e-3)
+    np.testing.assert_allclose(
+        flat(weights_2) - flat(weights_1), expected[0] * delta + expected[1] * previous, rtol=2e-3, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(opt.quadratic_change.numpy()), 0.5 * expected @ c @ expected + b @ expected, rtol=2e-3
+    )
 
 
 def test_fisher_products_equal_the_explicit_quadratic_form():
@@ -232,9 +238,12 @@ def test_fisher_products_equal_the_explicit_quadratic_form():
         return quadratic_model.fisher_gram(loss, z, products, None)
 
     ws = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    fisher, _ = _explicit_mlp_fisher_and_gradient([(ws[0], ws[1]), (ws[2], ws[3])], x.astype(np.float64),
-                                                  np.zeros((10, 2)))
-    flat = [np.concatenate([np.concatenate([d[0], d[1][None]], 0).ravel(),
-                            np.concatenate([d[2], d[3][None]], 0).ravel()]) for d in directions]
+    fisher, _ = _explicit_mlp_fisher_and_gradient(
+        [(ws[0], ws[1]), (ws[2], ws[3])], x.astype(np.float64), np.zeros((10, 2))
+    )
+    flat = [
+        np.concatenate([np.concatenate([d[0], d[1][None]], 0).ravel(), np.concatenate([d[2], d[3][None]], 0).ravel()])
+        for d in directions
+    ]
     expected = np.array([[u @ fisher @ v for v in flat] for u in flat])
     np.testing.assert_allclose(gram().numpy(), expected, rtol=1e-4)

@@ -1,8 +1,8 @@
 """Saving and resuming: model.save / load_model keep the K-FAC state; mixed precision."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 
@@ -19,10 +19,15 @@ def _model():
 
 def _token_model():
     """Embedding (a diagonal Ā) and Conv1D blocks."""
-    return keras.Sequential([
-        keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4),
-        keras.layers.Conv1D(3, 2, padding="causal"), keras.layers.Flatten(), keras.layers.Dense(2),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(20, 4),
+            keras.layers.Conv1D(3, 2, padding="causal"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
 
 
 @pytest.mark.parametrize("adaptive, tokens", [(False, False), (True, False), (True, True)])
@@ -52,7 +57,6 @@ def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, t
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
-
 @keras.saving.register_keras_serializable(package="keras_kfac_tests")
 def _custom_cross_entropy(y_true, y_pred):
     return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
@@ -64,15 +68,23 @@ def test_hand_made_layer_collection_is_saved_and_resumes_exactly(tmp_path):
 
     def make():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
-                                  keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)])
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.Dense(5, activation="tanh"),
+                keras.layers.Dense(2),
+            ]
+        )
         collection = keras_kfac.LayerCollection()
         collection.register_model(model)
         collection.register_dense(model.layers[2])
         collection.register_dense(model.layers[0])
         collection.register_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.compile(optimizer=keras_kfac.KFAC(layer_collection=collection, learning_rate=0.05, damping=0.01, seed=2),
-                      loss=_custom_cross_entropy)
+        model.compile(
+            optimizer=keras_kfac.KFAC(layer_collection=collection, learning_rate=0.05, damping=0.01, seed=2),
+            loss=_custom_cross_entropy,
+        )
         return model
 
     with pytest.warns(UserWarning, match="no curvature block"):
@@ -95,9 +107,13 @@ def test_mixed_precision_keeps_factors_in_float32():
     x, y = _data()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = keras.Sequential([
-            keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(2, dtype="float32"),
-        ])
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.Dense(2, dtype="float32"),
+            ]
+        )
         opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=0.01)
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -123,8 +139,10 @@ def test_backup_and_restore_resumes_an_interrupted_fit_exactly(tmp_path):
     def compiled():
         keras.utils.set_random_seed(0)
         model = _model()
-        model.compile(optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2, seed=3),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=keras_kfac.KFAC(model=model, adaptive=True, damping_adaptation_period=2, seed=3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         return model
 
     fit = dict(batch_size=32, epochs=4, shuffle=False, verbose=0)

@@ -1,8 +1,8 @@
 """Properties of the K-FAC step that follow from the math (spec §6), in float64 numpy."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 
@@ -14,9 +14,7 @@ def test_undamped_exact_step_solves_linear_least_squares():
     x = rng.normal(size=(64, 5)).astype("float32")
     y = (x @ rng.normal(size=(5, 3)) + 0.1 * rng.normal(size=(64, 3)) + 0.5).astype("float32")
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
-    opt = keras_kfac.KFAC(
-        model=model, learning_rate=1.0, damping=0.0, momentum=0.0, estimation_mode="exact"
-    )
+    opt = keras_kfac.KFAC(model=model, learning_rate=1.0, damping=0.0, momentum=0.0, estimation_mode="exact")
     model.compile(optimizer=opt, loss="mean_squared_error")
     model.train_on_batch(x, y)
     design = np.concatenate([x, np.ones((64, 1))], 1).astype(np.float64)
@@ -39,11 +37,16 @@ def _assert_same_training_step(conv_model, dense_model, conv_x, dense_x, y, loss
     conv_opt, conv_steps = _train_once(conv_model, conv_x, y, loss, learning_rate=0.5, damping=0.01)
     dense_opt, dense_steps = _train_once(dense_model, dense_x, y, loss, learning_rate=0.5, damping=0.01)
     conv_block, dense_block = conv_opt.blocks[0], dense_opt.blocks[0]
-    np.testing.assert_allclose(conv_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(conv_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        conv_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        conv_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(conv_steps[0].reshape(dense_steps[0].shape), dense_steps[0], rtol=1e-4, atol=1e-6)
     for conv_step, dense_step in zip(conv_steps[1:], dense_steps[1:]):
         np.testing.assert_allclose(conv_step, dense_step, rtol=1e-4, atol=1e-6)
+
 
 def test_undamped_step_is_invariant_to_an_affine_change_of_the_input():
     """Spec §6: with no damping, block-diagonal K-FAC's function-space update does
@@ -86,7 +89,8 @@ def test_undamped_step_is_invariant_to_an_affine_change_of_the_input():
     np.testing.assert_allclose(steps["twin"], steps["model"], rtol=2e-3, atol=2e-4)
     # The first layer's weights moved by S⁻¹ times the original's move.
     moved = np.vstack([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None, :]]) - np.vstack(
-        [kernel, bias[None, :]])
+        [kernel, bias[None, :]]
+    )
     twin_moved = np.vstack([twin.layers[0].kernel.numpy(), twin.layers[0].bias.numpy()[None, :]]) - twin_first
     np.testing.assert_allclose(twin_moved, np.linalg.solve(s, moved), rtol=2e-3, atol=2e-4)
 
@@ -102,18 +106,25 @@ def test_conv_with_one_output_location_equals_dense_on_flattened_input():
     head_bias = np.zeros(4, "float32")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    conv_model = keras.Sequential([
-        keras.Input((3, 3, 2)), keras.layers.Conv2D(5, 3, activation="tanh"),
-        keras.layers.Flatten(), keras.layers.Dense(4),
-    ])
+    conv_model = keras.Sequential(
+        [
+            keras.Input((3, 3, 2)),
+            keras.layers.Conv2D(5, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4),
+        ]
+    )
     conv_model.set_weights([kernel, bias, head_kernel, head_bias])
-    dense_model = keras.Sequential([
-        keras.Input((18,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(4),
-    ])
+    dense_model = keras.Sequential(
+        [
+            keras.Input((18,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(4),
+        ]
+    )
     dense_model.set_weights([kernel.reshape(18, 5), bias, head_kernel, head_bias])
 
     _assert_same_training_step(conv_model, dense_model, x, x.reshape(20, 18), y, loss)
-
 
 
 def test_conv1d_with_one_output_step_equals_dense_on_flattened_input():
@@ -126,18 +137,25 @@ def test_conv1d_with_one_output_step_equals_dense_on_flattened_input():
     head_kernel = rng.normal(size=(5, 2)).astype("float32") * 0.3
     head_bias = np.zeros(2, "float32")
 
-    conv_model = keras.Sequential([
-        keras.Input((4, 3)), keras.layers.Conv1D(5, 4, activation="tanh"),
-        keras.layers.Flatten(), keras.layers.Dense(2),
-    ])
+    conv_model = keras.Sequential(
+        [
+            keras.Input((4, 3)),
+            keras.layers.Conv1D(5, 4, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
     conv_model.set_weights([kernel, bias, head_kernel, head_bias])
-    dense_model = keras.Sequential([
-        keras.Input((12,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2),
-    ])
+    dense_model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
     dense_model.set_weights([kernel.reshape(12, 5), bias, head_kernel, head_bias])
 
     _assert_same_training_step(conv_model, dense_model, x, x.reshape(20, 12), y, "mse")
-
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -151,15 +169,23 @@ def test_embedding_equals_dense_on_one_hot_inputs(adaptive):
     table = rng.normal(size=(vocabulary, 3)).astype("float32") * 0.5
     head_kernel = rng.normal(size=(steps * 3, 2)).astype("float32") * 0.3
     head_bias = np.zeros(2, "float32")
-    embedding_model = keras.Sequential([
-        keras.Input((steps,), dtype="int32"), keras.layers.Embedding(vocabulary, 3),
-        keras.layers.Flatten(), keras.layers.Dense(2),
-    ])
+    embedding_model = keras.Sequential(
+        [
+            keras.Input((steps,), dtype="int32"),
+            keras.layers.Embedding(vocabulary, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
     embedding_model.set_weights([table, head_kernel, head_bias])
-    dense_model = keras.Sequential([
-        keras.Input((steps, vocabulary)), keras.layers.Dense(3, use_bias=False),
-        keras.layers.Flatten(), keras.layers.Dense(2),
-    ])
+    dense_model = keras.Sequential(
+        [
+            keras.Input((steps, vocabulary)),
+            keras.layers.Dense(3, use_bias=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
     dense_model.set_weights([table, head_kernel, head_bias])
     options = dict(adaptive=True, damping=0.01) if adaptive else dict(learning_rate=0.5, damping=0.01, momentum=0.5)
 
@@ -173,10 +199,16 @@ def test_embedding_equals_dense_on_one_hot_inputs(adaptive):
     embedding_opt, dense_opt = train(embedding_model, ids), train(dense_model, one_hot)
     embedding_block, dense_block = embedding_opt.blocks[0], dense_opt.blocks[0]
     assert type(embedding_block).__name__ == "EmbeddingBlock"
-    np.testing.assert_allclose(np.diag(embedding_block.input_factor.cov.numpy()), dense_block.input_factor.cov.numpy(), atol=1e-7)
-    np.testing.assert_allclose(embedding_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.diag(embedding_block.input_factor.cov.numpy()), dense_block.input_factor.cov.numpy(), atol=1e-7
+    )
+    np.testing.assert_allclose(
+        embedding_block.output_factor.cov.numpy(), dense_block.output_factor.cov.numpy(), rtol=1e-5, atol=1e-7
+    )
     for name in ("alpha", "mu", "damping"):
-        assert getattr(embedding_opt, name).numpy() == pytest.approx(getattr(dense_opt, name).numpy(), rel=1e-4, abs=1e-7)
+        assert getattr(embedding_opt, name).numpy() == pytest.approx(
+            getattr(dense_opt, name).numpy(), rel=1e-4, abs=1e-7
+        )
     for embedding_weight, dense_weight in zip(embedding_model.get_weights(), dense_model.get_weights()):
         np.testing.assert_allclose(embedding_weight, dense_weight, rtol=1e-4, atol=1e-6)
     assert not np.allclose(embedding_model.get_weights()[0], table)
@@ -186,8 +218,13 @@ def _factor_g(mode, iterations, x, y, weights, ema_decay=0.999):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
     model.set_weights(weights)
     opt = keras_kfac.KFAC(
-        model=model, learning_rate=0.0, momentum=0.0, estimation_mode=mode,
-        ema_decay=ema_decay, seed=5, inverse_update_period=1000,
+        model=model,
+        learning_rate=0.0,
+        momentum=0.0,
+        estimation_mode=mode,
+        ema_decay=ema_decay,
+        seed=5,
+        inverse_update_period=1000,
     )
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     for _ in range(iterations):
@@ -202,8 +239,10 @@ def test_sampled_fisher_converges_to_exact_and_empirical_does_not():
     x = np.tile(rng.normal(size=(8, 4)).astype("float32"), (32, 1))
     y = np.tile(rng.integers(0, 3, size=8).astype("int32"), 32)
     weights = [
-        rng.normal(size=(4, 5)).astype("float32"), np.zeros(5, "float32"),
-        rng.normal(size=(5, 3)).astype("float32"), np.zeros(3, "float32"),
+        rng.normal(size=(4, 5)).astype("float32"),
+        np.zeros(5, "float32"),
+        rng.normal(size=(5, 3)).astype("float32"),
+        np.zeros(3, "float32"),
     ]
     exact = _factor_g("exact", 1, x, y, weights)
     sampled_few = _factor_g("sampled", 1, x, y, weights)

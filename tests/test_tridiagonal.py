@@ -28,9 +28,7 @@ def _chain_samples(seed=0, widths=_WIDTHS, examples=256, noise=0.3):
     """
     rng = np.random.default_rng(seed)
     layers = len(widths) - 1
-    weights = [
-        rng.normal(size=(widths[i] + 1, widths[i + 1])) / np.sqrt(widths[i]) for i in range(layers)
-    ]
+    weights = [rng.normal(size=(widths[i] + 1, widths[i + 1])) / np.sqrt(widths[i]) for i in range(layers)]
     h = rng.normal(size=(examples, widths[0]))
     inputs, hidden = [], []
     for w in weights:
@@ -119,7 +117,11 @@ def _problem(seed=0, gamma=0.1, widths=_WIDTHS):
 
 def _tf_inverse(a, g, a_cross, g_cross, pis, gamma):
     return tridiagonal.tridiagonal_inverse(
-        _tf(a), _tf(g), _tf(a_cross), _tf(g_cross), [tf.constant(p, tf.float32) for p in pis],
+        _tf(a),
+        _tf(g),
+        _tf(a_cross),
+        _tf(g_cross),
+        [tf.constant(p, tf.float32) for p in pis],
         tf.constant(gamma, tf.float32),
     )
 
@@ -140,9 +142,7 @@ def test_matches_dense_xi_lambda_xi(gamma):
     assert min(float(tf.reduce_min(d)) for d in inverse.denominators) > 1e-3
     # And the links matter: the block-diagonal inverse differs by ~7-9 % here,
     # hundreds of times the tolerance.
-    block_diagonal = [
-        np.linalg.solve(f, v.reshape(-1)).reshape(v.shape) for f, v in zip(diagonal, gradients)
-    ]
+    block_diagonal = [np.linalg.solve(f, v.reshape(-1)).reshape(v.shape) for f, v in zip(diagonal, gradients)]
     assert _relative_error(_vec(block_diagonal), _vec(expected)) > 0.03
 
 
@@ -242,7 +242,7 @@ def test_weighted_chain_cross_statistics():
 
 
 def test_chain_cross_statistics_of_an_empty_share_are_zero():
-    """A replica's empty share of a last batch: no rows, zero (not 0/0) cross statistics, as for the diagonal factors."""
+    """A replica's empty share of a last batch: no rows, zero (not 0/0) cross statistics, like the diagonal ones."""
     inputs, outputs = _chain_samples(examples=32)
     empty_inputs = [tf.zeros([0, x.shape[1]]) for x in inputs]
     empty_outputs = [tf.zeros([0, g.shape[1]]) for g in outputs]
@@ -335,12 +335,22 @@ def test_optimizer_step_uses_the_dense_tridiagonal_inverse():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(64, 3)).astype("float32")
     y = rng.normal(size=(64, 2)).astype("float32")
-    model = keras.Sequential([
-        keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
-        keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2),
-    ])
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, momentum=0.0, damping=0.05,
-                          estimation_mode="exact", approximation="block_tridiagonal")
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
+    opt = keras_kfac.KFAC(
+        model=model,
+        learning_rate=0.5,
+        momentum=0.0,
+        damping=0.05,
+        estimation_mode="exact",
+        approximation="block_tridiagonal",
+    )
     model.compile(optimizer=opt, loss="mse")
     before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
     with tf.GradientTape() as tape:
@@ -353,7 +363,7 @@ def test_optimizer_step_uses_the_dense_tridiagonal_inverse():
     layers = model.layers
     h = x.astype(np.float64)
     inputs = []
-    for i, layer in enumerate(layers):
+    for i in range(len(layers)):
         inputs.append(np.concatenate([h, np.ones((64, 1))], 1))
         s = inputs[-1] @ np.concatenate([before[2 * i], before[2 * i + 1][None]], 0)
         h = np.tanh(s) if i < 2 else s
@@ -389,15 +399,24 @@ def test_tridiagonal_with_the_adaptive_recipe_and_clear_errors():
     assert history.history["loss"][-1] < history.history["loss"][0]
 
     # Automatic registration takes the Dense layers as the chain; an embedding keeps the fallback rule.
-    tokens = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2), keras.layers.Flatten(),
-                               keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    tokens = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(5, 2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
     opt = keras_kfac.KFAC(model=tokens, learning_rate=0.05, approximation="block_tridiagonal")
     tokens.compile(optimizer=opt, loss="mse")
     with pytest.warns(UserWarning, match="no curvature block.*: .*embeddings"):
         tokens.fit(rng.integers(0, 5, size=(16, 3)), y[:16], verbose=0)
     assert [type(b).__name__ for b in opt.blocks] == ["DenseBlock", "DenseBlock"]
 
-    conv = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)])
+    conv = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
     conv.compile(optimizer=keras_kfac.KFAC(model=conv, approximation="block_tridiagonal"), loss="mse")
     with pytest.raises(ValueError, match="chain of at least two Dense"):
         conv.fit(np.zeros((4, 4, 4, 1), "float32"), np.zeros((4, 2), "float32"), verbose=0)
@@ -414,8 +433,9 @@ def test_dense_layers_that_do_not_feed_each_other_are_named_in_a_warning():
     inputs = keras.Input((3,))
     left, right = keras.layers.Dense(2, name="left")(inputs), keras.layers.Dense(2, name="right")(inputs)
     branches = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Concatenate()([left, right])))
-    chain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dropout(0.1),
-                              keras.layers.Dense(2)])
+    chain = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dropout(0.1), keras.layers.Dense(2)]
+    )
     for model in (branches, chain):
         opt = keras_kfac.KFAC(model=model, approximation="block_tridiagonal")
         model.compile(optimizer=opt, loss="mse")

@@ -100,7 +100,11 @@ def test_tutorial_smoke_mode(tmp_path, script):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, str(ROOT / "tutorials" / script), "--smoke", "--synthetic"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "loss" in completed.stdout

@@ -75,12 +75,14 @@ def test_zoo_data_and_models_are_what_the_examples_build():
     tokens, labels = zoo.sentiment_data(200, seed=0, vocabulary=30, length=10)
     polarity = np.zeros(30)
     third = 28 // 3
-    polarity[2:2 + third], polarity[2 + third:2 + 2 * third] = 1.0, -1.0
+    polarity[2 : 2 + third], polarity[2 + third : 2 + 2 * third] = 1.0, -1.0
     sign = np.where(np.roll(tokens, 1, axis=1) == zoo.NEGATION, -1.0, 1.0)
     sign[:, 0] = 1.0
     np.testing.assert_array_equal(labels, ((polarity[tokens] * sign).sum(1) > 0).astype(np.int32))
-    counts = {name: zoo.problem(name, "default", synthetic=True).build().count_params() for name in
-              ("mlp", "convnet", "autoencoder")}
+    counts = {
+        name: zoo.problem(name, "default", synthetic=True).build().count_params()
+        for name in ("mlp", "convnet", "autoencoder")
+    }
     # keras.io's "Simple MNIST convnet" has 34,826 parameters; the paper's autoencoder 2.84 M.
     assert counts == {"mlp": 235146, "convnet": 34826, "autoencoder": 2837314}
 
@@ -88,9 +90,23 @@ def test_zoo_data_and_models_are_what_the_examples_build():
 def _zoo_race(tmp_path, *flags):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "zoo_race.py"), "--budget", "smoke", "--synthetic",
-         "--models", "mlp", "--out-dir", str(tmp_path), *flags],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "zoo_race.py"),
+            "--budget",
+            "smoke",
+            "--synthetic",
+            "--models",
+            "mlp",
+            "--out-dir",
+            str(tmp_path),
+            *flags,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
 
@@ -99,8 +115,14 @@ def test_zoo_race_smoke(tmp_path):
     _zoo_race(tmp_path)
     results = json.loads((tmp_path / "zoo" / "smoke" / "results.json").read_text())
     rows = results["results"]["mlp"]["0"]["rows"]
-    assert set(rows) == {"adam[learning_rate=0.001]", "adam[learning_rate=0.0003]", "adam[learning_rate=0.003]",
-                         "muon", "kfac", "kfac-adaptive"}
+    assert set(rows) == {
+        "adam[learning_rate=0.001]",
+        "adam[learning_rate=0.0003]",
+        "adam[learning_rate=0.003]",
+        "muon",
+        "kfac",
+        "kfac-adaptive",
+    }
     reference = rows["adam[learning_rate=0.001]"]["to"]["converged"]
     assert reference["iterations_speedup"] == pytest.approx(1.0)
     assert (tmp_path / "zoo" / "smoke" / "speedups.png").exists()
@@ -124,8 +146,12 @@ def test_dampings_table_compares_the_default_initial_damping_with_the_best_given
     given = {zoo_race.Spec("kfac-adaptive", {"damping": d}).name: 40.0 for d in zoo_race.INITIAL_DAMPINGS}
     given[zoo_race.Spec("kfac-adaptive", {"damping": 1e-3}).name] = 20.0
     given[zoo_race.Spec("kfac-adaptive", {"damping": 150.0}).name] = None
-    analyses = {seed: {"targets": {"converged": 0.3},
-                       "rows": {"kfac-adaptive": row(21.0 + seed), **{k: row(v) for k, v in given.items()}}}
-                for seed in (0, 1, 2)}
+    analyses = {
+        seed: {
+            "targets": {"converged": 0.3},
+            "rows": {"kfac-adaptive": row(21.0 + seed), **{k: row(v) for k, v in given.items()}},
+        }
+        for seed in (0, 1, 2)
+    }
     table = zoo_race.dampings_table({"convnet": analyses}).splitlines()
     assert table[2] == "| convnet | converged | 22.0 | 0.001 | 20.0 | 1.10 | yes |"

@@ -32,9 +32,9 @@ prints the optimizer's damping λ, γ, α and μ, and the reduction ratio ρ
 (`keras_kfac.KFACMonitor` puts them into the epoch logs).
 """
 
+import common
 import keras
 
-import common
 import keras_kfac
 
 WIDTHS = (1000, 500, 250, 30)
@@ -65,7 +65,9 @@ def main() -> None:
     model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     first = min(args.batch_size, len(x_train) // 4)
     batches = keras_kfac.GrowingBatches(
-        x_train, x_train, initial_batch_size=first,
+        x_train,
+        x_train,
+        initial_batch_size=first,
         growth_iterations=keras_kfac.callbacks.growth_to_reach(first, len(x_train), args.full_batch_at),
         steps_per_epoch=2 if args.smoke else args.steps_per_epoch,
     )

@@ -19,10 +19,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every tutorial takes."""
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--epochs", type=int, default=5)
-    result.add_argument("--smoke", action="store_true",
-                        help=f"a few seconds' check: {SMOKE_EXAMPLES} examples, 1 epoch")
-    result.add_argument("--synthetic", action="store_true",
-                        help="random images of Fashion-MNIST's shapes instead of the data set")
+    result.add_argument(
+        "--smoke", action="store_true", help=f"a few seconds' check: {SMOKE_EXAMPLES} examples, 1 epoch"
+    )
+    result.add_argument(
+        "--synthetic", action="store_true", help="random images of Fashion-MNIST's shapes instead of the data set"
+    )
     return result
 
 

@@ -63,10 +63,7 @@ from keras_kfac.datasets import fashion_mnist_arrays, prepare_images  # noqa: E4
 
 OPTIMIZERS = {"kfac": "K-FAC", "adam": "Adam", "sgd": "SGD+Nesterov"}
 NUM_CLASSES = 10
-TIMING_NOTE = (
-    "training seconds = wall-clock time minus the test evaluations; "
-    "the first stretch includes graph tracing"
-)
+TIMING_NOTE = "training seconds = wall-clock time minus the test evaluations; the first stretch includes graph tracing"
 
 Data = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -77,30 +74,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--optimizers", default="kfac,adam,sgd",
-                        help="comma-separated subset of " + ",".join(OPTIMIZERS))
+    parser.add_argument(
+        "--optimizers", default="kfac,adam,sgd", help="comma-separated subset of " + ",".join(OPTIMIZERS)
+    )
     parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="number of training examples (default: all 60000)")
-    parser.add_argument("--test-size", type=int, default=None,
-                        help="number of test examples (default: all 10000)")
+    parser.add_argument("--train-size", type=int, default=None, help="number of training examples (default: all 60000)")
+    parser.add_argument("--test-size", type=int, default=None, help="number of test examples (default: all 10000)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--evals-per-epoch", type=int, default=4,
-                        help="test-set evaluations per pass over the training data")
+    parser.add_argument(
+        "--evals-per-epoch", type=int, default=4, help="test-set evaluations per pass over the training data"
+    )
     parser.add_argument("--kfac-lr", type=float, default=None, help="K-FAC's learning rate (default: KFAC's)")
     parser.add_argument("--kfac-damping", type=float, default=None, help="K-FAC's damping (default: KFAC's)")
     parser.add_argument("--kfac-momentum", type=float, default=None, help="K-FAC's momentum (default: KFAC's)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the Fashion-MNIST idx gz files, "
-                             "searched before the usual places")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="random images and labels of Fashion-MNIST's "
-                             "shapes instead of the real data")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny run: 512 training and test examples, "
-                             "1 epoch, batch size 128")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with the Fashion-MNIST idx gz files, searched before the usual places"
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random images and labels of Fashion-MNIST's shapes instead of the real data",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny run: 512 training and test examples, 1 epoch, batch size 128"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     args.optimizers = [name.strip() for name in args.optimizers.split(",")]
@@ -129,9 +128,7 @@ def load_data(args: argparse.Namespace) -> Data:
     """Returns float32 images and int32 labels for `args.model`."""
     flatten = args.model == "mlp"
     if args.synthetic:
-        return synthetic_arrays(
-            flatten, args.train_size or 60000, args.test_size or 10000, args.seed
-        )
+        return synthetic_arrays(flatten, args.train_size or 60000, args.test_size or 10000, args.seed)
     (x_train, y_train), (x_test, y_test) = fashion_mnist_arrays(
         flatten, num_train=args.train_size, data_dir=args.data_dir
     )
@@ -160,9 +157,7 @@ def build_model(kind: str) -> keras.Model:
     return keras.Sequential(layers, name=kind)
 
 
-def make_optimizer(
-    name: str, model: keras.Model, args: argparse.Namespace
-) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, model: keras.Model, args: argparse.Namespace) -> keras.optimizers.Optimizer:
     """The optimizer `name`; K-FAC is bound to the model it trains."""
     if name == "kfac":
         import keras_kfac
@@ -196,9 +191,7 @@ class TrainingTimer(keras.callbacks.Callback):
         self.epoch_seconds.append(elapsed - self._validation_seconds)
 
 
-def train(
-    name: str, args: argparse.Namespace, data: Data, initial_weights: list
-) -> dict:
+def train(name: str, args: argparse.Namespace, data: Data, initial_weights: list) -> dict:
     """Trains a fresh model with optimizer `name` and returns its record."""
     (x_train, y_train), validation = data
     keras.utils.set_random_seed(args.seed)  # Same shuffling for every optimizer.
@@ -239,7 +232,7 @@ def _repeated(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
     while True:
         order = rng.permutation(len(x))
         for start in range(0, len(x) - batch_size + 1, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             yield x[index], y[index]
 
 
@@ -317,9 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     json_path = args.out_dir / "compare_optimizers.json"
     png_path = args.out_dir / "compare_optimizers.png"
     settings = {key: value for key, value in vars(args).items() if key != "out_dir"}
-    json_path.write_text(json.dumps(
-        {"settings": settings, "timing": TIMING_NOTE, "results": results}, indent=2
-    ))
+    json_path.write_text(json.dumps({"settings": settings, "timing": TIMING_NOTE, "results": results}, indent=2))
     plot(results, png_path)
     print(f"wrote {json_path} and {png_path}")
 

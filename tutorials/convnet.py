@@ -15,9 +15,9 @@ poolings): its Ā factor is (inputs + 1)² and is inverted every
 `inverse_update_period` steps.
 """
 
+import common
 import keras
 
-import common
 import keras_kfac
 
 
@@ -25,23 +25,24 @@ def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
     (x_train, y_train), (x_test, y_test) = common.load(args, flatten=False)
 
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(16, 3, activation="relu"),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(32, 3, activation="relu"),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
     optimizer = keras_kfac.KFAC(model=model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs,
-              validation_data=(x_test, y_test), verbose=2)
+    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs, validation_data=(x_test, y_test), verbose=2)
     for block in optimizer.blocks:
         print(f"{block.name:>10}: Ā {block.input_dim}×{block.input_dim}, G {block.output_dim}×{block.output_dim}")
 

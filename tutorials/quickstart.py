@@ -15,9 +15,9 @@ approximate Fisher), which keeps early steps, when the curvature statistics
 are young, from overshooting; the damping follows the curvature's own scale.
 """
 
+import common
 import keras
 
-import common
 import keras_kfac
 
 
@@ -25,24 +25,26 @@ def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
     (x_train, y_train), (x_test, y_test) = common.load(args, flatten=True)
 
-    model = keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(10),  # logits
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),  # logits
+        ]
+    )
     optimizer = keras_kfac.KFAC(model=model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs,
-              validation_data=(x_test, y_test), verbose=2)
+    model.fit(x_train, y_train, batch_size=256, epochs=args.epochs, validation_data=(x_test, y_test), verbose=2)
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f}")
-    print(f"K-FAC preconditioned {len(optimizer.blocks)} layers: "
-          + ", ".join(block.name for block in optimizer.blocks))
+    print(
+        f"K-FAC preconditioned {len(optimizer.blocks)} layers: " + ", ".join(block.name for block in optimizer.blocks)
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ output step. `KFAC(model=...)` registers all of them.
     python tutorials/sequences.py --smoke    # a few seconds
 """
 
+import common
 import keras
 import numpy as np
 
-import common
 import keras_kfac
 
 LEVELS = 8  # the vocabulary: pixel intensities quantised to 8 tokens
@@ -31,22 +31,24 @@ def main() -> None:
     (x_train, y_train), (x_test, y_test) = common.load(args, flatten=False)
     x_train, x_test = tokens(x_train), tokens(x_test)
 
-    model = keras.Sequential([
-        keras.Input((28, 28), dtype="int32"),
-        keras.layers.Embedding(LEVELS, 4),                  # (rows, pixels, 4)
-        keras.layers.Reshape((28, 28 * 4)),                 # a row is one step
-        keras.layers.Conv1D(64, 5, padding="causal", activation="relu"),
-        keras.layers.Conv1D(64, 3, strides=2, activation="relu"),
-        keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(10, activation="softmax"),      # K-FAC takes the logits behind it
-    ])
-    model.compile(optimizer=keras_kfac.KFAC(model=model),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28), dtype="int32"),
+            keras.layers.Embedding(LEVELS, 4),  # (rows, pixels, 4)
+            keras.layers.Reshape((28, 28 * 4)),  # a row is one step
+            keras.layers.Conv1D(64, 5, padding="causal", activation="relu"),
+            keras.layers.Conv1D(64, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(10, activation="softmax"),  # K-FAC takes the logits behind it
+        ]
+    )
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, batch_size=256, epochs=args.epochs, validation_data=(x_test, y_test), verbose=2)
     for block in model.optimizer.blocks:
         kind = "diagonal, stored as a vector" if block.input_factor.cov.shape.rank == 1 else "dense"
-        print(f"{block.name:>10}: Ā {block.input_dim}×{block.input_dim} ({kind}), "
-              f"G {block.output_dim}×{block.output_dim}")
+        print(
+            f"{block.name:>10}: Ā {block.input_dim}×{block.input_dim} ({kind}), G {block.output_dim}×{block.output_dim}"
+        )
 
 
 if __name__ == "__main__":

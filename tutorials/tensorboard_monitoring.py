@@ -25,10 +25,10 @@ prints the last value of each K-FAC tag it wrote.
 
 from pathlib import Path
 
+import common
 import keras
 import tensorflow as tf
 
-import common
 import keras_kfac
 
 
@@ -49,24 +49,34 @@ def main() -> None:
     args = parser.parse_args()
     (x_train, y_train), (x_test, y_test) = common.load(args, flatten=True)
 
-    model = keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(256, activation="tanh"),
-        keras.layers.Dense(10),  # logits
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="tanh"),
+            keras.layers.Dense(10),  # logits
+        ]
+    )
     # The paper's recipe; damping=1e-2 starts λ nearer where LM takes it on this problem.
-    optimizer = keras_kfac.KFAC(model=model, adaptive=True, damping=1e-2,
-                                damping_adaptation_period=5, gamma_adaptation_period=20)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    optimizer = keras_kfac.KFAC(
+        model=model, adaptive=True, damping=1e-2, damping_adaptation_period=5, gamma_adaptation_period=20
+    )
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     log_dir = Path(args.log_dir)
     callbacks = [
         keras_kfac.KFACMonitor(log_dir=log_dir, update_freq=1 if args.smoke else 5),  # before TensorBoard
         keras.callbacks.TensorBoard(log_dir=str(log_dir)),
     ]
-    model.fit(x_train, y_train, batch_size=64 if args.smoke else 512, epochs=args.epochs,
-              validation_data=(x_test, y_test), callbacks=callbacks, verbose=2)
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=64 if args.smoke else 512,
+        epochs=args.epochs,
+        validation_data=(x_test, y_test),
+        callbacks=callbacks,
+        verbose=2,
+    )
     print(f"TensorBoard logs in {log_dir}; run: tensorboard --logdir {log_dir}")
     for tag, value in sorted(last_values(log_dir).items()):
         print(f"  {tag:24s} {value:.4g}")

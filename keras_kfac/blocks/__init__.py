@@ -9,6 +9,13 @@ from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.registry import block_type_for, block_types, register_block_type
 
 __all__ = [
-    "Conv1DBlock", "Conv2DBlock", "DenseBlock", "EinsumDenseBlock", "EmbeddingBlock", "KroneckerBlock",
-    "block_type_for", "block_types", "register_block_type",
+    "Conv1DBlock",
+    "Conv2DBlock",
+    "DenseBlock",
+    "EinsumDenseBlock",
+    "EmbeddingBlock",
+    "KroneckerBlock",
+    "block_type_for",
+    "block_types",
+    "register_block_type",
 ]

@@ -25,7 +25,4 @@ class ConvolutionBlock(KroneckerBlock):
                 "KFAC supports channels_last convolutions only."
             )
         if getattr(layer, "groups", 1) != 1:
-            raise ValueError(
-                f"{kind} layer '{layer.name}' has groups={layer.groups}; KFAC supports "
-                "groups=1 only."
-            )
+            raise ValueError(f"{kind} layer '{layer.name}' has groups={layer.groups}; KFAC supports groups=1 only.")

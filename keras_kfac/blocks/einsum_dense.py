@@ -56,8 +56,11 @@ class EinsumDenseBlock(KroneckerBlock):
         if shared or summed:
             raise ValueError(
                 f"Layer '{layer.name}' ({layer.equation!r}) is not a Dense layer at each position: "
-                + (f"kernel axes {sorted(shared)} are also positions (a separate matrix per position)"
-                   if shared else f"input axes {summed} are summed without the kernel")
+                + (
+                    f"kernel axes {sorted(shared)} are also positions (a separate matrix per position)"
+                    if shared
+                    else f"input axes {summed} are summed without the kernel"
+                )
                 + "."
             )
         bias_axes = layer.bias_axes or ""
