@@ -29,7 +29,7 @@ import numpy as np
 from keras import ops
 
 import keras_kfac
-from keras_kfac.callbacks import growing_batch_size, growth_to_reach
+from keras_kfac.growing_batches import growing_batch_size, growth_to_reach
 
 # --------------------------------------------------------------- optimizers
 

@@ -15,11 +15,21 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover
         f"(the current backend is {keras.backend.backend()!r})."
     )
 
-from keras_kfac import blocks, callbacks
+from keras_kfac import blocks, callbacks, growing_batches
 from keras_kfac.blocks import register_block_type
-from keras_kfac.callbacks import GrowingBatches, KFACMonitor
+from keras_kfac.callbacks import KFACMonitor
+from keras_kfac.growing_batches import GrowingBatches
 from keras_kfac.optimizer import KFAC
 from keras_kfac.registration import LayerCollection
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "LayerCollection", "KFACMonitor", "GrowingBatches", "blocks", "callbacks", "register_block_type"]
+__all__ = [
+    "KFAC",
+    "LayerCollection",
+    "KFACMonitor",
+    "GrowingBatches",
+    "blocks",
+    "callbacks",
+    "growing_batches",
+    "register_block_type",
+]

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import replicas
+from keras_kfac import compat, replicas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class LossCall:
 
 def _graph_of(tensor: Any) -> tf.Graph | None:
     """The graph a symbolic TF tensor lives in; None for eager or Keras tensors."""
-    if isinstance(tensor, tf.Tensor) and not isinstance(tensor, tf.__internal__.EagerTensor):
+    if compat.is_symbolic(tensor):
         return tensor.graph
     return None
 
@@ -121,19 +121,19 @@ def hook_layer(layer: keras.layers.Layer, before_call: Callable[[], None] | None
             before_call()
         activation = layer.activation if has_activation else None
         if has_activation:
-            object.__setattr__(layer, "activation", None)
+            compat.set_untracked(layer, "activation", None)
         try:
             preactivation = original_call(inputs, *args, **kwargs)
         finally:
             if has_activation:
-                object.__setattr__(layer, "activation", activation)
+                compat.set_untracked(layer, "activation", activation)
         graph = _graph_of(preactivation)
         if graph is not None:
             RECORDER.record(layer, graph, LayerCall(inputs, preactivation))
         return preactivation if activation is None else activation(preactivation)
 
-    object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, "_kfac_hooked", True)
+    compat.set_untracked(layer, "call", call)
+    compat.set_untracked(layer, "_kfac_hooked", True)
 
 
 def calling_model(trains: Callable[[keras.optimizers.Optimizer], bool]) -> keras.Model | None:
@@ -145,19 +145,13 @@ def calling_model(trains: Callable[[keras.optimizers.Optimizer], bool]) -> keras
     ``LossScaleOptimizer``; nested models, which have no optimizer, are passed
     over.
     """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.Model):
-                optimizer = getattr(owner, "optimizer", None)
-                for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-                    if candidate is not None and trains(candidate):
-                        return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+    for owner in compat.calling_objects():
+        if isinstance(owner, keras.Model):
+            optimizer = getattr(owner, "optimizer", None)
+            for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+                if candidate is not None and trains(candidate):
+                    return owner
+    return None
 
 
 def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
@@ -201,10 +195,10 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
             RECORDER.record(model, graph, LossCall(x, y, y_pred, sample_weight, loss))
         return loss
 
-    object.__setattr__(model, "call", call)
-    object.__setattr__(model, "compute_loss", compute_loss)
-    object.__setattr__(model, "_kfac_compute_loss", original_compute_loss)
-    object.__setattr__(model, "_kfac_hooked", True)
+    compat.set_untracked(model, "call", call)
+    compat.set_untracked(model, "compute_loss", compute_loss)
+    compat.set_untracked(model, "_kfac_compute_loss", original_compute_loss)
+    compat.set_untracked(model, "_kfac_hooked", True)
 
 
 def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:

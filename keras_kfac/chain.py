@@ -15,7 +15,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from keras_kfac import curvature, tridiagonal
+from keras_kfac import compat, curvature, tridiagonal
 from keras_kfac.blocks import DenseBlock, KroneckerBlock
 
 
@@ -109,7 +109,7 @@ class TridiagonalChain:
 
 def _feeds(upstream: keras.layers.Layer, downstream: keras.layers.Layer) -> bool:
     """Whether the functional graph has a path from ``upstream``'s output to ``downstream``'s input."""
-    stack, seen = list(downstream._inbound_nodes), set()
+    stack, seen = compat.inbound_nodes(downstream), set()
     while stack:
         node = stack.pop()
         for parent in node.parent_nodes:
@@ -129,7 +129,7 @@ def _warn_unless_chained(model: keras.Model | None, blocks: list[KroneckerBlock]
     top_level = {id(layer) for layer in getattr(model, "layers", [])}
     for upstream, downstream in zip(blocks, blocks[1:]):
         shown = id(upstream.layer) in top_level and id(downstream.layer) in top_level
-        if shown and downstream.layer._inbound_nodes and not _feeds(upstream.layer, downstream.layer):
+        if shown and compat.inbound_nodes(downstream.layer) and not _feeds(upstream.layer, downstream.layer):
             warnings.warn(
                 "approximation='block_tridiagonal' treats the registered Dense layers as a "
                 f"chain in registration order, but '{downstream.name}' does not take its "

@@ -17,6 +17,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_kfac import compat
+
 MOMENTUM = "momentum"
 
 
@@ -66,8 +68,8 @@ def apply(optimizer: keras.optimizers.Optimizer, grads: list, variables: list, a
     state = list(variables) + list(optimizer.variables)
     saved = [tf.identity(v) for v in state]
     learning_rate = optimizer.learning_rate
-    grads = optimizer._clip_gradients(grads)
-    optimizer._apply_weight_decay(variables)
+    grads = compat.clip_gradients(optimizer, grads)
+    compat.apply_weight_decay(optimizer, variables)
     for gradient, variable in zip(grads, variables):
         optimizer.update_step(gradient, variable, learning_rate)
     optimizer.iterations.assign_add(1)

@@ -40,6 +40,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_kfac import compat
+
 ESTIMATION_MODES = ("sampled", "empirical", "exact")
 
 
@@ -196,7 +198,7 @@ class RegisteredLoss:
         """The tensor z the distribution is defined on."""
         if self.from_logits or not self.needs_logits:
             return y_pred
-        logits = getattr(y_pred, "_keras_logits", None)
+        logits = compat.output_logits(y_pred)
         if logits is None and getattr(y_pred, "op", None) is not None:
             if y_pred.op.type in ("Softmax", "Sigmoid"):
                 logits = y_pred.op.inputs[0]
@@ -270,7 +272,7 @@ def masked_sample_weight(y_pred: Any, y_true: Any, sample_weight: Any, loss: Reg
     (all values)/(kept values), so the loss is their mean. Without a mask,
     ``sample_weight`` is returned as it is.
     """
-    mask = getattr(y_pred, "_keras_mask", None)
+    mask = compat.output_mask(y_pred)
     if loss.ignore_class is not None:
         labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred)[:-1])
         kept = tf.not_equal(labels, float(loss.ignore_class))
@@ -362,7 +364,7 @@ def resolve_compiled_loss(model: keras.Model) -> RegisteredLoss:
             "KFAC could not find a compiled loss on the model: compile it with a "
             "loss, or register one with `LayerCollection.register_loss(...)`."
         )
-    weights = getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
+    weights = compat.compiled_loss_weights(model)
     if isinstance(loss, (list, tuple, dict)):
         items = list(loss.values()) if isinstance(loss, dict) else list(loss)
         if len(items) != 1:

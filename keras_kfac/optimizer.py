@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, curvature, losses, quadratic_model, replicas, statistics
+from keras_kfac import capture, compat, curvature, losses, quadratic_model, replicas, statistics
 from keras_kfac import fallback as fallback_rule
 from keras_kfac.chain import TridiagonalChain
 from keras_kfac.preconditioner import BlockDiagonal
@@ -70,7 +70,7 @@ def _check_period(name: str, value: Any) -> int:
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
-class KFAC(keras.optimizers.Optimizer):
+class KFAC(compat.WholeUpdateOptimizer):
     """Kronecker-factored Approximate Curvature (Martens & Grosse, 2015).
 
     Preconditions the gradient of each registered layer with the damped inverse
@@ -390,10 +390,10 @@ class KFAC(keras.optimizers.Optimizer):
             if model is not None:
                 collection.register_model(model)
         collection.prepare()
-        trainable = {self._var_key(v) for v in variables}
+        trainable = {self.variable_key(v) for v in variables}
         if (
             collection.blocks
-            and not any(self._var_key(v) in trainable for b in collection.blocks for v in b.variables)
+            and not any(self.variable_key(v) in trainable for b in collection.blocks for v in b.variables)
             and any(b.layer.trainable for b in collection.blocks)
         ):
             raise ValueError(
@@ -403,7 +403,7 @@ class KFAC(keras.optimizers.Optimizer):
             )
         owned = set()
         for block in collection.blocks:
-            keys = [self._var_key(v) for v in block.variables]
+            keys = [self.variable_key(v) for v in block.variables]
             if not all(k in trainable for k in keys):
                 raise ValueError(
                     f"Layer '{block.name}' is registered with KFAC but its weights "
@@ -418,9 +418,9 @@ class KFAC(keras.optimizers.Optimizer):
         # The variables K-FAC's own update δ = αΔ + μδ₀ moves, each with its δ₀,
         # by key (a list of model variables would be tracked as the optimizer's).
         self._velocities = {
-            self._var_key(v): self.add_variable_from_reference(v, name="velocity")
+            self.variable_key(v): self.add_variable_from_reference(v, name="velocity")
             for v in variables
-            if self.fallback is None or self._var_key(v) in owned
+            if self.fallback is None or self.variable_key(v) in owned
         }
 
         def scalar(name: str, value: float):
@@ -441,7 +441,7 @@ class KFAC(keras.optimizers.Optimizer):
             self._preconditioner = TridiagonalChain(self, collection.blocks)
         else:
             self._preconditioner = BlockDiagonal(collection.blocks)
-        unowned = [v for v in variables if self._var_key(v) not in owned]
+        unowned = [v for v in variables if self.variable_key(v) not in owned]
         if self.fallback is not None and unowned:
             self.fallback.build(unowned)
         self._warn_fallback(unowned)
@@ -469,14 +469,15 @@ class KFAC(keras.optimizers.Optimizer):
     @property
     def variables(self) -> list:
         """The optimizer's variables, the fallback optimizer's included (saved with it)."""
-        own = list(self._variables)
+        own = list(super().variables)
         if self.fallback is None or not self.fallback.built:
             return own
         return own + [v for v in self.fallback.variables]
 
     # ------------------------------------------------------------------ step
 
-    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
+    def update_all(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
+        """One K-FAC step on every trainable variable, the fallback rule's included."""
         if tf.executing_eagerly():
             raise RuntimeError(_EAGER_MESSAGE)
         if self.layer_collection.model is None:
@@ -494,7 +495,7 @@ class KFAC(keras.optimizers.Optimizer):
         if self.l2_reg:
             grads = [g + tf.cast(self.l2_reg, g.dtype) * v for g, v in zip(grads, trainable_variables)]
         grads_finite = curvature.all_finite(grads)
-        own = [self._var_key(v) in self._velocities for v in trainable_variables]
+        own = [self.variable_key(v) in self._velocities for v in trainable_variables]
         variables = [v for v, o in zip(trainable_variables, own) if o]
         own_grads = [g for g, o in zip(grads, own) if o]
         batch = self._take_records()
@@ -532,11 +533,7 @@ class KFAC(keras.optimizers.Optimizer):
         if replicas.count() == 1:
             return
         model = self.layer_collection.model
-        synchronized = [
-            layer.name
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-            if getattr(layer, "synchronized", False)
-        ]
+        synchronized = [layer.name for layer in compat.nested_layers(model) if getattr(layer, "synchronized", False)]
         conditional = [
             name
             for name, used in (
@@ -741,7 +738,7 @@ class KFAC(keras.optimizers.Optimizer):
     def _precondition(self, grads: dict, inverses: list) -> dict:
         """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
         updates = dict(grads)
-        updates.update(self._preconditioner.precondition(grads, inverses, self._var_key))
+        updates.update(self._preconditioner.precondition(grads, inverses, self.variable_key))
         return updates
 
     def get_config(self) -> dict:
@@ -847,8 +844,8 @@ class _Step:
         self.batch = batch
         self.variables = variables
         self.grads = grads
-        self.keys = [optimizer._var_key(v) for v in variables]
-        self.velocities = [optimizer._velocities[optimizer._var_key(v)] for v in variables]
+        self.keys = [optimizer.variable_key(v) for v in variables]
+        self.velocities = [optimizer._velocities[optimizer.variable_key(v)] for v in variables]
         self.previous = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.velocities]
         self.has_previous = quadratic_model.inner(self.previous, self.previous) > 0.0
         self.needs_model = optimizer.use_quadratic_model or optimizer.adapt_damping
@@ -911,7 +908,7 @@ class _Step:
         lr = tf.cast(learning_rate, tf.float32)
         if self.opt.norm_constraint is None or not math.isfinite(self.opt.norm_constraint):
             return lr
-        owned = {self.opt._var_key(v) for b in self.opt.blocks for v in b.variables}
+        owned = {self.opt.variable_key(v) for b in self.opt.blocks for v in b.variables}
         quadratic = -quadratic_model.inner(
             [d for d, k in zip(delta, self.keys) if k in owned],
             [g for g, k in zip(self.grads, self.keys) if k in owned],

@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from keras_kfac import capture, losses
+from keras_kfac import capture, compat, losses
 from keras_kfac.blocks import (
     Conv1DBlock,
     Conv2DBlock,
@@ -167,7 +167,7 @@ class LayerCollection:
         """
         self.register_model(model)
         layer_types = self.auto_register_types
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        for layer in compat.nested_layers(model):
             if not layer.trainable or any(b.layer is layer for b in self._blocks):
                 continue
             block_type = registry.block_type_for(layer)
@@ -182,7 +182,7 @@ class LayerCollection:
         """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
 
         The layers registered by hand are named by their position among the
-        model's layers (``_flatten_layers`` order, which ``load_model``
+        model's layers (``compat.nested_layers`` order, which ``load_model``
         reproduces) and their name; the registered loss by its Keras
         serialization.
         """
@@ -215,7 +215,7 @@ class LayerCollection:
     def _model_layers(self) -> list:
         if self.model is None:
             return []
-        return list(self.model._flatten_layers(include_self=False, recursive=True))
+        return compat.nested_layers(self.model)
 
     def _restore_layers(self, saved: list[dict]) -> None:
         """Registers the saved layers of ``get_config`` in ``self.model``, in their order."""

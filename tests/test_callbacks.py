@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.callbacks import GrowingBatches, KFACMonitor, growing_batch_size, growth_to_reach
+from keras_kfac.callbacks import KFACMonitor
+from keras_kfac.growing_batches import GrowingBatches, growing_batch_size, growth_to_reach
 
 
 def small_model(seed: int = 0) -> keras.Model:

@@ -420,8 +420,7 @@ def test_an_optimizer_whose_first_step_fails_stays_unbuilt_and_can_be_compiled_a
 
 def test_learning_rate_schedule_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
-    opt = keras_kfac.KFAC(
-        learning_rate=schedule,
+    settings = dict(
         damping=0.02,
         momentum=0.5,
         ema_decay=0.9,
@@ -433,21 +432,11 @@ def test_learning_rate_schedule_and_config_round_trip():
         curvature_fraction=0.25,
         patch_fraction=0.3,
     )
+    opt = keras_kfac.KFAC(learning_rate=schedule, **settings)
     config = opt.get_config()
     clone = keras_kfac.KFAC.from_config(copy.deepcopy(config))
     assert clone.get_config() == config
-    for key, value in dict(
-        damping=0.02,
-        momentum=0.5,
-        ema_decay=0.9,
-        inverse_update_period=7,
-        estimation_mode="exact",
-        l2_reg=1e-4,
-        seed=11,
-        statistics_fraction=0.5,
-        curvature_fraction=0.25,
-        patch_fraction=0.3,
-    ).items():
+    for key, value in settings.items():
         assert config[key] == value
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, keras_kfac.KFAC)

@@ -68,7 +68,7 @@ def main() -> None:
         x_train,
         x_train,
         initial_batch_size=first,
-        growth_iterations=keras_kfac.callbacks.growth_to_reach(first, len(x_train), args.full_batch_at),
+        growth_iterations=keras_kfac.growing_batches.growth_to_reach(first, len(x_train), args.full_batch_at),
         steps_per_epoch=2 if args.smoke else args.steps_per_epoch,
     )
     model.fit(batches, epochs=args.epochs, verbose=2, callbacks=[keras_kfac.KFACMonitor()])

@@ -1,0 +1,142 @@
+"""The Keras seam: every private Keras or TensorFlow surface keras_kfac uses.
+
+K-FAC needs a few things Keras has no public API for: the whole update over
+all variables at once, the layers nested in a model, the logits behind a
+softmax output, the model whose training step is running. Each is reached
+here, and only here, with why it is needed. All were checked against Keras
+3.15.1 with TensorFlow 2.21.0 (``CHECKED``), the versions ``setup.py`` admits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+CHECKED = {"keras": "3.15.1", "tensorflow": "2.21.0"}
+
+
+class WholeUpdateOptimizer(keras.optimizers.Optimizer):
+    """A Keras optimizer that sees every gradient of a step at once.
+
+    Keras' public ``update_step`` is called once per variable, but a Kronecker
+    block preconditions a layer's kernel and bias together and the quadratic
+    model [KFAC §7] needs all of them. The TensorFlow backend's
+    ``_backend_update_step`` receives the whole list inside the traced step
+    (after ``apply`` has cast, scaled and, under a strategy, placed them);
+    subclasses implement ``update_all`` instead.
+    """
+
+    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
+        self.update_all(grads, trainable_variables, learning_rate)
+
+    def update_all(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
+        raise NotImplementedError
+
+    def variable_key(self, variable: Any) -> str:
+        """The key Keras' optimizers index per-variable state by (``_var_key``).
+
+        K-FAC keeps its velocities and finds a block's gradients by the same
+        key, so that a strategy's or a ``LossScaleOptimizer``'s wrapper of a
+        variable maps to the variable's state.
+        """
+        return self._var_key(variable)
+
+
+def clip_gradients(optimizer: keras.optimizers.Optimizer, grads: list) -> list:
+    """The optimizer's own gradient clipping (``clipnorm``, ``clipvalue``, ...).
+
+    The fallback optimizer's ``apply`` would all-reduce the gradients again
+    under a strategy, so its steps are taken piece by piece (``fallback``).
+    """
+    return optimizer._clip_gradients(grads)
+
+
+def apply_weight_decay(optimizer: keras.optimizers.Optimizer, variables: list) -> None:
+    """The optimizer's decoupled weight decay, as ``apply`` applies it (see ``clip_gradients``)."""
+    optimizer._apply_weight_decay(variables)
+
+
+def nested_layers(model: keras.Model) -> list:
+    """Every layer inside ``model``, nested models' layers included, in Keras' order.
+
+    ``model.layers`` is not recursive; this order is the one ``load_model``
+    rebuilds, which saved registrations rely on.
+    """
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def inbound_nodes(layer: keras.layers.Layer) -> list:
+    """The functional-graph nodes where ``layer`` was called (``_inbound_nodes``).
+
+    The block-tridiagonal chain [KFAC §4.3] checks that consecutive blocks
+    feed each other; each node's ``parent_nodes`` and ``operation`` lead back.
+    """
+    return list(layer._inbound_nodes)
+
+
+def output_logits(y_pred: Any) -> Any:
+    """The logits Keras keeps on a softmax or sigmoid output (``_keras_logits``), or None.
+
+    The Fisher of a probability output is that of its logits; Keras attaches
+    them so its cross-entropies can use them too.
+    """
+    return getattr(y_pred, "_keras_logits", None)
+
+
+def output_mask(y_pred: Any) -> Any:
+    """The mask a masking layer attached to the output (``_keras_mask``), or None.
+
+    The loss ignores masked values, so the Fisher must too.
+    """
+    return getattr(y_pred, "_keras_mask", None)
+
+
+def compiled_loss_weights(model: keras.Model) -> Any:
+    """The ``loss_weights`` given to ``compile`` (``_compile_loss._user_loss_weights``), or None.
+
+    The Fisher of a weighted loss is weighted the same way; ``compile`` keeps
+    the weights only on its loss wrapper.
+    """
+    return getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
+
+
+def is_symbolic(tensor: Any) -> bool:
+    """Whether ``tensor`` is a graph tensor of a trace (not eager, not a Keras tensor).
+
+    Records of the training step are kept per traced graph; TensorFlow's
+    eager tensor class is public only as ``tf.__internal__.EagerTensor``.
+    """
+    return isinstance(tensor, tf.Tensor) and not isinstance(tensor, tf.__internal__.EagerTensor)
+
+
+def calling_objects() -> Iterator[Any]:
+    """The ``self`` of each calling Python frame, innermost first.
+
+    A ``LayerCollection`` registered without its model finds the model whose
+    ``fit`` is calling it: Keras calls layers and optimizers from the model's
+    own methods, and gives them no handle on it.
+    """
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None:
+                yield owner
+            frame = frame.f_back
+    finally:
+        del frame
+
+
+def set_untracked(obj: Any, name: str, value: Any) -> None:
+    """Sets an attribute past Keras' attribute tracking (``object.__setattr__``).
+
+    A layer's ``__setattr__`` tracks what it is given (sublayers, variables)
+    and refuses changes once built; the wrapped ``call`` and the switched-off
+    activation of a recording layer must be neither tracked nor saved.
+    """
+    object.__setattr__(obj, name, value)
