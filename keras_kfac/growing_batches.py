@@ -57,8 +57,8 @@ class GrowingBatches(keras.utils.PyDataset):
     Use it as the `x` of `model.fit` (no `batch_size`):
 
     ```python
-    data = keras_kfac.callbacks.GrowingBatches(x, y, initial_batch_size=1000,
-                                               growth_iterations=growth_to_reach(1000, len(x), 500))
+    data = keras_kfac.GrowingBatches(x, y, initial_batch_size=1000,
+                                    growth_iterations=growth_to_reach(1000, len(x), 500))
     model.fit(data, epochs=10)
     ```
 
