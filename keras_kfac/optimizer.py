@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import random
@@ -11,11 +12,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, compat, curvature, losses, quadratic_model, replicas, statistics
+from keras_kfac import capture, compat, curvature, losses, replicas, statistics
 from keras_kfac import fallback as fallback_rule
 from keras_kfac.chain import TridiagonalChain
 from keras_kfac.preconditioner import BlockDiagonal
 from keras_kfac.registration import LayerCollection
+from keras_kfac.step import Batch, Step, StepRule, StepState, require_inputs, sub_batch
 
 _EAGER_MESSAGE = (
     "KFAC reads the activations and output gradients of the training step from "
@@ -500,7 +502,19 @@ class KFAC(compat.WholeUpdateOptimizer):
         own_grads = [g for g, o in zip(grads, own) if o]
         batch = self._take_records()
         self._update_curvature(batch, grads_finite)
-        step = _Step(self, batch, variables, own_grads)
+        step = Step(
+            self._step_rule(),
+            StepState(self._damping, self._gamma, self._rho, self._min_damping),
+            self._preconditioner,
+            batch,
+            variables,
+            own_grads,
+            [self._velocities[self.variable_key(v)] for v in variables],
+            self.variable_key,
+            forward=lambda x: self._forward(x)[::2],
+            loss_of=functools.partial(capture.training_loss, self.layer_collection.model),
+            assign=self.assign,
+        )
         if self.adapt_gamma:
             step.adapt_gamma(learning_rate, tf.equal((self._count + 1) % self.gamma_adaptation_period, 0))
         update, coefficients, change = step.update(learning_rate)
@@ -551,7 +565,7 @@ class KFAC(compat.WholeUpdateOptimizer):
                 "Use BatchNormalization(synchronized=False) or turn those options off."
             )
 
-    def _take_records(self) -> _Batch:
+    def _take_records(self) -> Batch:
         """This step's recorded loss inputs and layer calls (see ``capture``)."""
         collection = self.layer_collection
         loss_calls = capture.RECORDER.pop(collection.model)
@@ -560,13 +574,13 @@ class KFAC(compat.WholeUpdateOptimizer):
                 "KFAC found no training loss in this step's graph. It must run inside "
                 "model.fit / model.train_on_batch of the model it was created with."
             )
-        return _Batch(
+        return Batch(
             loss_call=loss_calls[-1],
             layer_calls={id(b): capture.RECORDER.pop(b.layer) for b in collection.blocks},
             loss=collection.loss(),
         )
 
-    def _update_curvature(self, batch: _Batch, gradients_finite: tf.Tensor) -> None:
+    def _update_curvature(self, batch: Batch, gradients_finite: tf.Tensor) -> None:
         """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
 
         With τ₁ = 1 and T_cov = 1 the statistics use the training step's own
@@ -612,7 +626,7 @@ class KFAC(compat.WholeUpdateOptimizer):
             return input_estimates, input_masses, output_estimates
 
         def estimate_sub_batch() -> tuple[list, list, list]:
-            x, y_true, sample_weight = _sub_batch(
+            x, y_true, sample_weight = sub_batch(
                 (batch.loss_call.x, batch.y_true, batch.sample_weight),
                 tf.shape(batch.z)[0],
                 self.statistics_fraction,
@@ -726,7 +740,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         """
         model = self.layer_collection.model
         with keras.StatelessScope(collect_losses=True) as scope:
-            y_pred = model(_require_inputs(x), training=True)
+            y_pred = model(require_inputs(x), training=True)
         weights = {id(w) for w in model.weights}
         for seed_state in (v for v in model.variables if id(v) not in weights):
             advanced = scope.get_current_value(seed_state)
@@ -735,11 +749,21 @@ class KFAC(compat.WholeUpdateOptimizer):
         layer_calls = {id(b): capture.RECORDER.pop(b.layer) for b in self.blocks}
         return y_pred, layer_calls, list(scope.losses)
 
-    def _precondition(self, grads: dict, inverses: list) -> dict:
-        """Per-variable F̆⁻¹∇h for block variables, ∇h for the others."""
-        updates = dict(grads)
-        updates.update(self._preconditioner.precondition(grads, inverses, self.variable_key))
-        return updates
+    def _step_rule(self) -> StepRule:
+        """The settings the step follows."""
+        return StepRule(
+            use_quadratic_model=self.use_quadratic_model,
+            momentum=self.momentum,
+            norm_constraint=self.norm_constraint,
+            max_momentum=self.max_momentum,
+            l2_reg=self.l2_reg,
+            curvature_fraction=self.curvature_fraction,
+            adapt_damping=self.adapt_damping,
+            adapt_gamma=self.adapt_gamma,
+            damping_adaptation_period=self.damping_adaptation_period,
+            gamma_adaptation_period=self.gamma_adaptation_period,
+            reject_below=self.reject_below,
+        )
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -777,264 +801,3 @@ class KFAC(compat.WholeUpdateOptimizer):
             }
         )
         return config
-
-
-def _require_inputs(x: Any) -> Any:
-    """``x``, the step's model inputs that K-FAC's extra forward passes run on."""
-    if x is None:
-        raise ValueError(
-            "KFAC's extra forward passes (statistics_fraction < 1, statistics_update_period > 1, "
-            "curvature_fraction < 1, adapt_damping, adapt_gamma) need the model inputs, but the "
-            "training loss was computed without them: a custom train_step must pass them, as in "
-            "`self.compute_loss(x=x, y=y, y_pred=y_pred)`."
-        )
-    return x
-
-
-def _sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str) -> tuple:
-    """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
-
-    A ``sum`` loss grows with the number of examples, so the sub-batch's
-    examples are weighted by B/⌈fraction·B⌉: its loss and its curvature then
-    estimate the whole batch's, as a mean loss's sub-batch does unweighted.
-    """
-    size = statistics.subset_size(batch_size, fraction)
-    x, y, sample_weight = keras.tree.map_structure(lambda a: None if a is None else a[:size], data)
-    if reduction == "sum":
-        scale = tf.cast(batch_size, tf.float32) / tf.cast(size, tf.float32)
-        if sample_weight is None:
-            sample_weight = tf.fill([size], scale)
-        else:
-            sample_weight = keras.tree.map_structure(lambda w: tf.cast(w, tf.float32) * scale, sample_weight)
-    return x, y, sample_weight
-
-
-class _Batch:
-    """What one training step recorded: the loss's inputs and the layer calls."""
-
-    def __init__(self, loss_call: capture.LossCall, layer_calls: dict, loss: losses.RegisteredLoss):
-        self.loss_call = loss_call
-        self.layer_calls = layer_calls
-        self.loss = loss
-        outputs = keras.tree.flatten(loss_call.y_pred)
-        if len(outputs) != 1:
-            raise NotImplementedError(
-                f"KFAC supports models with a single output; this model has {len(outputs)}. "
-                "Its Fisher would need the predictive distribution of every output with a loss."
-            )
-        self.y_pred = outputs[0]
-        self.z = loss.network_output(self.y_pred)
-        y_true = loss_call.y_true
-        self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]
-        self.sample_weight = loss_call.sample_weight
-        # The weights of the loss's values, a Keras mask on the output included.
-        self.curvature_weight = losses.masked_sample_weight(self.y_pred, self.y_true, self.sample_weight, loss)
-
-
-class _Step:
-    """One update δ = αΔ + μδ₀ and the quadratic model that judges it [KFAC §6-7].
-
-    Under a ``tf.distribute`` strategy each replica computes its share of the
-    losses and exact-Fisher products in ``tf.cond`` branches; the all-reduces
-    that combine them run outside the branches (``replicas``).
-    """
-
-    def __init__(self, optimizer: KFAC, batch: _Batch, variables: list, grads: list):
-        self.opt = optimizer
-        self.batch = batch
-        self.variables = variables
-        self.grads = grads
-        self.keys = [optimizer.variable_key(v) for v in variables]
-        self.velocities = [optimizer._velocities[optimizer.variable_key(v)] for v in variables]
-        self.previous = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.velocities]
-        self.has_previous = quadratic_model.inner(self.previous, self.previous) > 0.0
-        self.needs_model = optimizer.use_quadratic_model or optimizer.adapt_damping
-        if self.needs_model or optimizer.adapt_gamma:
-            # At θ, in the step's own graph, before any tf.cond branch.
-            self.curvature_data = self.curvature_batch()
-
-    # The curvature batch: the step's own records, or a sub-batch forward pass (τ₂).
-
-    def curvature_batch(self) -> tuple:
-        """(x, y, sample_weight, network output z, weights of z's values, loss h(θ)) for the quadratic model.
-
-        h(θ) is the global batch's: the replicas' shares added up. The
-        exact-Fisher products need z in the graph they are built in: when the
-        update runs in a branch of the step's graph (a ``LossScaleOptimizer``,
-        gradient accumulation), z comes from a forward pass of its own there.
-        """
-        opt, batch = self.opt, self.batch
-        call = batch.loss_call
-        in_step_graph = getattr(batch.z, "graph", None) is tf.compat.v1.get_default_graph()
-        if opt.curvature_fraction >= 1.0 and in_step_graph:
-            x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
-            weight = batch.curvature_weight
-        else:
-            x, y, sample_weight = _sub_batch(
-                (call.x, call.y_true, call.sample_weight),
-                tf.shape(batch.z)[0],
-                opt.curvature_fraction,
-                batch.loss.reduction,
-            )
-            y_pred, loss = self.forward(x, y, sample_weight)
-            z = batch.loss.network_output(y_pred)
-            weight = losses.masked_sample_weight(y_pred, y, sample_weight, batch.loss)
-        return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
-
-    def forward(self, x, y, sample_weight) -> tuple:
-        """The model's output and this replica's share of the training loss at the
-        current weights (the whole loss without a strategy), recording nothing."""
-        model = self.opt.layer_collection.model
-        y_pred, _, layer_losses = self.opt._forward(x)
-        # Outside the scope, where weight regularizers read the variables; the
-        # scoped pass's layer losses are added as Keras' train step adds them
-        # (divided among the replicas).
-        loss = capture.training_loss(model, x, y, y_pred, sample_weight)
-        for extra in layer_losses:
-            loss = loss + tf.cast(tf.reduce_sum(extra) / replicas.count(), loss.dtype)
-        return keras.tree.flatten(y_pred)[0], loss
-
-    # Proposals and their quadratic model.
-
-    def proposal(self, inverses: list) -> list[tf.Tensor]:
-        """Δ = −F̆⁻¹∇h per variable [KFAC §6.3]."""
-        grads = dict(zip(self.keys, self.grads))
-        updates = self.opt._precondition(grads, inverses)
-        return [-tf.cast(updates[k], tf.float32) for k in self.keys]
-
-    def step_length(self, delta: list[tf.Tensor], learning_rate: Any) -> tf.Tensor:
-        """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C ("KL
-        clipping", Ba et al. 2017) when ``norm_constraint`` C is finite."""
-        lr = tf.cast(learning_rate, tf.float32)
-        if self.opt.norm_constraint is None or not math.isfinite(self.opt.norm_constraint):
-            return lr
-        owned = {self.opt.variable_key(v) for b in self.opt.blocks for v in b.variables}
-        quadratic = -quadratic_model.inner(
-            [d for d, k in zip(delta, self.keys) if k in owned],
-            [g for g, k in zip(self.grads, self.keys) if k in owned],
-        )
-        return lr * tf.minimum(1.0, tf.sqrt(self.opt.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
-
-    def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
-        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7])."""
-        products = quadratic_model.jacobian_vector_products(
-            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], [delta, self.previous]
-        )
-        return quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
-
-    def linear_terms(self, delta: list[tf.Tensor]) -> tf.Tensor:
-        """b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
-        return tf.stack([quadratic_model.inner(self.grads, d) for d in (delta, self.previous)])
-
-    def damped_curvature(self, fisher: tf.Tensor, dots: tf.Tensor) -> tf.Tensor:
-        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7]."""
-        return fisher + (self.opt._damping + self.opt.l2_reg) * dots
-
-    def coefficients(self, curvature_matrix, linear, length) -> tuple[tf.Tensor, tf.Tensor]:
-        """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum."""
-        if self.opt.use_quadratic_model:
-            return quadratic_model.solve_coefficients(
-                curvature_matrix, linear, self.has_previous, self.opt.max_momentum
-            )
-        fixed = tf.stack([length, tf.constant(self.opt.momentum, tf.float32)])
-        if curvature_matrix is None:
-            return fixed, tf.constant(0.0)
-        return fixed, quadratic_model.model_value(curvature_matrix, linear, fixed)
-
-    def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
-        """δ per variable, (α, μ) and M(δ) with the stored inverses."""
-        delta = self.proposal(self.opt._preconditioner.stored())
-        curvature_matrix = linear = None
-        if self.needs_model:
-            _, _, _, z, weight, _ = self.curvature_data
-            fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
-            curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
-            linear = self.linear_terms(delta)
-        length = None if self.opt.use_quadratic_model else self.step_length(delta, learning_rate)
-        coefficients, change = self.coefficients(curvature_matrix, linear, length)
-        update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
-        return update, coefficients, change
-
-    # Adaptation: local passes in tf.cond branches, decisions outside them.
-
-    def adapt_damping(
-        self, update: list[tf.Tensor], change: tf.Tensor, before: list[tf.Tensor], due: tf.Tensor
-    ) -> tf.Tensor:
-        """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
-
-        Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
-        The l2 term ½η‖θ‖² is part of h. A checked step whose ρ is below
-        ``reject_below`` (or whose loss is not finite) is undone: θ takes its
-        values ``before`` the update back and δ₀ is reset. Returns False when it was.
-        """
-        opt = self.opt
-        x, y, sample_weight, _, _, loss_before = self.curvature_data
-
-        def local_loss_after() -> tf.Tensor:
-            return tf.cast(self.forward(x, y, sample_weight)[1], tf.float32)
-
-        loss_after = replicas.total(tf.cond(due, local_loss_after, lambda: tf.constant(0.0)))
-        loss_change = loss_after - loss_before
-        if opt.l2_reg:
-            new_weights = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
-            loss_change += opt.l2_reg * (
-                quadratic_model.inner(new_weights, update) - 0.5 * quadratic_model.inner(update, update)
-            )
-        rho = quadratic_model.reduction_ratio(loss_change, change)
-        omega = (19.0 / 20.0) ** opt.damping_adaptation_period
-        damping = quadratic_model.levenberg_marquardt(opt._damping, rho, omega, opt._min_damping())
-        opt._rho.assign(tf.where(due, rho, opt._rho))
-        opt._damping.assign(tf.where(due, damping, opt._damping))
-        if opt.reject_below is None:
-            return tf.constant(True)
-        reject = tf.logical_and(due, tf.logical_not(rho >= opt.reject_below))
-        for variable, velocity, value in zip(self.variables, self.velocities, before):
-            opt.assign(variable, tf.where(reject, value, variable))
-            opt.assign(velocity, tf.where(reject, tf.zeros_like(velocity), velocity))
-        return tf.logical_not(reject)
-
-    def adapt_gamma(self, learning_rate: Any, due: tf.Tensor) -> None:
-        """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].
-
-        When ``due``, one branch computes each candidate's proposal and exact-Fisher
-        products, and a second one recomputes and stores the chosen γ's inverses:
-        one more inversion every T₂ steps, where carrying the three candidates'
-        inverses out of the first branch would cost a copy of them on every step.
-        """
-        opt = self.opt
-        omega = math.sqrt(19.0 / 20.0) ** opt.gamma_adaptation_period
-        x, y, sample_weight, _, weight, _ = self.curvature_data
-        candidates = tf.stack([opt._gamma * 1.0, opt._gamma * omega, opt._gamma / omega])
-
-        def local_terms() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            # The branch runs its own forward pass: products need z in this graph.
-            y_pred, _ = self.forward(x, y, sample_weight)
-            z = self.batch.loss.network_output(y_pred)
-            fishers, dots, linears, lengths = [], [], [], []
-            for index in range(3):
-                delta = self.proposal(opt._preconditioner.inverses(candidates[index]))
-                fishers.append(self.local_fisher(delta, z, weight))
-                dots.append(quadratic_model.dot_gram([delta, self.previous]))
-                linears.append(self.linear_terms(delta))
-                lengths.append(tf.zeros([]) if opt.use_quadratic_model else self.step_length(delta, learning_rate))
-            return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
-
-        def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-            return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2]), tf.zeros([3])
-
-        fishers, dots, linears, lengths = tf.cond(due, local_terms, skip)
-        fishers = replicas.curvature(fishers, self.batch.loss.reduction)
-        values = []
-        for index in range(3):
-            _, value = self.coefficients(
-                self.damped_curvature(fishers[index], dots[index]), linears[index], lengths[index]
-            )
-            values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
-        chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
-
-        def store() -> tf.Tensor:
-            opt._preconditioner.store(opt._preconditioner.inverses(chosen))
-            opt._gamma.assign(chosen)
-            return tf.constant(True)
-
-        tf.cond(due, store, lambda: tf.constant(False))

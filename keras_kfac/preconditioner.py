@@ -1,18 +1,37 @@
-"""The block-diagonal preconditioner F̆⁻¹ [KFAC §4.2, §6.3].
+"""The preconditioner interface, and the block-diagonal F̆⁻¹ [KFAC §4.2, §6.3].
 
 F̆ is block-diagonal over the registered layers, each block the factored-Tikhonov
 damped ``(Ā + πγI) ⊗ (G + (γ/π)I)``. Its inverse state is a pair of small
-inverses per block. ``chain.TridiagonalChain`` offers the same four methods for
-the block-tridiagonal F̂⁻¹ [KFAC §4.3].
+inverses per block. ``chain.TridiagonalChain`` implements the same
+``Preconditioner`` interface for the block-tridiagonal F̂⁻¹ [KFAC §4.3].
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import tensorflow as tf
 
 from keras_kfac.blocks import KroneckerBlock
+
+
+class Preconditioner(Protocol):
+    """What the step needs of a curvature approximation: its blocks and damped inverses."""
+
+    blocks: list[KroneckerBlock]
+
+    def inverses(self, gamma: tf.Tensor) -> list:
+        """The inverse state for factored-Tikhonov damping γ, freshly computed (not stored)."""
+
+    def store(self, inverses: list) -> None:
+        """Keeps ``inverses`` as the stored state."""
+
+    def stored(self) -> list:
+        """The stored inverse state."""
+
+    def precondition(self, grads: dict, inverses: list, var_key: Callable) -> dict:
+        """F⁻¹∇h by variable key, for the blocks whose variables all have gradients."""
 
 
 class BlockDiagonal:

@@ -1,0 +1,345 @@
+"""One K-FAC update and the quadratic model that judges it [KFAC §6-7].
+
+``Step`` computes δ = αΔ + μδ₀ from the preconditioned gradient Δ = −F̆⁻¹∇h and
+the previous update δ₀, with α and μ either fixed (the learning rate, shortened
+by the KL bound, and the momentum) or minimising the quadratic model
+M(δ) = ½δᵀ(F + (λ+η)I)δ + ∇hᵀδ under the exact mini-batch Fisher [KFAC §7]; it
+adapts λ by the Levenberg–Marquardt rule [KFAC §6.5] and γ by trying three
+values [KFAC §6.6]. It reads the optimizer's settings (``StepRule``) and the
+adapted quantities (``StepState``) and is given the preconditioner and the
+forward pass explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_kfac import capture, losses, quadratic_model, replicas, statistics
+from keras_kfac.preconditioner import Preconditioner
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """The optimizer settings a step follows (``KFAC``'s arguments of the same names)."""
+
+    use_quadratic_model: bool
+    momentum: float | None
+    norm_constraint: float | None
+    max_momentum: float | None
+    l2_reg: float
+    curvature_fraction: float
+    adapt_damping: bool
+    adapt_gamma: bool
+    damping_adaptation_period: int
+    gamma_adaptation_period: int
+    reject_below: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepState:
+    """The adapted quantities a step reads and updates: λ, γ, ρ (variables) and λ's floor."""
+
+    damping: tf.Variable
+    gamma: tf.Variable
+    rho: tf.Variable
+    min_damping: Callable[[], tf.Tensor]
+
+
+def require_inputs(x: Any) -> Any:
+    """``x``, the step's model inputs that K-FAC's extra forward passes run on."""
+    if x is None:
+        raise ValueError(
+            "KFAC's extra forward passes (statistics_fraction < 1, statistics_update_period > 1, "
+            "curvature_fraction < 1, adapt_damping, adapt_gamma) need the model inputs, but the "
+            "training loss was computed without them: a custom train_step must pass them, as in "
+            "`self.compute_loss(x=x, y=y, y_pred=y_pred)`."
+        )
+    return x
+
+
+def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str) -> tuple:
+    """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
+
+    A ``sum`` loss grows with the number of examples, so the sub-batch's
+    examples are weighted by B/⌈fraction·B⌉: its loss and its curvature then
+    estimate the whole batch's, as a mean loss's sub-batch does unweighted.
+    """
+    size = statistics.subset_size(batch_size, fraction)
+    x, y, sample_weight = keras.tree.map_structure(lambda a: None if a is None else a[:size], data)
+    if reduction == "sum":
+        scale = tf.cast(batch_size, tf.float32) / tf.cast(size, tf.float32)
+        if sample_weight is None:
+            sample_weight = tf.fill([size], scale)
+        else:
+            sample_weight = keras.tree.map_structure(lambda w: tf.cast(w, tf.float32) * scale, sample_weight)
+    return x, y, sample_weight
+
+
+class Batch:
+    """What one training step recorded: the loss's inputs and the layer calls."""
+
+    def __init__(self, loss_call: capture.LossCall, layer_calls: dict, loss: losses.RegisteredLoss):
+        self.loss_call = loss_call
+        self.layer_calls = layer_calls
+        self.loss = loss
+        outputs = keras.tree.flatten(loss_call.y_pred)
+        if len(outputs) != 1:
+            raise NotImplementedError(
+                f"KFAC supports models with a single output; this model has {len(outputs)}. "
+                "Its Fisher would need the predictive distribution of every output with a loss."
+            )
+        self.y_pred = outputs[0]
+        self.z = loss.network_output(self.y_pred)
+        y_true = loss_call.y_true
+        self.y_true = None if y_true is None else keras.tree.flatten(y_true)[0]
+        self.sample_weight = loss_call.sample_weight
+        # The weights of the loss's values, a Keras mask on the output included.
+        self.curvature_weight = losses.masked_sample_weight(self.y_pred, self.y_true, self.sample_weight, loss)
+
+
+class Step:
+    """One update δ = αΔ + μδ₀ and the quadratic model that judges it [KFAC §6-7].
+
+    Under a ``tf.distribute`` strategy each replica computes its share of the
+    losses and exact-Fisher products in ``tf.cond`` branches; the all-reduces
+    that combine them run outside the branches (``replicas``).
+
+    Args:
+        rule: the settings to follow.
+        state: λ, γ and ρ, updated by ``adapt_damping`` and ``adapt_gamma``.
+        preconditioner: the F̆⁻¹ whose inverses give Δ.
+        batch: the step's recorded loss inputs.
+        variables: the variables in blocks, with their ``grads`` (global batch)
+            and their ``velocities`` δ₀.
+        variable_key: the key of a variable in ``preconditioner.precondition``.
+        forward: x ↦ (the model's output, its layers' extra losses) at the
+            current weights, recording nothing.
+        loss_of: (x, y, y_pred, sample_weight) ↦ the model's training loss.
+        assign: assigns a value to an optimizer or model variable.
+    """
+
+    def __init__(
+        self,
+        rule: StepRule,
+        state: StepState,
+        preconditioner: Preconditioner,
+        batch: Batch,
+        variables: list,
+        grads: list,
+        velocities: list,
+        variable_key: Callable[[Any], str],
+        forward: Callable[[Any], tuple[Any, list]],
+        loss_of: Callable[[Any, Any, Any, Any], tf.Tensor],
+        assign: Callable[[Any, tf.Tensor], None],
+    ):
+        self.rule = rule
+        self.state = state
+        self.preconditioner = preconditioner
+        self.batch = batch
+        self.variables = variables
+        self.grads = grads
+        self.velocities = velocities
+        self.variable_key = variable_key
+        self._forward = forward
+        self._loss_of = loss_of
+        self._assign = assign
+        self.keys = [variable_key(v) for v in variables]
+        self.owned = {variable_key(v) for b in preconditioner.blocks for v in b.variables}
+        self.previous = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in velocities]
+        self.has_previous = quadratic_model.inner(self.previous, self.previous) > 0.0
+        self.needs_model = rule.use_quadratic_model or rule.adapt_damping
+        if self.needs_model or rule.adapt_gamma:
+            # At θ, in the step's own graph, before any tf.cond branch.
+            self.curvature_data = self.curvature_batch()
+
+    # The curvature batch: the step's own records, or a sub-batch forward pass (τ₂).
+
+    def curvature_batch(self) -> tuple:
+        """(x, y, sample_weight, network output z, weights of z's values, loss h(θ)) for the quadratic model.
+
+        h(θ) is the global batch's: the replicas' shares added up. The
+        exact-Fisher products need z in the graph they are built in: when the
+        update runs in a branch of the step's graph (a ``LossScaleOptimizer``,
+        gradient accumulation), z comes from a forward pass of its own there.
+        """
+        batch = self.batch
+        call = batch.loss_call
+        in_step_graph = getattr(batch.z, "graph", None) is tf.compat.v1.get_default_graph()
+        if self.rule.curvature_fraction >= 1.0 and in_step_graph:
+            x, y, sample_weight, z, loss = call.x, call.y_true, call.sample_weight, batch.z, call.loss
+            weight = batch.curvature_weight
+        else:
+            x, y, sample_weight = sub_batch(
+                (call.x, call.y_true, call.sample_weight),
+                tf.shape(batch.z)[0],
+                self.rule.curvature_fraction,
+                batch.loss.reduction,
+            )
+            y_pred, loss = self.forward(x, y, sample_weight)
+            z = batch.loss.network_output(y_pred)
+            weight = losses.masked_sample_weight(y_pred, y, sample_weight, batch.loss)
+        return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
+
+    def forward(self, x, y, sample_weight) -> tuple:
+        """The model's output and this replica's share of the training loss at the
+        current weights (the whole loss without a strategy), recording nothing."""
+        y_pred, layer_losses = self._forward(x)
+        # The layers' extra losses are added as Keras' train step adds them
+        # (divided among the replicas).
+        loss = self._loss_of(x, y, y_pred, sample_weight)
+        for extra in layer_losses:
+            loss = loss + tf.cast(tf.reduce_sum(extra) / replicas.count(), loss.dtype)
+        return keras.tree.flatten(y_pred)[0], loss
+
+    # Proposals and their quadratic model.
+
+    def proposal(self, inverses: list) -> list[tf.Tensor]:
+        """Δ = −F̆⁻¹∇h per variable [KFAC §6.3]."""
+        grads = dict(zip(self.keys, self.grads))
+        updates = dict(grads)
+        updates.update(self.preconditioner.precondition(grads, inverses, self.variable_key))
+        return [-tf.cast(updates[k], tf.float32) for k in self.keys]
+
+    def step_length(self, delta: list[tf.Tensor], learning_rate: Any) -> tf.Tensor:
+        """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C ("KL
+        clipping", Ba et al. 2017) when ``norm_constraint`` C is finite."""
+        lr = tf.cast(learning_rate, tf.float32)
+        bound = self.rule.norm_constraint
+        if bound is None or not math.isfinite(bound):
+            return lr
+        quadratic = -quadratic_model.inner(
+            [d for d, k in zip(delta, self.keys) if k in self.owned],
+            [g for g, k in zip(self.grads, self.keys) if k in self.owned],
+        )
+        return lr * tf.minimum(1.0, tf.sqrt(bound / tf.maximum(lr * lr * quadratic, 1e-30)))
+
+    def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
+        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7])."""
+        products = quadratic_model.jacobian_vector_products(
+            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], [delta, self.previous]
+        )
+        return quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
+
+    def linear_terms(self, delta: list[tf.Tensor]) -> tf.Tensor:
+        """b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
+        return tf.stack([quadratic_model.inner(self.grads, d) for d in (delta, self.previous)])
+
+    def damped_curvature(self, fisher: tf.Tensor, dots: tf.Tensor) -> tf.Tensor:
+        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7]."""
+        return fisher + (self.state.damping + self.rule.l2_reg) * dots
+
+    def coefficients(self, curvature_matrix, linear, length) -> tuple[tf.Tensor, tf.Tensor]:
+        """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum."""
+        if self.rule.use_quadratic_model:
+            return quadratic_model.solve_coefficients(
+                curvature_matrix, linear, self.has_previous, self.rule.max_momentum
+            )
+        fixed = tf.stack([length, tf.constant(self.rule.momentum, tf.float32)])
+        if curvature_matrix is None:
+            return fixed, tf.constant(0.0)
+        return fixed, quadratic_model.model_value(curvature_matrix, linear, fixed)
+
+    def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """δ per variable, (α, μ) and M(δ) with the stored inverses."""
+        delta = self.proposal(self.preconditioner.stored())
+        curvature_matrix = linear = None
+        if self.needs_model:
+            _, _, _, z, weight, _ = self.curvature_data
+            fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
+            curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
+            linear = self.linear_terms(delta)
+        length = None if self.rule.use_quadratic_model else self.step_length(delta, learning_rate)
+        coefficients, change = self.coefficients(curvature_matrix, linear, length)
+        update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
+        return update, coefficients, change
+
+    # Adaptation: local passes in tf.cond branches, decisions outside them.
+
+    def adapt_damping(
+        self, update: list[tf.Tensor], change: tf.Tensor, before: list[tf.Tensor], due: tf.Tensor
+    ) -> tf.Tensor:
+        """Levenberg–Marquardt: ρ from h(θ+δ) on the same batch, then λ [KFAC §6.5].
+
+        Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
+        The l2 term ½η‖θ‖² is part of h. A checked step whose ρ is below
+        ``reject_below`` (or whose loss is not finite) is undone: θ takes its
+        values ``before`` the update back and δ₀ is reset. Returns False when it was.
+        """
+        rule, state = self.rule, self.state
+        x, y, sample_weight, _, _, loss_before = self.curvature_data
+
+        def local_loss_after() -> tf.Tensor:
+            return tf.cast(self.forward(x, y, sample_weight)[1], tf.float32)
+
+        loss_after = replicas.total(tf.cond(due, local_loss_after, lambda: tf.constant(0.0)))
+        loss_change = loss_after - loss_before
+        if rule.l2_reg:
+            new_weights = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
+            loss_change += rule.l2_reg * (
+                quadratic_model.inner(new_weights, update) - 0.5 * quadratic_model.inner(update, update)
+            )
+        rho = quadratic_model.reduction_ratio(loss_change, change)
+        omega = (19.0 / 20.0) ** rule.damping_adaptation_period
+        damping = quadratic_model.levenberg_marquardt(state.damping, rho, omega, state.min_damping())
+        state.rho.assign(tf.where(due, rho, state.rho))
+        state.damping.assign(tf.where(due, damping, state.damping))
+        if rule.reject_below is None:
+            return tf.constant(True)
+        reject = tf.logical_and(due, tf.logical_not(rho >= rule.reject_below))
+        for variable, velocity, value in zip(self.variables, self.velocities, before):
+            self._assign(variable, tf.where(reject, value, variable))
+            self._assign(velocity, tf.where(reject, tf.zeros_like(velocity), velocity))
+        return tf.logical_not(reject)
+
+    def adapt_gamma(self, learning_rate: Any, due: tf.Tensor) -> None:
+        """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].
+
+        When ``due``, one branch computes each candidate's proposal and exact-Fisher
+        products, and a second one recomputes and stores the chosen γ's inverses:
+        one more inversion every T₂ steps, where carrying the three candidates'
+        inverses out of the first branch would cost a copy of them on every step.
+        """
+        gamma = self.state.gamma
+        omega = math.sqrt(19.0 / 20.0) ** self.rule.gamma_adaptation_period
+        x, y, sample_weight, _, weight, _ = self.curvature_data
+        candidates = tf.stack([gamma * 1.0, gamma * omega, gamma / omega])
+
+        def local_terms() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            # The branch runs its own forward pass: products need z in this graph.
+            y_pred, _ = self.forward(x, y, sample_weight)
+            z = self.batch.loss.network_output(y_pred)
+            fishers, dots, linears, lengths = [], [], [], []
+            for index in range(3):
+                delta = self.proposal(self.preconditioner.inverses(candidates[index]))
+                fishers.append(self.local_fisher(delta, z, weight))
+                dots.append(quadratic_model.dot_gram([delta, self.previous]))
+                linears.append(self.linear_terms(delta))
+                fixed = not self.rule.use_quadratic_model
+                lengths.append(self.step_length(delta, learning_rate) if fixed else tf.zeros([]))
+            return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
+
+        def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+            return tf.zeros([3, 2, 2]), tf.zeros([3, 2, 2]), tf.zeros([3, 2]), tf.zeros([3])
+
+        fishers, dots, linears, lengths = tf.cond(due, local_terms, skip)
+        fishers = replicas.curvature(fishers, self.batch.loss.reduction)
+        values = []
+        for index in range(3):
+            _, value = self.coefficients(
+                self.damped_curvature(fishers[index], dots[index]), linears[index], lengths[index]
+            )
+            values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
+        chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
+
+        def store() -> tf.Tensor:
+            self.preconditioner.store(self.preconditioner.inverses(chosen))
+            gamma.assign(chosen)
+            return tf.constant(True)
+
+        tf.cond(due, store, lambda: tf.constant(False))
