@@ -55,6 +55,10 @@ class TridiagonalChain:
             for i, value in enumerate(identity)
         ]
 
+    def cross_targets(self) -> tuple[list, list]:
+        """The moving averages of Ā_{i,i+1} and G_{i,i+1}."""
+        return list(self.input_cross), list(self.output_cross)
+
     def cross_estimates(
         self, rows: dict, batch_size: tf.Tensor
     ) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:

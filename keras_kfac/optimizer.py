@@ -12,12 +12,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, compat, curvature, losses, replicas, statistics
+from keras_kfac import capture, compat, curvature, losses, replicas
 from keras_kfac import fallback as fallback_rule
-from keras_kfac.chain import TridiagonalChain
-from keras_kfac.preconditioner import BlockDiagonal
+from keras_kfac.estimator import APPROXIMATIONS, AUTO_REGISTER_TYPES, CurvatureEstimator
 from keras_kfac.registration import LayerCollection
-from keras_kfac.step import Batch, Step, StepRule, StepState, require_inputs, sub_batch
+from keras_kfac.step import Batch, Step, StepRule, StepState, require_inputs
 
 _EAGER_MESSAGE = (
     "KFAC reads the activations and output gradients of the training step from "
@@ -25,7 +24,6 @@ _EAGER_MESSAGE = (
     "model with run_eagerly=False (the default) and train with model.fit or "
     "model.train_on_batch."
 )
-APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 # The default step (no learning rate, momentum or adaptation given); its
 # neighbours race it in `benchmarks/zoo_race.py --candidates`.
 DEFAULT_STEP = dict(
@@ -287,7 +285,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         if estimation_mode not in losses.ESTIMATION_MODES:
             raise ValueError(f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; got {estimation_mode!r}.")
         if approximation not in APPROXIMATIONS:
-            raise ValueError(f"`approximation` must be one of {APPROXIMATIONS}; got {approximation!r}.")
+            raise ValueError(f"`approximation` must be one of {tuple(APPROXIMATIONS)}; got {approximation!r}.")
         if model is not None and not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model; got {model!r}.")
         if isinstance(layer_collection, dict):  # from a saved configuration
@@ -323,8 +321,9 @@ class KFAC(compat.WholeUpdateOptimizer):
         self.reject_below = None if reject_below is None else float(reject_below)
         # A plain (untracked) object: the optimizer does not own the model.
         self.layer_collection = layer_collection or LayerCollection()
-        if approximation == "block_tridiagonal":  # the chain is made of Dense layers
-            self.layer_collection.auto_register_types = (keras.layers.Dense,)
+        layer_types = AUTO_REGISTER_TYPES.get(approximation)
+        if layer_types is not None:
+            self.layer_collection.auto_register_types = layer_types
         if model is not None:
             self.layer_collection.register_model(model)
         self.layer_collection.prepare()
@@ -415,8 +414,17 @@ class KFAC(compat.WholeUpdateOptimizer):
         if tf.inside_function():  # built by the first training step: its loss must be known
             collection.loss()
         super().build(variables)
-        for block in collection.blocks:
-            block.create_state(self)
+        self._estimator = CurvatureEstimator(
+            self,
+            collection.blocks,
+            self.approximation,
+            self.estimation_mode,
+            self.ema_decay,
+            self.statistics_update_period,
+            self.statistics_fraction,
+            self.patch_fraction,
+            self.inverse_update_period,
+        )
         # The variables K-FAC's own update δ = αΔ + μδ₀ moves, each with its δ₀,
         # by key (a list of model variables would be tracked as the optimizer's).
         self._velocities = {
@@ -439,10 +447,6 @@ class KFAC(compat.WholeUpdateOptimizer):
         # The iteration K-FAC's schedules count from: 1 when the first step
         # met the model too late to record it.
         self._start = self.add_variable((), initializer="zeros", dtype="int64", name="start")
-        if self.approximation == "block_tridiagonal":
-            self._preconditioner = TridiagonalChain(self, collection.blocks)
-        else:
-            self._preconditioner = BlockDiagonal(collection.blocks)
         unowned = [v for v in variables if self.variable_key(v) not in owned]
         if self.fallback is not None and unowned:
             self.fallback.build(unowned)
@@ -505,7 +509,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         step = Step(
             self._step_rule(),
             StepState(self._damping, self._gamma, self._rho, self._min_damping),
-            self._preconditioner,
+            self._estimator.preconditioner,
             batch,
             variables,
             own_grads,
@@ -581,108 +585,12 @@ class KFAC(compat.WholeUpdateOptimizer):
         )
 
     def _update_curvature(self, batch: Batch, gradients_finite: tf.Tensor) -> None:
-        """Moving averages of Ā and G [KFAC §5], then the scheduled damped inverses.
-
-        With τ₁ = 1 and T_cov = 1 the statistics use the training step's own
-        forward pass and one more backward pass, from the sampled outputs. With
-        τ₁ < 1 or T_cov > 1 they come from a forward and backward pass of the
-        first ⌈τ₁B⌉ examples alone, run on every T_cov-th step only (a
-        ``tf.cond``): these passes then cost about τ₁/T_cov of the training
-        step's. No tensor shape depends on the step counter, so XLA compiles
-        the step once. Under a ``tf.distribute`` strategy the replicas' batch
-        estimates are all-reduced before they enter the moving averages; the
-        all-reduce runs on every step (a strategy cannot place it in the
-        ``tf.cond``), also on those that skip the passes.
-        """
-        seed = self._sampling_seed()
-        period = self.statistics_update_period
-        decay = curvature.moving_average_decay(self._count // period + 1, self.ema_decay)
-        called = [b for b in self.blocks if batch.layer_calls.get(id(b))]
-        input_targets = [b.input_factor.cov for b in called]
-        output_targets = [b.output_factor.cov for b in called]
-        if self.approximation == "block_tridiagonal":
-            input_targets += self._preconditioner.input_cross
-            output_targets += self._preconditioner.output_cross
-
-        def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list, list]:
-            examples = tf.shape(z)[0]
-            rows = statistics.factor_rows(
-                self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed
-            )
-            if [b for b in self.blocks if id(b) in rows] != called:
-                raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
-            input_estimates, input_masses, output_estimates = statistics.factor_estimates(
-                self.blocks, rows, examples, seed, self.patch_fraction
-            )
-            if self.approximation == "block_tridiagonal":
-                input_cross, cross_masses, output_cross = self._preconditioner.cross_estimates(rows, examples)
-                input_estimates += input_cross
-                input_masses += cross_masses
-                output_estimates += output_cross
-            if batch.loss.reduction != "sum":
-                # Keras averages each replica's loss over its own examples, so
-                # the weight of its examples in the global loss is w/B_replica.
-                input_masses = [tf.math.divide_no_nan(m, tf.cast(examples, tf.float32)) for m in input_masses]
-            return input_estimates, input_masses, output_estimates
-
-        def estimate_sub_batch() -> tuple[list, list, list]:
-            x, y_true, sample_weight = sub_batch(
-                (batch.loss_call.x, batch.y_true, batch.sample_weight),
-                tf.shape(batch.z)[0],
-                self.statistics_fraction,
-                batch.loss.reduction,
-            )
-            y_pred, layer_calls, _ = self._forward(x)
-            y_pred = keras.tree.flatten(y_pred)[0]
-            weight = losses.masked_sample_weight(y_pred, y_true, sample_weight, batch.loss)
-            return estimate(layer_calls, batch.loss.network_output(y_pred), y_true, weight)
-
-        def skip() -> tuple[list, list, list]:
-            return (
-                [tf.zeros(t.shape) for t in input_targets],
-                [tf.zeros([]) for _ in input_targets],
-                [tf.zeros(t.shape) for t in output_targets],
-            )
-
-        def combine(estimates: tuple[list, list, list]) -> tuple[list, list, list]:
-            """The global batch's estimates and masses of Ā (identity without a strategy)."""
-            inputs, masses = replicas.weighted_mean(list(estimates[0]), list(estimates[1]))
-            return inputs, masses, replicas.curvature(list(estimates[2]), batch.loss.reduction)
-
-        def update(estimates: tuple[list, list, list]) -> tf.Tensor:
-            # A batch enters the statistics whole or not at all: not when one
-            # of its estimates, or its gradient (bad labels), is not finite,
-            # nor when its examples all weigh 0 (it has no statistics).
-            inputs, masses, outputs = estimates
-            accept = tf.logical_and(gradients_finite, curvature.all_finite(inputs + outputs))
-            accept = tf.logical_and(accept, tf.reduce_all([m > 0.0 for m in masses]))
-            for variable, value in zip(input_targets + output_targets, inputs + outputs):
-                curvature.update_moving_average(variable, value, decay, accept)
-            return tf.constant(True)
-
-        if not input_targets:  # no registered layer ran in this step
-            pass
-        elif self.statistics_fraction >= 1.0 and period == 1:
-            update(combine(estimate(batch.layer_calls, batch.z, batch.y_true, batch.curvature_weight)))
-        elif period == 1:
-            update(combine(estimate_sub_batch()))
-        else:
-            active = tf.equal(self._count % period, 0)
-            # ``combine`` all-reduces, which cannot run inside a branch.
-            estimates = combine(tf.cond(active, estimate_sub_batch, skip))
-            tf.cond(active, lambda: update(estimates), lambda: tf.constant(False))
-
-        # The inverses: after each of the first 3 statistics updates, then every T₃ steps.
-        early = tf.logical_and(self._count < 3 * period, tf.equal(self._count % period, 0))
-        due = tf.logical_or(early, tf.equal(self._count % self.inverse_update_period, 0))
+        """The factors' moving averages, the relative damping, then the scheduled inverses [KFAC §5, §6.3]."""
+        estimator = self._estimator
+        estimator.update(batch, self._count, gradients_finite, self._sampling_seed(), lambda x: self._forward(x)[:2])
         if self.initial_damping is None and self.blocks:
             self._set_relative_damping(tf.equal(self._count % self.inverse_update_period, 0))
-
-        def refresh_inverses() -> tf.Tensor:
-            self._preconditioner.store(self._preconditioner.inverses(self._gamma))
-            return tf.constant(True)
-
-        tf.cond(due, refresh_inverses, lambda: tf.constant(False))
+        estimator.refresh_inverses(self._count, self._gamma)
 
     def _set_relative_damping(self, refresh: tf.Tensor) -> None:
         """λ = ``relative_damping`` · tr(F̃)/n, F̃ = ⊕ Ā ⊗ G the factored Fisher [KFAC §6.3].
@@ -693,33 +601,21 @@ class KFAC(compat.WholeUpdateOptimizer):
         a fixed step it then follows F̃ at every ``refresh`` (each T₃-th
         step), adapted it is only λ₀.
         """
-        mean_eigenvalue = self._mean_eigenvalue()
+        mean_eigenvalue = self._estimator.mean_eigenvalue()
         damping = tf.maximum(self.relative_damping * mean_eigenvalue, self.min_damping)
         due = tf.equal(self._damping, 0.0)
         if not self.adapt_damping:
             due = tf.logical_or(due, refresh)
         # Factors stay 0 until a batch's statistics are accepted.
-        accepted = tf.reduce_any(tf.stack([b.output_factor.trace() > 0.0 for b in self.blocks]))
-        due = tf.logical_and(due, accepted)
+        due = tf.logical_and(due, self._estimator.accepted())
         self._damping.assign(tf.where(due, damping, self._damping))
         self._gamma.assign(tf.where(due, tf.sqrt(self._damping + self.l2_reg), self._gamma))
-
-    def _mean_eigenvalue(self) -> tf.Tensor:
-        """tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G, the mean eigenvalue of F̃ = ⊕ Ā ⊗ G."""
-        traces = [
-            b.input_factor.mean_eigenvalue()
-            * b.output_factor.mean_eigenvalue()
-            * float(b.input_factor.dim * b.output_factor.dim)
-            for b in self.blocks
-        ]
-        size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
-        return tf.add_n(traces) / float(size)
 
     def _min_damping(self) -> tf.Tensor:
         """The adapted λ's floor: ``min_damping``, or ``relative_min_damping``·tr(F̃)/n if larger."""
         floor = tf.constant(self.min_damping, tf.float32)
         if self.blocks and self.relative_min_damping > 0.0:
-            floor = tf.maximum(floor, self.relative_min_damping * self._mean_eigenvalue())
+            floor = tf.maximum(floor, self.relative_min_damping * self._estimator.mean_eigenvalue())
         return floor
 
     def _sampling_seed(self) -> tf.Tensor:

@@ -21,6 +21,12 @@ class Preconditioner(Protocol):
 
     blocks: list[KroneckerBlock]
 
+    def cross_targets(self) -> tuple[list, list]:
+        """The moving averages of statistics beyond the blocks' own Ā and G (inputs, outputs)."""
+
+    def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list, list, list]:
+        """Batch estimates of ``cross_targets``, with the masses of the input ones."""
+
     def inverses(self, gamma: tf.Tensor) -> list:
         """The inverse state for factored-Tikhonov damping γ, freshly computed (not stored)."""
 
@@ -39,6 +45,13 @@ class BlockDiagonal:
 
     def __init__(self, blocks: list[KroneckerBlock]):
         self.blocks = blocks
+
+    def cross_targets(self) -> tuple[list, list]:
+        """No statistics beyond each block's own factors."""
+        return [], []
+
+    def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list, list, list]:
+        return [], [], []
 
     def inverses(self, gamma: tf.Tensor) -> list:
         """Fresh ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) of every block for γ (not stored)."""

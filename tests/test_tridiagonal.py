@@ -368,7 +368,7 @@ def test_optimizer_step_uses_the_dense_tridiagonal_inverse():
         s = inputs[-1] @ np.concatenate([before[2 * i], before[2 * i + 1][None]], 0)
         h = np.tanh(s) if i < 2 else s
     a_cross = [inputs[i].T @ inputs[i + 1] / 64 for i in range(2)]
-    chain = opt._preconditioner
+    chain = opt._estimator.preconditioner
     for variable, expected in zip(chain.input_cross, a_cross):
         np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-4, atol=1e-6)
 
