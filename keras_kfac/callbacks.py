@@ -17,8 +17,7 @@ import keras
 import tensorflow as tf
 
 from keras_kfac.optimizer import KFAC
-
-MONITORED = ("damping", "gamma", "alpha", "mu", "rho", "quadratic_change")
+from keras_kfac.tensorboard import MONITORED
 
 
 def _kfac_of(optimizer: Any) -> KFAC:

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, compat, curvature, losses, replicas
+from keras_kfac import capture, compat, curvature, losses, replicas, tensorboard
 from keras_kfac import fallback as fallback_rule
 from keras_kfac.estimator import APPROXIMATIONS, AUTO_REGISTER_TYPES, CurvatureEstimator
 from keras_kfac.registration import LayerCollection
@@ -326,6 +326,7 @@ class KFAC(compat.WholeUpdateOptimizer):
             self.layer_collection.auto_register_types = layer_types
         if model is not None:
             self.layer_collection.register_model(model)
+            tensorboard.feed_stock_tensorboard(model)
         self.layer_collection.prepare()
 
     # ------------------------------------------------------------------ state
@@ -390,6 +391,7 @@ class KFAC(compat.WholeUpdateOptimizer):
                 model.make_train_function(force=True)
             if model is not None:
                 collection.register_model(model)
+                tensorboard.feed_stock_tensorboard(model)
         collection.prepare()
         trainable = {self.variable_key(v) for v in variables}
         if (

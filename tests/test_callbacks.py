@@ -170,6 +170,28 @@ def test_monitor_writes_per_step_and_epoch_summaries(tmp_path):
     assert "kfac/mu" not in events
 
 
+def test_stock_tensorboard_shows_the_state_on_the_batches_it_records(tmp_path):
+    """Only Keras' TensorBoard callback: K-FAC's state every update_freq batches and each epoch."""
+    x, y = data()
+    model = small_model()
+    optimizer = compile_kfac(model, adaptive=True, damping_adaptation_period=2)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "first"), update_freq=3)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[board])  # 12 steps
+    events = scalar_events(tmp_path / "first" / "train")
+    for name in ("damping", "gamma", "alpha", "mu", "rho", "quadratic_change"):
+        assert [step for step, _ in events[f"batch_kfac_{name}"]] == [3, 6, 9, 12]
+        # Keras writes an epoch's logs when its last batch is one it records (6 and 12 here).
+        assert [step for step, _ in events[f"epoch_kfac_{name}"]] == [0, 1]
+        assert events[f"batch_kfac_{name}"][-1][1] == pytest.approx(float(getattr(optimizer, name).numpy()))
+    assert len({value for _, value in events["batch_kfac_damping"]}) > 1  # λ adapts between the records
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # the traced step keeps no writer
+    model.fit(
+        x, y, batch_size=16, epochs=1, verbose=0, callbacks=[keras.callbacks.TensorBoard(str(tmp_path / "again"))]
+    )
+    events = scalar_events(tmp_path / "again" / "train")
+    assert "batch_kfac_damping" not in events and len(events["epoch_kfac_damping"]) == 1
+
+
 def test_monitor_needs_kfac_and_known_quantities():
     with pytest.raises(ValueError, match="unknown quantities"):
         KFACMonitor(quantities=("damping", "lr"))
