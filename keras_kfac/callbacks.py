@@ -16,6 +16,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+# Defined in growing_batches; importable from here as before.
+from keras_kfac.growing_batches import GrowingBatches, growing_batch_size, growth_to_reach  # noqa: F401
 from keras_kfac.optimizer import KFAC
 from keras_kfac.tensorboard import MONITORED
 

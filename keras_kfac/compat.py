@@ -4,7 +4,7 @@ K-FAC needs a few things Keras has no public API for: the whole update over
 all variables at once, the layers nested in a model, the logits behind a
 softmax output, the model whose training step is running. Each is reached
 here, and only here, with why it is needed. All were checked against Keras
-3.15.1 with TensorFlow 2.21.0 (``CHECKED``), the versions ``setup.py`` admits.
+3.15.1 with TensorFlow 2.21.0 (``CHECKED``); ``setup.py`` admits Keras 3.15.
 """
 
 from __future__ import annotations
@@ -93,6 +93,15 @@ def output_mask(y_pred: Any) -> Any:
     The loss ignores masked values, so the Fisher must too.
     """
     return getattr(y_pred, "_keras_mask", None)
+
+
+def loss_arguments(loss: keras.losses.Loss) -> dict:
+    """The keyword arguments a ``LossFunctionWrapper`` passes to its function (``_fn_kwargs``).
+
+    ``from_logits``, ``label_smoothing`` and the like change the predictive
+    distribution K-FAC must use; Keras keeps them only on the wrapper.
+    """
+    return dict(getattr(loss, "_fn_kwargs", {}))
 
 
 def compiled_loss_weights(model: keras.Model) -> Any:

@@ -36,8 +36,9 @@ class CurvatureEstimator:
     """Kronecker-factor statistics of the registered blocks and their damped inverses.
 
     Args:
-        optimizer: the optimizer whose variables hold the state (saved with it).
-        blocks: the registered blocks.
+        optimizer: the optimizer whose variables hold the approximation's own
+            state (saved with it).
+        blocks: the registered blocks, their factors' state created.
         approximation: a name in ``APPROXIMATIONS``.
         estimation_mode: how output vectors are drawn (``statistics.factor_rows``).
         ema_decay: the moving averages' largest decay ε [KFAC §5].
@@ -60,8 +61,6 @@ class CurvatureEstimator:
         inverse_update_period: int,
     ):
         self.blocks = blocks
-        for block in blocks:
-            block.create_state(optimizer)
         self.preconditioner = APPROXIMATIONS[approximation](optimizer, blocks)
         self.estimation_mode = estimation_mode
         self.ema_decay = ema_decay

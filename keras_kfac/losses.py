@@ -333,7 +333,7 @@ def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
     if isinstance(identified, keras.losses.Loss):
         reduction = identified.reduction
         fn = getattr(identified, "fn", None)
-        kwargs = dict(getattr(identified, "_fn_kwargs", {}))
+        kwargs = compat.loss_arguments(identified)
     name = getattr(fn, "__name__", None)
     if name in _LOSS_NAMES and fn is not getattr(keras.losses, name, None):
         raise _unsupported(loss)

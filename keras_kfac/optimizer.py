@@ -326,7 +326,8 @@ class KFAC(compat.WholeUpdateOptimizer):
             self.layer_collection.auto_register_types = layer_types
         if model is not None:
             self.layer_collection.register_model(model)
-            tensorboard.feed_stock_tensorboard(model)
+        if self.layer_collection.model is not None:
+            tensorboard.feed_stock_tensorboard(self.layer_collection.model)
         self.layer_collection.prepare()
 
     # ------------------------------------------------------------------ state
@@ -416,17 +417,10 @@ class KFAC(compat.WholeUpdateOptimizer):
         if tf.inside_function():  # built by the first training step: its loss must be known
             collection.loss()
         super().build(variables)
-        self._estimator = CurvatureEstimator(
-            self,
-            collection.blocks,
-            self.approximation,
-            self.estimation_mode,
-            self.ema_decay,
-            self.statistics_update_period,
-            self.statistics_fraction,
-            self.patch_fraction,
-            self.inverse_update_period,
-        )
+        # Variables in the order saved optimizers hold them: the blocks'
+        # factors, the velocities, the scalars, then the approximation's own.
+        for block in collection.blocks:
+            block.create_state(self)
         # The variables K-FAC's own update δ = αΔ + μδ₀ moves, each with its δ₀,
         # by key (a list of model variables would be tracked as the optimizer's).
         self._velocities = {
@@ -449,6 +443,17 @@ class KFAC(compat.WholeUpdateOptimizer):
         # The iteration K-FAC's schedules count from: 1 when the first step
         # met the model too late to record it.
         self._start = self.add_variable((), initializer="zeros", dtype="int64", name="start")
+        self._estimator = CurvatureEstimator(
+            self,
+            collection.blocks,
+            self.approximation,
+            self.estimation_mode,
+            self.ema_decay,
+            self.statistics_update_period,
+            self.statistics_fraction,
+            self.patch_fraction,
+            self.inverse_update_period,
+        )
         unowned = [v for v in variables if self.variable_key(v) not in owned]
         if self.fallback is not None and unowned:
             self.fallback.build(unowned)

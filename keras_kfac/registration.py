@@ -167,11 +167,14 @@ class LayerCollection:
         """
         self.register_model(model)
         layer_types = self.auto_register_types
+        by_default = self._auto_register_types is None
         for layer in compat.nested_layers(model):
             if not layer.trainable or any(b.layer is layer for b in self._blocks):
                 continue
             block_type = registry.block_type_for(layer)
             if block_type is None or not isinstance(layer, layer_types):
+                continue
+            if by_default and not block_type.auto_register:
                 continue
             try:
                 self._register(block_type(layer))
@@ -190,6 +193,12 @@ class LayerCollection:
             return dict(self._pending)
         config = {}
         if self._by_hand:
+            for block in self._blocks:
+                if registry.block_type_of_kind(type(block).kind) is not type(block):
+                    raise ValueError(
+                        f"Layer '{block.name}' has a {type(block).__name__}, which is not the registered block "
+                        f"of kind '{type(block).kind}': register it (keras_kfac.register_block_type) to save it."
+                    )
             layers = self._model_layers()
             config["layers"] = [
                 {

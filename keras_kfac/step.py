@@ -115,8 +115,9 @@ class Step:
         state: λ, γ and ρ, updated by ``adapt_damping`` and ``adapt_gamma``.
         preconditioner: the F̆⁻¹ whose inverses give Δ.
         batch: the step's recorded loss inputs.
-        variables: the variables in blocks, with their ``grads`` (global batch)
-            and their ``velocities`` δ₀.
+        variables: the variables K-FAC's own update moves (those in blocks, or
+            all with ``fallback="momentum"``), with their ``grads`` (global
+            batch) and their ``velocities`` δ₀.
         variable_key: the key of a variable in ``preconditioner.precondition``.
         forward: x ↦ (the model's output, its layers' extra losses) at the
             current weights, recording nothing.

@@ -15,7 +15,7 @@ PACKAGE = Path(keras_kfac.__file__).parent
 PRIVATE = re.compile(
     r"\._var_key|\._flatten_layers|\._inbound_nodes|_keras_logits|_keras_mask|\._compile_loss|"
     r"_user_loss_weights|__internal__|object\.__setattr__|\.f_back|_backend_update_step|"
-    r"\._clip_gradients|\._apply_weight_decay|self\._variables\b"
+    r"\._clip_gradients|\._apply_weight_decay|self\._variables\b|_fn_kwargs"
 )
 
 

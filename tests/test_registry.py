@@ -119,6 +119,19 @@ def test_bad_block_types_and_layers_are_named(user_blocks):
         keras_kfac.register_block_type(NoLayers)
     with pytest.raises(ValueError, match="kind"):
         keras_kfac.register_block_type(NoKind)
+
+    class InheritsKind(DenseBlock):
+        layer_types = (MyDense,)
+
+    class TakesKind(DenseBlock):
+        layer_types = (MyDense,)
+        kind = "dense"
+
+    with pytest.raises(ValueError, match="its own kind"):
+        keras_kfac.register_block_type(InheritsKind)
+    with pytest.raises(ValueError, match="'dense' is taken by DenseBlock"):
+        keras_kfac.register_block_type(TakesKind)
+    assert registry.block_type_for(keras.layers.Dense(2)) is DenseBlock
     collection = keras_kfac.LayerCollection()
     with pytest.raises(TypeError, match="No curvature block serves layer 'rnn'"):
         collection.register(keras.layers.SimpleRNN(2, name="rnn"))
@@ -136,3 +149,33 @@ def test_lora_layers_are_refused_by_hand_and_left_to_the_fallback_automatically(
     with pytest.warns(UserWarning, match="fallback rule.*'adapted' has LoRA"):
         collection.auto_register(model)
     assert [b.layer for b in collection.blocks] == [model.layers[1]]
+
+
+def test_a_block_left_out_of_automatic_registration_stays_out(user_blocks):
+    class QuietBlock(DenseBlock):
+        layer_types = (MyDense,)
+        kind = "test_quiet"
+        auto_register = False
+
+    keras_kfac.register_block_type(QuietBlock)
+    model = keras.Sequential([keras.Input((4,)), MyDense(3), keras.layers.Dense(2)])
+    collection = keras_kfac.LayerCollection()
+    collection.auto_register(model)
+    assert [type(b) for b in collection.blocks] == [DenseBlock]
+    opted_in = keras_kfac.LayerCollection()
+    opted_in.auto_register_types += (MyDense,)
+    opted_in.auto_register(model)
+    assert [type(b) for b in opted_in.blocks] == [QuietBlock, DenseBlock]
+
+
+def test_an_unregistered_block_type_trains_but_is_not_saved_as_another(user_blocks):
+    class UnlistedBlock(DenseBlock):
+        layer_types = (keras.layers.Dense,)
+        kind = "test_unlisted"
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    collection = keras_kfac.LayerCollection()
+    collection.register_model(model)
+    collection.register(model.layers[0], UnlistedBlock)
+    with pytest.raises(ValueError, match="register it"):
+        collection.get_config()

@@ -9,7 +9,11 @@ order, so a block for a subclass of ``Dense`` takes precedence over the Dense
 block for it.
 
 A block for a layer class of your own is a ``KroneckerBlock`` subclass that
-says how the layer's input becomes rows ā [KFAC §3]:
+says how the layer's input becomes rows ā [KFAC §3]. The layer takes its
+input as the first argument of ``call`` and returns its pre-activation s, or
+applies its nonlinearity through an ``activation`` attribute (K-FAC sets it to
+None while recording s); its weights are ``kernel`` and, if any, ``bias``
+(override the block's ``kernel`` and ``has_bias`` otherwise):
 
 ```python
 @keras_kfac.register_block_type
@@ -34,12 +38,15 @@ _REGISTRY: list[type[KroneckerBlock]] = []
 def register_block_type(block_type: type[KroneckerBlock]) -> type[KroneckerBlock]:
     """Makes ``block_type`` serve its ``layer_types`` in every ``LayerCollection``.
 
-    Usable as a class decorator. Registering a block type again (same
-    ``kind``) replaces the earlier one.
+    Usable as a class decorator. Registering a class of the same module and
+    name again (a reloaded module) replaces the earlier one; another class
+    with a ``kind`` already taken is refused.
 
     Args:
-        block_type: a ``KroneckerBlock`` subclass with non-empty ``layer_types``
-            (Keras layer classes) and ``kind`` (a name unique among blocks).
+        block_type: a ``KroneckerBlock`` subclass declaring its own non-empty
+            ``layer_types`` (Keras layer classes) and ``kind`` (a name unique
+            among blocks; not inherited, so that a subclass of a built-in
+            block never takes its place).
 
     Returns:
         ``block_type``.
@@ -51,9 +58,17 @@ def register_block_type(block_type: type[KroneckerBlock]) -> type[KroneckerBlock
         raise ValueError(
             f"{block_type.__name__}.layer_types must name the Keras layer classes it serves; got {layer_types!r}."
         )
-    if not isinstance(block_type.kind, str) or not block_type.kind:
-        raise ValueError(f"{block_type.__name__}.kind must be a non-empty name for saved configurations.")
-    _REGISTRY[:] = [b for b in _REGISTRY if b.kind != block_type.kind]
+    kind = block_type.__dict__.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{block_type.__name__} must declare its own kind: a non-empty name for saved configurations.")
+    for registered in _REGISTRY:
+        same_class = (registered.__module__, registered.__qualname__) == (
+            block_type.__module__,
+            block_type.__qualname__,
+        )
+        if registered.kind == kind and not same_class:
+            raise ValueError(f"The block kind '{kind}' is taken by {registered.__qualname__}; choose another kind.")
+    _REGISTRY[:] = [b for b in _REGISTRY if b.kind != kind]
     _REGISTRY.append(block_type)
     return block_type
 
