@@ -19,7 +19,7 @@ import tensorflow as tf
 # Defined in growing_batches; importable from here as before.
 from keras_kfac.growing_batches import GrowingBatches, growing_batch_size, growth_to_reach  # noqa: F401
 from keras_kfac.optimizer import KFAC
-from keras_kfac.tensorboard import MONITORED
+from keras_kfac.tensorboard import MONITORED, state_values
 
 
 def _kfac_of(optimizer: Any) -> KFAC:
@@ -74,8 +74,7 @@ class KFACMonitor(keras.callbacks.Callback):
 
     def values(self) -> dict[str, float]:
         """The monitored quantities' current values, as Python floats."""
-        optimizer = _kfac_of(self.model.optimizer)
-        return {name: float(keras.ops.convert_to_numpy(getattr(optimizer, name))) for name in self.quantities}
+        return state_values(_kfac_of(self.model.optimizer), self.quantities)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         _kfac_of(self.model.optimizer)
