@@ -1,6 +1,8 @@
 # `make demo` trains K-FAC, Adam and SGD on Fashion-MNIST and prints a table;
 # `make test` checks the code with ruff (lint and format, settings in
-# pyproject.toml) and runs the test suite. Both create .venv with the tested versions.
+# pyproject.toml) and runs the test suite under Bazel (`bazel test //...`, one
+# target per test file); `make pytest` runs the same files under pytest alone.
+# All create .venv with the tested versions.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,13 @@ DATA_PROBE := train-images-idx3-ubyte.gz
 # Extra flags for the demo, e.g. make demo DEMO_ARGS="--model conv --epochs 5"
 DEMO_ARGS ?=
 
-.PHONY: venv data demo test
+# Bazel 2.1 from the npm registry (x86_64 Linux), run offline: .bazelrc and
+# bazel.rc.local point the repositories it would download at third_party/bazel/.
+BAZEL_VERSION := 2.1.0
+BAZEL_HOME := .bazel
+BAZEL := $(BAZEL_HOME)/node_modules/@bazel/bazel-linux_x64/bazel-$(BAZEL_VERSION)-linux-x86_64
+
+.PHONY: venv data demo lint test pytest bazel-test
 
 venv: $(STAMP)
 
@@ -37,7 +45,24 @@ data:
 demo: venv data
 	$(PY) tutorials/compare_optimizers.py $(DEMO_ARGS)
 
-test: venv
+lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+test: lint bazel-test
+
+pytest: venv
 	$(PY) -m pytest -q -n auto --dist loadscope tests
+
+$(BAZEL):
+	npm install --prefix $(BAZEL_HOME) --no-save --no-audit --no-fund @bazel/bazel-linux_x64@$(BAZEL_VERSION)
+
+# Written on every run: Bazel 2.1 takes only absolute paths in these flags. Its
+# test launchers start with `#!/usr/bin/env python`, found on the PATH given
+# here (the virtualenv's); no C++ toolchain is looked for (no compiler needed).
+bazel-test: venv $(BAZEL)
+	printf 'build --override_repository=%s=$(CURDIR)/third_party/bazel/%s\n' \
+	  rules_cc rules_cc rules_java rules_java remote_coverage_tools remote_coverage_tools > bazel.rc.local
+	printf 'build --python_path=$(CURDIR)/$(PY)\n' >> bazel.rc.local
+	printf 'test --test_env=PATH=$(CURDIR)/$(VENV)/bin:/usr/local/bin:/usr/bin:/bin\n' >> bazel.rc.local
+	BAZEL_DO_NOT_DETECT_CPP_TOOLCHAIN=1 $(BAZEL) test //...

@@ -5,7 +5,7 @@
     python benchmarks/zoo_race.py --budget default --dampings --models autoencoder,convnet
     python benchmarks/zoo_race.py --budget smoke --synthetic          # what the tests run
     python benchmarks/zoo_race.py --candidates                         # how the defaults were chosen
-    python benchmarks/zoo_race.py --profile                            # where a default step's time goes
+    python benchmarks/zoo_race.py --weight-sharing --seeds 3            # K-FAC-expand against K-FAC-reduce
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -26,18 +26,15 @@ seconds (iterations) to the target divided by the run's.
 λ₀ ∈ {1e-4, …, 150} against Adam-default instead, for the table of the
 adaptive mode's sensitivity to λ₀.
 
+`--weight-sharing` races default K-FAC with its convolutions' factors
+K-FAC-expand (a row per location, the default) and K-FAC-reduce (a row per
+example) against Adam-default, on the convnet and the ResNet by default.
+
 `--candidates` trains the candidate settings of the default step for a fixed
 number of iterations on four of the models (the LSTM's and the ResNet's
 curvature blocks cover little or cost much, see BENCHMARKS.md) and reports
 their iterations to Adam-default's validation loss: the measurement the
 defaults were chosen by. Their cost per step is the zoo race's business.
-
-`--profile` times one step of Adam and of default K-FAC on every model, and
-of default K-FAC with the statistics and inverses never refreshed: the
-difference between Adam and the latter is what preconditioning (and the
-update's bookkeeping) costs on every step, the rest is the statistics and
-inverses amortised over their periods. Steps are taken in turns (5 rounds
-of 20 steps after 12 warm-up steps, alternating the order); medians.
 """
 
 from __future__ import annotations
@@ -112,21 +109,9 @@ CANDIDATES = [
     Spec("kfac", {"learning_rate": 0.1, "momentum": 0.9, "damping": 1e-2, "norm_constraint": 1e-3}),
     Spec("kfac-adaptive", {}),
 ]
+# K-FAC-expand (the default) and K-FAC-reduce for the convolutions (Eschenhagen et al. 2023).
+WEIGHT_SHARING_RACE = [ADAM_DEFAULT, Spec("kfac", {}), Spec("kfac", {"weight_sharing": "reduce"})]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
-
-
-PROFILE = [
-    ("Adam", ADAM_DEFAULT),
-    ("K-FAC default", Spec("kfac", {})),
-    (
-        "K-FAC, statistics and inverses never refreshed",
-        Spec("kfac", {"statistics_update_period": 10**9, "inverse_update_period": 10**9}),
-    ),
-    (
-        "K-FAC, statistics every step, inverses every 10",
-        Spec("kfac", {"statistics_update_period": 1, "inverse_update_period": 10}),
-    ),
-]
 
 
 def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
@@ -143,58 +128,6 @@ def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
     keras.utils.set_random_seed(seed)
     initial = problem.build().get_weights()
     return bench, initial, H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
-
-
-def profile_model(name: str, cfg: dict, seed: int, synthetic: bool) -> dict:
-    """Median seconds per step of the `PROFILE` variants on one zoo model."""
-    bench, initial, batch = _setup(name, cfg, seed, synthetic)
-    runs = []
-    for label, spec in PROFILE:
-        keras.utils.set_random_seed(seed)
-        runs.append((label, H.Run(bench, spec, batch, initial, seed, None, math.inf)))
-    for _, run in runs:
-        for _ in range(12):
-            run.step()
-    times = {label: [] for label, _ in runs}
-    for round_index in range(5):
-        for label, run in runs if round_index % 2 == 0 else runs[::-1]:
-            start = time.perf_counter()
-            for _ in range(20):
-                run.step()
-            times[label].append((time.perf_counter() - start) / 20)
-    return {label: float(np.median(values)) for label, values in times.items()}
-
-
-def profile_table(profiles: dict[str, dict]) -> str:
-    rows = []
-    for name, ms in profiles.items():
-        adam, default, frozen = ms["Adam"], ms["K-FAC default"], ms[PROFILE[2][0]]
-        every = ms[PROFILE[3][0]]
-        rows.append(
-            [
-                name,
-                f"{1e3 * adam:.1f}",
-                f"{1e3 * default:.1f}",
-                f"{default / adam:.2f}",
-                f"{1e3 * (frozen - adam):.1f}",
-                f"{1e3 * (default - frozen):.1f}",
-                f"{1e3 * every:.1f}",
-                f"{every / adam:.2f}",
-            ]
-        )
-    return H.markdown_table(
-        [
-            "model",
-            "Adam ms/step",
-            "K-FAC ms/step",
-            "÷ Adam",
-            "preconditioning + bookkeeping ms",
-            "statistics + inverses ms (amortised)",
-            "K-FAC, statistics every step ms",
-            "÷ Adam",
-        ],
-        rows,
-    )
 
 
 def dampings_race() -> list[Spec]:
@@ -463,7 +396,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="the default step's candidate settings, for a fixed number of iterations",
     )
-    parser.add_argument("--profile", action="store_true", help="time the default step's parts on every model")
+    parser.add_argument(
+        "--weight-sharing",
+        action="store_true",
+        help="default K-FAC with K-FAC-expand and K-FAC-reduce convolutions, against Adam-default",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -474,22 +411,17 @@ def main(argv=None) -> None:
     kind, specs = "zoo", RACE
     if args.dampings:
         kind, specs = "zoo-dampings", dampings_race()
+    if args.weight_sharing:
+        kind, specs = "zoo-weight-sharing", WEIGHT_SHARING_RACE
+        if args.models == parser.get_default("models"):
+            args.models = "convnet,resnet"
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):
             args.models = ",".join(CANDIDATE_ITERATIONS)
-    if args.profile:
-        kind = "zoo-profile"
     out_dir = Path(args.out_dir) if args.out_dir else HERE / "results"
     out_dir = out_dir / kind / folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        profiles = {name: profile_model(name, cfg, args.seed, args.synthetic) for name in args.models.split(",")}
-        table = f"## zoo-profile — budget `{folder}`\n\n" + profile_table(profiles)
-        print("\n" + table, flush=True)
-        (out_dir / "table.md").write_text(table + "\n")
-        (out_dir / "results.json").write_text(json.dumps({"seconds_per_step": profiles}, indent=1))
-        return
     started = time.time()
     runs, results = {}, {}
     for name in args.models.split(","):

@@ -73,15 +73,30 @@ class KFACMonitor(keras.callbacks.Callback):
         self._writer = None
 
     def values(self) -> dict[str, float]:
-        """The monitored quantities' current values, as Python floats."""
+        """The monitored quantities' current values.
+
+        Returns:
+            A dict from each name of ``quantities`` to its value, a Python float.
+        """
         return state_values(_kfac_of(self.model.optimizer), self.quantities)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        """Checks that the model is trained by KFAC and opens the summary writer, if any.
+
+        Args:
+            logs: unused.
+        """
         _kfac_of(self.model.optimizer)
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Writes the per-step summaries when the optimizer's step count is a multiple of ``update_freq``.
+
+        Args:
+            batch: unused; the step is the optimizer's ``iterations``.
+            logs: unused.
+        """
         if self._writer is None:
             return
         step = int(self.model.optimizer.iterations.numpy())
@@ -92,9 +107,20 @@ class KFACMonitor(keras.callbacks.Callback):
                 tf.summary.scalar(f"kfac/{name}", value)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Adds the current values to the epoch logs as ``<prefix><name>``.
+
+        Args:
+            epoch: unused.
+            logs: the epoch logs, updated in place.
+        """
         if logs is not None:
             logs.update({self.prefix + name: value for name, value in self.values().items()})
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        """Flushes the summary writer, if any.
+
+        Args:
+            logs: unused.
+        """
         if self._writer is not None:
             self._writer.flush()

@@ -27,7 +27,12 @@ from keras_kfac import compat, replicas
 
 @dataclasses.dataclass(frozen=True)
 class LayerCall:
-    """One call of a registered layer: its input and its pre-activation output."""
+    """One call of a registered layer: its input and its pre-activation output.
+
+    Attributes:
+        inputs: the first argument the layer was called with (ā's source).
+        preactivation: its output s, before the activation.
+    """
 
     inputs: tf.Tensor
     preactivation: tf.Tensor
@@ -35,7 +40,15 @@ class LayerCall:
 
 @dataclasses.dataclass(frozen=True)
 class LossCall:
-    """One evaluation of the compiled loss in a training step."""
+    """One evaluation of the compiled loss in a training step.
+
+    Attributes:
+        x: the model inputs passed to ``compute_loss`` (None when not passed).
+        y_true: the targets.
+        y_pred: the model's predictions.
+        sample_weight: the sample weights, or None.
+        loss: the loss ``compute_loss`` returned.
+    """
 
     x: Any
     y_true: Any
@@ -68,6 +81,11 @@ class Recorder:
         Records of a graph that is neither ``graph`` nor one it is nested in can
         never be taken any more (that trace is over): keeping them would keep the
         graph alive.
+
+        Args:
+            owner: the layer or model that made the call.
+            graph: the graph the call's tensors live in.
+            call: the record, e.g. a ``LayerCall`` or ``LossCall``.
         """
         live = set()
         enclosing = graph
@@ -86,6 +104,13 @@ class Recorder:
         When the current graph is a branch nested in the step's graph (a
         ``LossScaleOptimizer`` applies the update inside a ``cond``), the
         records of the nearest enclosing graph that has some are taken.
+
+        Args:
+            owner: the layer or model whose calls to take.
+
+        Returns:
+            The calls recorded by ``owner`` in this replica, in call order; an
+            empty list when there are none.
         """
         graph = tf.compat.v1.get_default_graph()
         key = (replicas.index(), id(owner))
@@ -108,7 +133,11 @@ def hook_layer(layer: keras.layers.Layer, before_call: Callable[[], None] | None
     original one with the activation switched off, records the pre-activation s,
     then applies the activation. The layer's configuration is untouched. A
     layer without an activation (``Embedding``) records its output.
-    ``before_call`` runs first at each call.
+    Hooking a layer a second time does nothing.
+
+    Args:
+        layer: the layer to hook.
+        before_call: a function run first at each call, or None.
     """
     if getattr(layer, "_kfac_hooked", False):
         return
@@ -144,6 +173,13 @@ def calling_model(trains: Callable[[keras.optimizers.Optimizer], bool]) -> keras
     the ``self`` of a calling frame. Its optimizer may be wrapped in a
     ``LossScaleOptimizer``; nested models, which have no optimizer, are passed
     over.
+
+    Args:
+        trains: tells whether an optimizer (or the inner optimizer of a
+            ``LossScaleOptimizer``) is the one looked for.
+
+    Returns:
+        The innermost calling model whose optimizer ``trains`` accepts, or None.
     """
     for owner in compat.calling_objects():
         if isinstance(owner, keras.Model):
@@ -167,7 +203,11 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
     ``train_step`` calls it directly (the pattern of Keras's guide to
     customizing ``fit``). Wrapping it on the instance reaches subclassed
     models that override it too; calls with ``training=False`` (``evaluate``)
-    are not recorded.
+    are not recorded. Hooking a model a second time does nothing.
+
+    Args:
+        model: the model to hook.
+        before_forward: a function run at the start of every call of the model.
     """
     if getattr(model, "_kfac_hooked", False):
         return
@@ -202,7 +242,18 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
 
 
 def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:
-    """The model's training loss, as ``compute_loss`` computes it, without recording it."""
+    """The model's training loss, as ``compute_loss`` computes it, without recording it.
+
+    Args:
+        model: the model, hooked or not.
+        x: the model inputs.
+        y: the targets.
+        y_pred: the model's predictions.
+        sample_weight: the sample weights, or None.
+
+    Returns:
+        The loss ``compute_loss`` returns (with ``training=True`` where it takes that argument).
+    """
     compute = getattr(model, "_kfac_compute_loss", model.compute_loss)
     if "training" in inspect.signature(compute).parameters:
         return compute(x, y, y_pred, sample_weight, training=True)

@@ -20,7 +20,14 @@ from keras_kfac.blocks import DenseBlock, KroneckerBlock
 
 
 class TridiagonalChain:
-    """Cross statistics and the stored F̂⁻¹ of a chain of Dense blocks."""
+    """Cross statistics and the stored F̂⁻¹ of a chain of Dense blocks.
+
+    Args:
+        optimizer: the KFAC optimizer whose variables hold the cross statistics
+            and F̂⁻¹ (saved with it); its ``layer_collection.model`` is checked
+            for the chain.
+        blocks: the chain, in order: at least two ``DenseBlock``s and no other block.
+    """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, blocks: list[KroneckerBlock]):
         if len(blocks) < 2 or not all(type(b) is DenseBlock for b in blocks):
@@ -56,14 +63,30 @@ class TridiagonalChain:
         ]
 
     def cross_targets(self) -> tuple[list, list]:
-        """The moving averages of Ā_{i,i+1} and G_{i,i+1}."""
+        """The moving averages of Ā_{i,i+1} and G_{i,i+1}.
+
+        Returns:
+            (Ā_{i,i+1} variables, G_{i,i+1} variables), L − 1 of each.
+        """
         return list(self.input_cross), list(self.output_cross)
 
     def cross_estimates(
         self, rows: dict, batch_size: tf.Tensor
     ) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:
-        """Batch estimates of (``input_cross``, the masses of ``input_cross``, ``output_cross``)
-        from the step's aligned rows: one per example, whose weights are the first block's."""
+        """Batch estimates of the cross statistics from the step's aligned rows.
+
+        The rows are one per example, and their weights are the first block's.
+
+        Args:
+            rows: each block's (ā rows, ĝ rows, ā rows' weights) by ``id(block)``
+                (``statistics.factor_rows``); every block of the chain must have rows.
+            batch_size: B, the number of examples.
+
+        Returns:
+            (``input_cross``, the masses of ``input_cross``, ``output_cross``):
+            L − 1 estimates of Ā_{i,i+1}, the first block's row mass for each,
+            and L − 1 estimates of G_{i,i+1}.
+        """
         if any(id(b) not in rows for b in self.blocks):
             raise ValueError(
                 "approximation='block_tridiagonal' needs every Dense layer of the "
@@ -78,7 +101,14 @@ class TridiagonalChain:
         return input_cross, [curvature.row_mass(input_rows[0], weights)] * len(input_cross), output_cross
 
     def inverses(self, gamma: tf.Tensor) -> list[tf.Tensor]:
-        """The tensors of F̂⁻¹ for damping γ (not stored)."""
+        """The tensors of F̂⁻¹ for damping γ (not stored).
+
+        Args:
+            gamma: the factored Tikhonov damping γ.
+
+        Returns:
+            The 5L − 2 tensors of ``tridiagonal.TridiagonalInverse.to_tensors``.
+        """
         inverse = tridiagonal.tridiagonal_inverse(
             [b.input_factor.cov for b in self.blocks],
             [b.output_factor.cov for b in self.blocks],
@@ -90,16 +120,35 @@ class TridiagonalChain:
         return inverse.to_tensors()
 
     def store(self, tensors: list[tf.Tensor]) -> None:
-        """Keeps ``tensors`` as the inverse unless any is non-finite."""
+        """Keeps ``tensors`` as the inverse unless any is non-finite.
+
+        Args:
+            tensors: the tensors ``inverses`` returns.
+        """
         ok = curvature.all_finite(tensors)
         for variable, tensor in zip(self.inverse, tensors):
             variable.assign(tf.where(ok, tensor, variable))
 
     def stored(self) -> list:
+        """The stored F̂⁻¹.
+
+        Returns:
+            Its 5L − 2 variables, in the order of ``inverses``.
+        """
         return list(self.inverse)
 
     def precondition(self, grads: dict, tensors: list, var_key: Callable) -> dict:
-        """F̂⁻¹∇h for the chain's variables, by ``var_key``."""
+        """F̂⁻¹∇h for the chain's variables, by ``var_key``.
+
+        Args:
+            grads: the gradients ∇h, by variable key.
+            tensors: F̂⁻¹, as ``inverses`` returns or ``stored`` holds it.
+            var_key: maps a variable to its key in ``grads``.
+
+        Returns:
+            The preconditioned gradient of each of the chain's variables, by key;
+            empty unless every one of them has a gradient.
+        """
         keys = [[var_key(v) for v in b.variables] for b in self.blocks]
         if not all(k in grads for block_keys in keys for k in block_keys):
             return {}

@@ -29,29 +29,70 @@ def moving_average_decay(num_updates: tf.Tensor, max_decay: float) -> tf.Tensor:
     """ε = min(1 − 1/k, ε_max) for the k-th statistics update [KFAC §5].
 
     The first update (k = 1) has ε = 0, so it replaces the initial value.
+
+    Args:
+        num_updates: k, the number of statistics updates so far, this one
+            included (values below 1 count as 1).
+        max_decay: ε_max, the largest decay.
+
+    Returns:
+        ε, a float32 scalar.
     """
     k = tf.cast(num_updates, tf.float32)
     return tf.minimum(1.0 - 1.0 / tf.maximum(k, 1.0), max_decay)
 
 
 def all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
-    """True when no element of any tensor is NaN or infinite."""
+    """True when no element of any tensor is NaN or infinite.
+
+    Args:
+        tensors: a list of float tensors.
+
+    Returns:
+        A scalar bool tensor.
+    """
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
 def cross_moment(left: tf.Tensor, right: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-    """leftᵀ right / count over aligned rows (0 for no rows): a batch estimate of E[l rᵀ] [KFAC §3]."""
+    """leftᵀ right / count over aligned rows (0 for no rows): a batch estimate of E[l rᵀ] [KFAC §3].
+
+    Args:
+        left: rows l, shape (N, n).
+        right: the aligned rows r, shape (N, m).
+        count: the divisor, e.g. N or the number of examples (taken as 1 when 0).
+
+    Returns:
+        A float32 matrix of shape (n, m).
+    """
     return tf.matmul(left, right, transpose_a=True) / tf.cast(tf.maximum(count, 1), tf.float32)
 
 
 def weighted_cross_moment(left: tf.Tensor, right: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """Σ w l rᵀ / Σ w over aligned rows l, r (0 when the weights sum to 0): E[l rᵀ] under the rows' weights."""
+    """Σ w l rᵀ / Σ w over aligned rows l, r (0 when the weights sum to 0): E[l rᵀ] under the rows' weights.
+
+    Args:
+        left: rows l, shape (N, n).
+        right: the aligned rows r, shape (N, m).
+        weights: the rows' weights w, shape (N,).
+
+    Returns:
+        A matrix of shape (n, m).
+    """
     weighted = tf.matmul(left * weights[:, tf.newaxis], right, transpose_a=True)
     return tf.math.divide_no_nan(weighted, tf.reduce_sum(weights))
 
 
 def row_mass(rows: tf.Tensor, weights: tf.Tensor | None) -> tf.Tensor:
-    """Σ w over the rows, or their number without weights: what a mean over them stands for."""
+    """Σ w over the rows, or their number without weights: what a mean over them stands for.
+
+    Args:
+        rows: the rows, shape (N, ...).
+        weights: their weights w, shape (N,), or None.
+
+    Returns:
+        A float32 scalar.
+    """
     return tf.cast(tf.shape(rows)[0], tf.float32) if weights is None else tf.reduce_sum(weights)
 
 
@@ -60,6 +101,12 @@ def update_moving_average(variable: tf.Variable, estimate: tf.Tensor, decay: tf.
 
     The caller rejects a batch whose estimates or gradients are not all finite,
     so such a batch never enters the statistics.
+
+    Args:
+        variable: the moving average, updated in place.
+        estimate: this batch's estimate, shaped like ``variable``.
+        decay: ε, e.g. from ``moving_average_decay``.
+        accept: a scalar bool tensor; when false ``variable`` is kept.
     """
     variable.assign(tf.where(accept, decay * variable + (1.0 - decay) * estimate, variable))
 
@@ -70,6 +117,11 @@ class KroneckerFactor:
     Holds the moving-average estimate ``cov`` and the damped inverse last
     computed from it. The variables are created through
     ``optimizer.add_variable`` so they are saved with the optimizer.
+
+    Args:
+        optimizer: the optimizer that creates and saves the variables.
+        dim: the factor's dimension; ``cov`` and ``inverse`` are (dim, dim).
+        name: prefix of the variables' names (``<name>_cov``, ``<name>_inverse``).
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
@@ -80,15 +132,33 @@ class KroneckerFactor:
         )
 
     def trace(self) -> tf.Tensor:
-        """tr(cov): 0 until a batch's statistics are accepted."""
+        """tr(cov): 0 until a batch's statistics are accepted.
+
+        Returns:
+            A float32 scalar.
+        """
         return tf.linalg.trace(self.cov)
 
     def mean_eigenvalue(self) -> tf.Tensor:
-        """tr(cov) / dim, at least a tiny positive floor."""
+        """tr(cov) / dim, at least a tiny positive floor.
+
+        Returns:
+            A float32 scalar, at least 1e-12.
+        """
         return tf.maximum(self.trace() / self.dim, _MIN_MEAN_EIGENVALUE)
 
     def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
-        """(cov + damping·I)⁻¹, symmetrised, through a Cholesky factorisation."""
+        """(cov + damping·I)⁻¹, symmetrised, through a Cholesky factorisation.
+
+        A relative jitter of 1e-7·tr(cov)/dim is added to ``damping``, so an
+        undamped, rank-deficient ``cov`` can still be factorised.
+
+        Args:
+            damping: the damping added to the diagonal, e.g. πγ or γ/π.
+
+        Returns:
+            A (dim, dim) float32 matrix; non-finite if the factorisation failed.
+        """
         cov = tf.convert_to_tensor(self.cov)
         jitter = _JITTER * self.mean_eigenvalue()
         damped = 0.5 * (cov + tf.transpose(cov)) + (damping + jitter) * tf.eye(self.dim)
@@ -96,13 +166,25 @@ class KroneckerFactor:
         return 0.5 * (inverse + tf.transpose(inverse))
 
     def assign_inverse(self, inverse: tf.Tensor) -> None:
-        """Stores ``inverse`` unless the factorisation failed (non-finite values)."""
+        """Stores ``inverse`` unless the factorisation failed (non-finite values).
+
+        Args:
+            inverse: a damped inverse, as ``damped_inverse`` returns it.
+        """
         ok = tf.reduce_all(tf.math.is_finite(inverse))
         self.inverse.assign(tf.where(ok, inverse, self.inverse))
 
     @staticmethod
     def left_multiply(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
-        """``inverse @ matrix`` for an inverse of this kind of factor."""
+        """``inverse @ matrix`` for an inverse of this kind of factor.
+
+        Args:
+            inverse: an inverse of this factor's form, (dim, dim).
+            matrix: a matrix with dim rows.
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
         return tf.matmul(inverse, matrix)
 
 
@@ -113,6 +195,11 @@ class DiagonalFactor(KroneckerFactor):
     matrix of the tokens' frequencies [KFAC §3 with one-hot inputs]: its
     (vocabulary)² entries are never formed, and its damped inverse is
     elementwise.
+
+    Args:
+        optimizer: the optimizer that creates and saves the variables.
+        dim: the factor's dimension; ``cov`` and ``inverse`` are vectors of length dim.
+        name: prefix of the variables' names (``<name>_cov``, ``<name>_inverse``).
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
@@ -121,29 +208,74 @@ class DiagonalFactor(KroneckerFactor):
         self.inverse = optimizer.add_variable((dim,), initializer="ones", dtype="float32", name=f"{name}_inverse")
 
     def trace(self) -> tf.Tensor:
+        """tr(cov), the sum of the diagonal: 0 until a batch's statistics are accepted.
+
+        Returns:
+            A float32 scalar.
+        """
         return tf.reduce_sum(self.cov)
 
     def mean_eigenvalue(self) -> tf.Tensor:
+        """tr(cov) / dim, at least a tiny positive floor.
+
+        Returns:
+            A float32 scalar, at least 1e-12.
+        """
         return tf.maximum(self.trace() / self.dim, _MIN_MEAN_EIGENVALUE)
 
     def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
-        """diag(cov + damping)⁻¹, as a vector."""
+        """diag(cov + damping)⁻¹, as a vector.
+
+        A relative jitter of 1e-7·tr(cov)/dim is added to ``damping``.
+
+        Args:
+            damping: the damping added to the diagonal, e.g. πγ.
+
+        Returns:
+            A float32 vector of length dim.
+        """
         jitter = _JITTER * self.mean_eigenvalue()
         return 1.0 / (tf.convert_to_tensor(self.cov) + damping + jitter)
 
     @staticmethod
     def left_multiply(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+        """``diag(inverse) @ matrix``: each row of ``matrix`` scaled by its entry of ``inverse``.
+
+        Args:
+            inverse: the diagonal inverse, a vector of length dim.
+            matrix: a matrix with dim rows.
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
         return inverse[:, tf.newaxis] * matrix
 
 
 def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor) -> tf.Tensor:
-    """π = sqrt((tr Ā / dim Ā) / (tr G / dim G)) [KFAC §6.3]."""
+    """π = sqrt((tr Ā / dim Ā) / (tr G / dim G)) [KFAC §6.3].
+
+    Args:
+        input_factor: Ā.
+        output_factor: G.
+
+    Returns:
+        π, a float32 scalar (finite even while a factor is all zeros).
+    """
     return tf.sqrt(input_factor.mean_eigenvalue() / output_factor.mean_eigenvalue())
 
 
 def damped_inverses(
     input_factor: KroneckerFactor, output_factor: KroneckerFactor, gamma: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹): factored Tikhonov damping [KFAC §6.3]."""
+    """((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹): factored Tikhonov damping [KFAC §6.3].
+
+    Args:
+        input_factor: Ā.
+        output_factor: G.
+        gamma: the factored Tikhonov damping γ.
+
+    Returns:
+        The pair of damped inverses, each in its factor's form (see ``damped_inverse``).
+    """
     pi = trace_norm_pi(input_factor, output_factor)
     return input_factor.damped_inverse(pi * gamma), output_factor.damped_inverse(gamma / pi)

@@ -34,7 +34,12 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 def keras_cache_dir() -> Path:
-    """Returns the folder where Keras' own loader caches Fashion-MNIST."""
+    """Returns the folder where Keras' own loader caches Fashion-MNIST.
+
+    Returns:
+        ``$KERAS_HOME/datasets/fashion-mnist``, by default under ``~/.keras``
+        (``/tmp/.keras`` when the home folder is not writable).
+    """
     if "KERAS_HOME" in os.environ:
         home = Path(os.environ["KERAS_HOME"])
     else:
@@ -47,16 +52,16 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     """Reads a gzip-compressed idx file of unsigned bytes.
 
     Args:
-      path: the `.gz` file.
-      ndim: the number of dimensions the file must declare (1 for labels,
-        3 for images).
+        path: the `.gz` file.
+        ndim: the number of dimensions the file must declare (1 for labels,
+            3 for images).
 
     Returns:
-      A uint8 array of the shape declared in the file's header.
+        A uint8 array of the shape declared in the file's header.
 
     Raises:
-      ValueError: if the header or the length of the data is not that of an
-        idx file of `ndim` dimensions of unsigned bytes.
+        ValueError: if the header or the length of the data is not that of an
+            idx file of `ndim` dimensions of unsigned bytes.
     """
     with gzip.open(path, "rb") as f:
         raw = f.read()
@@ -97,17 +102,17 @@ def load_fashion_mnist(
     """Loads Fashion-MNIST as `keras.datasets.fashion_mnist.load_data()` does.
 
     Args:
-      data_dir: optional folder holding the four idx gz files under Keras'
-        names; searched before the Keras cache and the Debian folder.
+        data_dir: optional folder holding the four idx gz files under Keras'
+            names; searched before the Keras cache and the Debian folder.
 
     Returns:
-      `(x_train, y_train), (x_test, y_test)`: uint8 images of shape
-      `(N, 28, 28)` and uint8 labels of shape `(N,)`.
+        `(x_train, y_train), (x_test, y_test)`: uint8 images of shape
+        `(N, 28, 28)` and uint8 labels of shape `(N,)`.
 
     Raises:
-      FileNotFoundError: if no folder holds the files and the download fails;
-        the message lists every place tried.
-      ValueError: if a file found is not a valid idx file.
+        FileNotFoundError: if no folder holds the files and the download fails;
+            the message lists every place tried.
+        ValueError: if a file found is not a valid idx file.
     """
     folders = [Path(data_dir)] if data_dir is not None else []
     folders += [keras_cache_dir(), DEBIAN_DIR]
@@ -133,9 +138,12 @@ def prepare_images(images: np.ndarray, flatten: bool) -> np.ndarray:
     """Scales uint8 images to float32 in [0, 1].
 
     Args:
-      images: uint8 array of shape `(N, 28, 28)`.
-      flatten: return `(N, 784)` vectors for dense networks instead of
-        `(N, 28, 28, 1)` single-channel images for convolutions.
+        images: uint8 array of shape `(N, 28, 28)`.
+        flatten: return `(N, 784)` vectors for dense networks instead of
+            `(N, 28, 28, 1)` single-channel images for convolutions.
+
+    Returns:
+        A float32 array of shape `(N, 784)` or `(N, 28, 28, 1)`.
     """
     scaled = images.astype(np.float32) / 255.0
     if flatten:
@@ -151,13 +159,13 @@ def fashion_mnist_arrays(
     """Loads Fashion-MNIST ready for training.
 
     Args:
-      flatten: see `prepare_images`.
-      num_train: keep only the first `num_train` training examples.
-      data_dir: see `load_fashion_mnist`.
+        flatten: see `prepare_images`.
+        num_train: keep only the first `num_train` training examples.
+        data_dir: see `load_fashion_mnist`.
 
     Returns:
-      `(x_train, y_train), (x_test, y_test)`: float32 images from
-      `prepare_images` and int32 labels.
+        `(x_train, y_train), (x_test, y_test)`: float32 images from
+        `prepare_images` and int32 labels.
     """
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
     x_train, y_train = x_train[:num_train], y_train[:num_train]

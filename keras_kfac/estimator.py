@@ -46,6 +46,8 @@ class CurvatureEstimator:
         statistics_fraction: τ₁, the fraction of the batch the statistics use.
         patch_fraction: the fraction of a convolution's patches Ā uses.
         inverse_update_period: T₃, steps between inverse refreshes.
+        weight_sharing: a convolution's factors over its locations, one of
+            ``statistics.WEIGHT_SHARING``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class CurvatureEstimator:
         statistics_fraction: float,
         patch_fraction: float,
         inverse_update_period: int,
+        weight_sharing: str = "expand",
     ):
         self.blocks = blocks
         self.preconditioner = APPROXIMATIONS[approximation](optimizer, blocks)
@@ -68,6 +71,7 @@ class CurvatureEstimator:
         self.statistics_fraction = statistics_fraction
         self.patch_fraction = patch_fraction
         self.inverse_update_period = inverse_update_period
+        self.reduce_locations = weight_sharing == "reduce"
 
     def update(
         self,
@@ -92,6 +96,16 @@ class CurvatureEstimator:
         those that skip the passes. A batch enters the statistics whole or not
         at all: not when one of its estimates or ``gradients_finite`` is false,
         nor when its examples all weigh 0.
+
+        Args:
+            batch: the step's recorded loss inputs and layer calls.
+            count: the number of K-FAC steps before this one.
+            gradients_finite: a scalar bool tensor, false when a gradient of the
+                step is not finite.
+            seed: the step's stateless seed of the target sampling (and of the
+                patch subsampling).
+            forward: x ↦ (the model's output, its blocks' layer calls by
+                ``id(block)``) at the current weights.
         """
         period = self.statistics_update_period
         decay = curvature.moving_average_decay(count // period + 1, self.ema_decay)
@@ -103,12 +117,20 @@ class CurvatureEstimator:
         def estimate(layer_calls: dict, z: tf.Tensor, y_true, sample_weight) -> tuple[list, list, list]:
             examples = tf.shape(z)[0]
             rows = statistics.factor_rows(
-                self.blocks, layer_calls, batch.loss, z, self.estimation_mode, y_true, sample_weight, seed
+                self.blocks,
+                layer_calls,
+                batch.loss,
+                z,
+                self.estimation_mode,
+                y_true,
+                sample_weight,
+                seed,
+                self.reduce_locations,
             )
             if [b for b in self.blocks if id(b) in rows] != called:
                 raise RuntimeError("KFAC's statistics pass called other layers than the training step.")
             input_estimates, input_masses, output_estimates = statistics.factor_estimates(
-                self.blocks, rows, examples, seed, self.patch_fraction
+                self.blocks, rows, examples, seed, self.patch_fraction, self.reduce_locations
             )
             input_cross, cross_masses, output_cross = self.preconditioner.cross_estimates(rows, examples)
             input_estimates += input_cross
@@ -165,7 +187,12 @@ class CurvatureEstimator:
             tf.cond(active, lambda: accumulate(estimates), lambda: tf.constant(False))
 
     def refresh_inverses(self, count: tf.Tensor, gamma: tf.Tensor) -> None:
-        """Stores the damped inverses for γ after each of the first 3 statistics updates, then every T₃ steps."""
+        """Stores the damped inverses for γ after each of the first 3 statistics updates, then every T₃ steps.
+
+        Args:
+            count: the number of K-FAC steps before this one.
+            gamma: the factored Tikhonov damping γ.
+        """
         period = self.statistics_update_period
         early = tf.logical_and(count < 3 * period, tf.equal(count % period, 0))
         due = tf.logical_or(early, tf.equal(count % self.inverse_update_period, 0))
@@ -177,11 +204,19 @@ class CurvatureEstimator:
         tf.cond(due, refresh, lambda: tf.constant(False))
 
     def accepted(self) -> tf.Tensor:
-        """Whether any batch's statistics have entered the factors yet (they are 0 until then)."""
+        """Whether any batch's statistics have entered the factors yet (they are 0 until then).
+
+        Returns:
+            A scalar bool tensor: true once some block's G has a positive trace.
+        """
         return tf.reduce_any(tf.stack([b.output_factor.trace() > 0.0 for b in self.blocks]))
 
     def mean_eigenvalue(self) -> tf.Tensor:
-        """tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G, the mean eigenvalue of F̃ = ⊕ Ā ⊗ G."""
+        """tr(F̃)/n = Σ tr Ā·tr G / Σ dim Ā·dim G, the mean eigenvalue of F̃ = ⊕ Ā ⊗ G.
+
+        Returns:
+            A float32 scalar, from each factor's floored ``mean_eigenvalue``.
+        """
         traces = [
             b.input_factor.mean_eigenvalue()
             * b.output_factor.mean_eigenvalue()

@@ -49,7 +49,14 @@ def resolve(fallback: Any) -> keras.optimizers.Optimizer | None:
 
 
 def config(optimizer: keras.optimizers.Optimizer | None) -> Any:
-    """What ``resolve`` rebuilds ``optimizer`` from (a serialized optimizer, or ``"momentum"``)."""
+    """What ``resolve`` rebuilds ``optimizer`` from.
+
+    Args:
+        optimizer: a fallback optimizer, or None for the momentum step.
+
+    Returns:
+        The optimizer's Keras serialization, or ``"momentum"`` for None.
+    """
     return MOMENTUM if optimizer is None else keras.saving.serialize_keras_object(optimizer)
 
 
@@ -64,6 +71,12 @@ def apply(optimizer: keras.optimizers.Optimizer, grads: list, variables: list, a
     gradient) is undone by restoring the variables and the optimizer's state,
     not skipped in a ``tf.cond``: a strategy cannot synchronise its step
     counter inside a branch.
+
+    Args:
+        optimizer: the fallback optimizer, built on ``variables``.
+        grads: the global batch's gradients, one per variable.
+        variables: the variables without a curvature block.
+        accept: a scalar bool tensor; when false the step is undone.
     """
     state = list(variables) + list(optimizer.variables)
     saved = [tf.identity(v) for v in state]

@@ -20,10 +20,18 @@ def growing_batch_size(
 ) -> int:
     """m_k = min(m₁·exp((k−1)/b), N) of the paper's autoencoder runs [KFAC §13].
 
-    `iteration` is k (counted from 1), m₁ = `initial_batch_size`,
-    N = `final_batch_size`, b = `growth_iterations`. Sizes are rounded to a
-    multiple of `multiple_of` (below N), which bounds the number of distinct
-    batch shapes.
+    Sizes are rounded to a multiple of `multiple_of` (below N), which bounds
+    the number of distinct batch shapes.
+
+    Args:
+        iteration: k, counted from 1.
+        initial_batch_size: m₁.
+        final_batch_size: N, the cap.
+        growth_iterations: b.
+        multiple_of: the sizes below N are multiples of this (at least one multiple).
+
+    Returns:
+        m_k, an int.
     """
     if iteration < 1:
         raise ValueError(f"iteration counts from 1, got {iteration}.")
@@ -35,7 +43,16 @@ def growing_batch_size(
 
 
 def growth_to_reach(initial_batch_size: int, final_batch_size: int, iteration: int) -> float:
-    """The b for which m_k reaches N at k = `iteration` (the paper: k = 500)."""
+    """The b for which m_k reaches N at k = `iteration` (the paper: k = 500).
+
+    Args:
+        initial_batch_size: m₁.
+        final_batch_size: N, larger than m₁.
+        iteration: k at which m_k reaches N, larger than 1.
+
+    Returns:
+        b = (k − 1) / ln(N/m₁), a float.
+    """
     if iteration <= 1 or final_batch_size <= initial_batch_size:
         raise ValueError(
             "growth_to_reach needs iteration > 1 and final_batch_size > initial_batch_size, got "
@@ -69,7 +86,9 @@ class GrowingBatches(keras.utils.PyDataset):
     do not change them. Set `initial_iteration` when resuming a run.
 
     Args:
-        x, y, sample_weight: arrays (or structures of arrays) with N rows.
+        x: the inputs: an array (or a structure of arrays) with N rows.
+        y: the targets, likewise, or None.
+        sample_weight: the sample weights, likewise, or None.
         initial_batch_size: m₁.
         growth_iterations: b; the size reaches N at k = 1 + b·ln(N/m₁).
         final_batch_size: the cap N (default: all N examples).
@@ -130,11 +149,25 @@ class GrowingBatches(keras.utils.PyDataset):
         return self.steps_per_epoch
 
     def iteration(self, index: int) -> int:
-        """k of the batch at position `index` of the current epoch."""
+        """k of the batch at position `index` of the current epoch.
+
+        Args:
+            index: the batch's position in the epoch, from 0.
+
+        Returns:
+            k, counted from 1 (after `initial_iteration` earlier iterations).
+        """
         return self.initial_iteration + self.epoch * self.steps_per_epoch + index + 1
 
     def batch_size(self, iteration: int) -> int:
-        """m_k."""
+        """m_k, from `growing_batch_size` with this dataset's settings.
+
+        Args:
+            iteration: k, counted from 1.
+
+        Returns:
+            The batch size m_k.
+        """
         return growing_batch_size(
             iteration, self.initial_batch_size, self.final_batch_size, self.growth_iterations, self.multiple_of
         )
@@ -155,4 +188,5 @@ class GrowingBatches(keras.utils.PyDataset):
         return (x,) if y is None else (x, y)
 
     def on_epoch_begin(self) -> None:
+        """Counts the epoch that begins, which `epoch` and `iteration` follow."""
         self._epochs_begun += 1

@@ -53,19 +53,50 @@ class PredictiveDistribution(abc.ABC):
 
     @abc.abstractmethod
     def nll_gradient(self, z: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """∇_z NLL(y | z), per example."""
+        """∇_z NLL(y | z), per example.
+
+        Args:
+            z: the network output, shape (..., K).
+            y: targets shaped like z, in the form ``labels`` gives.
+
+        Returns:
+            The gradient, shaped like z.
+        """
 
     @abc.abstractmethod
     def sample(self, z: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """Targets drawn from the model's predictive distribution at z."""
+        """Targets drawn from the model's predictive distribution at z.
+
+        Args:
+            z: the network output, shape (..., K).
+            seed: a stateless random seed, shape (2,).
+
+        Returns:
+            The targets, shaped like z.
+        """
 
     @abc.abstractmethod
     def hessian_factor(self, z: tf.Tensor) -> list[tf.Tensor]:
-        """Columns of C with C Cᵀ = ∇²_z NLL, each shaped like z."""
+        """Columns of C with C Cᵀ = ∇²_z NLL, each shaped like z.
+
+        Args:
+            z: the network output, shape (..., K).
+
+        Returns:
+            A list of K tensors, each shaped like z.
+        """
 
     @abc.abstractmethod
     def hessian_product(self, z: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
-        """∇²_z NLL · v, per example."""
+        """∇²_z NLL · v, per example.
+
+        Args:
+            z: the network output, shape (..., K).
+            v: a vector per example, shaped like z.
+
+        Returns:
+            The product, shaped like z.
+        """
 
     def labels(self, y_true: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
         """The data's targets in the form ``nll_gradient`` takes, shaped like z.
@@ -73,6 +104,13 @@ class PredictiveDistribution(abc.ABC):
         As Keras' losses do, targets one rank below z (labels (B,) for an
         output (B, 1)) gain a last axis, and one rank above with a last axis
         of 1 lose it.
+
+        Args:
+            y_true: the data's targets.
+            z: the network output, shape (..., K).
+
+        Returns:
+            The targets in z's dtype, broadcast to z's shape.
         """
         y = tf.cast(y_true, z.dtype)
         if y.shape.rank == z.shape.rank - 1:
@@ -83,21 +121,54 @@ class PredictiveDistribution(abc.ABC):
 
 
 class CategoricalLogits(PredictiveDistribution):
-    """Categorical(softmax(z)); ``sparse`` labels are class indices."""
+    """Categorical(softmax(z)); ``sparse`` labels are class indices.
+
+    Args:
+        sparse: whether the labels are class indices (sparse categorical
+            cross-entropy) rather than one-hot or probability vectors.
+        label_smoothing: the compiled loss's smoothing of dense labels towards
+            the uniform distribution over the K classes.
+    """
 
     def __init__(self, sparse: bool, label_smoothing: float = 0.0):
         self.sparse = sparse
         self.label_smoothing = label_smoothing
 
     def nll_gradient(self, z, y):
+        """softmax(z) − y.
+
+        Args:
+            z: the logits, shape (..., K).
+            y: class probabilities (one-hot or smoothed), shaped like z.
+
+        Returns:
+            The gradient, shaped like z.
+        """
         return tf.nn.softmax(z) - y
 
     def sample(self, z, seed):
+        """One class per example (and position) drawn from softmax(z), one-hot.
+
+        Args:
+            z: the logits, shape (..., K).
+            seed: a stateless random seed, shape (2,).
+
+        Returns:
+            One-hot targets, shaped like z.
+        """
         flat = tf.reshape(z, [-1, tf.shape(z)[-1]])
         classes = tf.random.stateless_categorical(flat, 1, seed=seed)[:, 0]
         return tf.reshape(tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype), tf.shape(z))
 
     def hessian_factor(self, z):
+        """Columns sqrt(p_j) (e_j − p), j = 1 … K, with p = softmax(z).
+
+        Args:
+            z: the logits, shape (..., K).
+
+        Returns:
+            A list of K tensors, each shaped like z.
+        """
         # H = diag(p) − p pᵀ = Σ_j p_j (e_j − p)(e_j − p)ᵀ, as Σ p = 1.
         p = tf.nn.softmax(z)
         num_classes = z.shape[-1]
@@ -106,10 +177,28 @@ class CategoricalLogits(PredictiveDistribution):
         ]
 
     def hessian_product(self, z, v):
+        """(diag(p) − p pᵀ) v with p = softmax(z).
+
+        Args:
+            z: the logits, shape (..., K).
+            v: a vector per example, shaped like z.
+
+        Returns:
+            The product, shaped like z.
+        """
         p = tf.nn.softmax(z)
         return p * v - p * tf.reduce_sum(p * v, axis=-1, keepdims=True)
 
     def labels(self, y_true, z):
+        """The labels as class probabilities: one-hot for sparse labels, else smoothed.
+
+        Args:
+            y_true: class indices (``sparse``) or class probabilities.
+            z: the logits, shape (..., K).
+
+        Returns:
+            Class probabilities in z's dtype, shaped like z.
+        """
         if self.sparse:
             classes = tf.cast(tf.reshape(y_true, tf.shape(z)[:-1]), tf.int32)
             return tf.one_hot(classes, tf.shape(z)[-1], dtype=z.dtype)
@@ -119,7 +208,11 @@ class CategoricalLogits(PredictiveDistribution):
 
 
 class BernoulliLogits(PredictiveDistribution):
-    """Independent Bernoulli(sigmoid(z)) per output unit."""
+    """Independent Bernoulli(sigmoid(z)) per output unit.
+
+    Args:
+        label_smoothing: the compiled loss's smoothing of each unit's label towards 1/2.
+    """
 
     averages_over_units = True
 
@@ -127,23 +220,67 @@ class BernoulliLogits(PredictiveDistribution):
         self.label_smoothing = label_smoothing
 
     def nll_gradient(self, z, y):
+        """sigmoid(z) − y.
+
+        Args:
+            z: the logits, shape (..., K).
+            y: each unit's target probability, shaped like z.
+
+        Returns:
+            The gradient, shaped like z.
+        """
         return tf.sigmoid(z) - y
 
     def sample(self, z, seed):
+        """Each unit's 0 or 1, drawn with probability sigmoid(z) of 1.
+
+        Args:
+            z: the logits, shape (..., K).
+            seed: a stateless random seed, shape (2,).
+
+        Returns:
+            The targets in z's dtype, shaped like z.
+        """
         uniform = tf.random.stateless_uniform(tf.shape(z), seed=seed, dtype=z.dtype)
         return tf.cast(uniform < tf.sigmoid(z), z.dtype)
 
     def hessian_factor(self, z):
+        """Columns sqrt(p_j (1 − p_j)) e_j, j = 1 … K, with p = sigmoid(z).
+
+        Args:
+            z: the logits, shape (..., K).
+
+        Returns:
+            A list of K tensors, each shaped like z.
+        """
         p = tf.sigmoid(z)
         scale = tf.sqrt(p * (1.0 - p))
         num_units = z.shape[-1]
         return [scale * tf.one_hot(j, num_units, dtype=z.dtype) for j in range(num_units)]
 
     def hessian_product(self, z, v):
+        """p (1 − p) v elementwise, with p = sigmoid(z).
+
+        Args:
+            z: the logits, shape (..., K).
+            v: a vector per example, shaped like z.
+
+        Returns:
+            The product, shaped like z.
+        """
         p = tf.sigmoid(z)
         return p * (1.0 - p) * v
 
     def labels(self, y_true, z):
+        """The targets shaped like z, each smoothed towards 1/2 by ``label_smoothing``.
+
+        Args:
+            y_true: the data's targets.
+            z: the logits, shape (..., K).
+
+        Returns:
+            Target probabilities in z's dtype, shaped like z.
+        """
         # Keras smooths each unit's label towards 1/2.
         return super().labels(y_true, z) * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
 
@@ -154,17 +291,52 @@ class NormalMean(PredictiveDistribution):
     averages_over_units = True
 
     def nll_gradient(self, z, y):
+        """2 (z − y).
+
+        Args:
+            z: the predicted means, shape (..., K).
+            y: the targets, shaped like z.
+
+        Returns:
+            The gradient, shaped like z.
+        """
         return 2.0 * (z - y)
 
     def sample(self, z, seed):
+        """Targets drawn from Normal(z, ½ I).
+
+        Args:
+            z: the predicted means, shape (..., K).
+            seed: a stateless random seed, shape (2,).
+
+        Returns:
+            The targets, shaped like z.
+        """
         noise = tf.random.stateless_normal(tf.shape(z), seed=seed, dtype=z.dtype)
         return z + noise * (0.5**0.5)
 
     def hessian_factor(self, z):
+        """Columns sqrt(2) e_j, j = 1 … K (the Hessian is 2I).
+
+        Args:
+            z: the predicted means, shape (..., K).
+
+        Returns:
+            A list of K tensors, each shaped like z.
+        """
         num_units = z.shape[-1]
         return [(2.0**0.5) * tf.ones_like(z) * tf.one_hot(j, num_units, dtype=z.dtype) for j in range(num_units)]
 
     def hessian_product(self, z, v):
+        """2 v.
+
+        Args:
+            z: the predicted means, shape (..., K).
+            v: a vector per example, shaped like z.
+
+        Returns:
+            The product, shaped like z.
+        """
         return 2.0 * v
 
 
@@ -182,9 +354,15 @@ _REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
 class RegisteredLoss:
     """A compiled loss seen as a predictive distribution, with its reduction.
 
-    ``from_logits`` False means the model outputs probabilities (softmax or
-    sigmoid): the curvature is taken in the logits that produced them.
-    ``ignore_class`` is the sparse label whose values the loss leaves out.
+    Attributes:
+        distribution: the predictive distribution on the network output z.
+        from_logits: False means the model outputs probabilities (softmax or
+            sigmoid): the curvature is taken in the logits that produced them.
+        reduction: the loss's reduction: ``"sum_over_batch_size"``, ``"mean"`` or ``"sum"``.
+        weight: the factor the loss is weighted by in the total loss.
+        needs_logits: whether z must be logits (the cross-entropies) rather than
+            the model output itself (mean squared error).
+        ignore_class: the sparse label whose values the loss leaves out, or None.
     """
 
     distribution: PredictiveDistribution
@@ -195,7 +373,15 @@ class RegisteredLoss:
     ignore_class: int | None = None
 
     def network_output(self, y_pred: tf.Tensor) -> tf.Tensor:
-        """The tensor z the distribution is defined on."""
+        """The tensor z the distribution is defined on.
+
+        Args:
+            y_pred: the model's output.
+
+        Returns:
+            ``y_pred`` itself, or the logits behind its softmax or sigmoid when
+            the distribution needs logits and the loss is not ``from_logits``.
+        """
         if self.from_logits or not self.needs_logits:
             return y_pred
         logits = compat.output_logits(y_pred)
@@ -230,7 +416,16 @@ class RegisteredLoss:
         return weights
 
     def reduced_hessian_product(self, z: tf.Tensor, v: tf.Tensor, sample_weight: Any) -> tf.Tensor:
-        """H̃_n v_n with H̃_n the Hessian in z_n of the loss as Keras reduces it."""
+        """H̃_n v_n with H̃_n the Hessian in z_n of the loss as Keras reduces it.
+
+        Args:
+            z: the network output, shape (B, ..., K).
+            v: a vector per example, shaped like z.
+            sample_weight: per-example or per-value weights, or None.
+
+        Returns:
+            The products, shaped like z.
+        """
         batch_size = tf.cast(tf.shape(z)[0], z.dtype)
         weights = self._example_weights(z, sample_weight) / batch_size
         return weights[..., None] * self.distribution.hessian_product(z, v)
@@ -247,6 +442,17 @@ class RegisteredLoss:
 
         They are scaled so that ``(1/B) Σ_n ĝ_n ĝ_nᵀ``, with ĝ_n the back-propagated
         vector, is the curvature of the loss exactly as Keras reduces it.
+
+        Args:
+            z: the network output, shape (B, ..., K).
+            mode: ``"sampled"``, ``"empirical"`` or ``"exact"`` (``ESTIMATION_MODES``).
+            y_true: the data's targets; needed by ``"empirical"`` only.
+            sample_weight: per-example or per-value weights, or None.
+            seed: a stateless random seed, shape (2,), for ``"sampled"``.
+
+        Returns:
+            The vectors, each shaped like z, with no gradient: one for
+            ``"sampled"`` and ``"empirical"``, K for ``"exact"``.
         """
         z = tf.stop_gradient(z)
         scale = tf.sqrt(self._example_weights(z, sample_weight))[..., None]
@@ -264,13 +470,22 @@ class RegisteredLoss:
 
 
 def masked_sample_weight(y_pred: Any, y_true: Any, sample_weight: Any, loss: RegisteredLoss) -> Any:
-    """The weights a Keras loss applies to ``y_pred``'s values: ``sample_weight``
-    times the mask Keras attached to ``y_pred`` (a masked sequence output) and,
-    with ``ignore_class``, the mask of the values whose label is not that class.
+    """The weights a Keras loss applies to ``y_pred``'s values.
 
-    As Keras' losses do, a mean reduction scales the kept values by
-    (all values)/(kept values), so the loss is their mean. Without a mask,
-    ``sample_weight`` is returned as it is.
+    They are ``sample_weight`` times the mask Keras attached to ``y_pred`` (a
+    masked sequence output) and, with ``ignore_class``, the mask of the values
+    whose label is not that class. As Keras' losses do, a mean reduction scales
+    the kept values by (all values)/(kept values), so the loss is their mean.
+
+    Args:
+        y_pred: the model's output.
+        y_true: the targets (read for ``ignore_class`` only).
+        sample_weight: per-example or per-value weights, or None.
+        loss: the registered loss, for its ``ignore_class`` and reduction.
+
+    Returns:
+        float32 weights of shape ``y_pred.shape[:-1]``; without a mask,
+        ``sample_weight`` as it is.
     """
     mask = compat.output_mask(y_pred)
     if loss.ignore_class is not None:
@@ -289,7 +504,15 @@ def masked_sample_weight(y_pred: Any, y_true: Any, sample_weight: Any, loss: Reg
 
 
 def value_weights(z: tf.Tensor, sample_weight: Any) -> tf.Tensor:
-    """``sample_weight`` (per example or per value) broadcast to the loss values, shape z.shape[:-1]."""
+    """``sample_weight`` (per example or per value) broadcast to the loss values, shape z.shape[:-1].
+
+    Args:
+        z: the network output, shape (..., K).
+        sample_weight: per-example or per-value weights.
+
+    Returns:
+        float32 weights of shape ``z.shape[:-1]``.
+    """
     weights = _to_rank(tf.cast(sample_weight, tf.float32), z.shape.rank - 1)
     return tf.broadcast_to(weights, tf.shape(z)[:-1])
 
@@ -320,6 +543,14 @@ def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
     A string is read as ``model.compile`` reads it (``keras.losses.get``), so
     every name Keras accepts for a supported loss works ("mse", "bce",
     "BinaryCrossentropy", ...).
+
+    Args:
+        loss: a Keras loss identifier of (sparse) categorical or binary
+            cross-entropy or mean squared error, over the last axis.
+        weight: the factor the loss is weighted by in the total loss.
+
+    Returns:
+        The ``RegisteredLoss``; ValueError for a loss or reduction K-FAC does not support.
     """
     identified = loss
     if isinstance(loss, str):
@@ -357,7 +588,15 @@ def resolve_loss(loss: Any, weight: float = 1.0) -> RegisteredLoss:
 
 
 def resolve_compiled_loss(model: keras.Model) -> RegisteredLoss:
-    """The ``RegisteredLoss`` of the loss ``model`` was compiled with."""
+    """The ``RegisteredLoss`` of the loss ``model`` was compiled with.
+
+    Args:
+        model: a model compiled with a single supported loss (and optionally its
+            ``loss_weights``).
+
+    Returns:
+        The ``RegisteredLoss``, weighted by the compiled loss weight.
+    """
     loss = getattr(model, "loss", None)
     if loss is None:
         raise ValueError(

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_kfac import capture, compat, curvature, losses, replicas, tensorboard
+from keras_kfac import capture, compat, curvature, losses, replicas, statistics, tensorboard
 from keras_kfac import fallback as fallback_rule
 from keras_kfac.estimator import APPROXIMATIONS, AUTO_REGISTER_TYPES, CurvatureEstimator
 from keras_kfac.registration import LayerCollection
@@ -186,6 +186,14 @@ class KFAC(compat.WholeUpdateOptimizer):
             uniformly at random each step (an unbiased estimate of the KFC
             expectation [KFC §3.1]; G uses every location). Ā's product, the
             bulk of a convolution's statistics, costs this fraction.
+        weight_sharing: how a convolution's |T| locations enter its factors
+            (Eschenhagen et al. 2023): ``"expand"`` (default), a row per
+            location [KFC §3.1]; ``"reduce"``, one row per example, ā the mean
+            of its patches and ĝ the sum of its locations' vectors. Where the
+            loss sees the layer only through the mean over its locations, each
+            example's gradient is then exactly ĝ āᵀ. Its factor products no
+            longer grow with |T| (the patches are still extracted), and
+            ``patch_fraction`` does not apply.
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
             Fisher products of the quadratic model are computed on.
         seed: seed of the target sampling; random when None.
@@ -216,6 +224,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         statistics_fraction: float = 1.0,
         statistics_update_period: int | None = None,
         patch_fraction: float = 1.0,
+        weight_sharing: str = "expand",
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         fallback: keras.optimizers.Optimizer | str | dict | None = None,
@@ -286,6 +295,13 @@ class KFAC(compat.WholeUpdateOptimizer):
             raise ValueError(f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; got {estimation_mode!r}.")
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"`approximation` must be one of {tuple(APPROXIMATIONS)}; got {approximation!r}.")
+        if weight_sharing not in statistics.WEIGHT_SHARING:
+            raise ValueError(f"`weight_sharing` must be one of {statistics.WEIGHT_SHARING}; got {weight_sharing!r}.")
+        if weight_sharing == "reduce" and patch_fraction < 1.0:
+            raise ValueError(
+                "`patch_fraction` subsamples a convolution's patch rows, which weight_sharing='reduce' "
+                "replaces by one row per example; leave patch_fraction at 1."
+            )
         if model is not None and not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model; got {model!r}.")
         if isinstance(layer_collection, dict):  # from a saved configuration
@@ -312,6 +328,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         self.statistics_fraction = float(statistics_fraction)
         self.statistics_update_period = statistics_update_period
         self.patch_fraction = float(patch_fraction)
+        self.weight_sharing = weight_sharing
         self.curvature_fraction = float(curvature_fraction)
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         self.fallback = fallback_rule.resolve(fallback)
@@ -375,6 +392,18 @@ class KFAC(compat.WholeUpdateOptimizer):
         return self._quadratic_change if self.built else 0.0
 
     def build(self, variables: list) -> None:
+        """Creates K-FAC's state for ``variables``; Keras calls it before the first step.
+
+        Meets the model first when it was not given (a KFAC restored by
+        ``load_model`` or made from its config), registers and hooks its layers,
+        then creates each block's factors, the velocities δ₀, the adapted
+        scalars and the approximation's own state, and builds the ``fallback``
+        optimizer on the variables without a block.
+
+        Args:
+            variables: the trainable variables to train, the registered layers'
+                among them (ValueError otherwise).
+        """
         # Every check comes before the first variable: an optimizer whose build
         # fails stays unbuilt, and can be compiled again with a mended model.
         if self.built:
@@ -453,6 +482,7 @@ class KFAC(compat.WholeUpdateOptimizer):
             self.statistics_fraction,
             self.patch_fraction,
             self.inverse_update_period,
+            self.weight_sharing,
         )
         unowned = [v for v in variables if self.variable_key(v) not in owned]
         if self.fallback is not None and unowned:
@@ -490,7 +520,16 @@ class KFAC(compat.WholeUpdateOptimizer):
     # ------------------------------------------------------------------ step
 
     def update_all(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
-        """One K-FAC step on every trainable variable, the fallback rule's included."""
+        """One K-FAC step on every trainable variable, the fallback rule's included.
+
+        Runs inside the traced training step (RuntimeError when eager).
+
+        Args:
+            grads: this replica's gradients, one per variable; the replicas'
+                add up to the global batch's.
+            trainable_variables: the variables, in the order of ``grads``.
+            learning_rate: the current learning rate (unused with the quadratic model).
+        """
         if tf.executing_eagerly():
             raise RuntimeError(_EAGER_MESSAGE)
         if self.layer_collection.model is None:
@@ -669,6 +708,13 @@ class KFAC(compat.WholeUpdateOptimizer):
         )
 
     def get_config(self) -> dict:
+        """The optimizer's configuration, for saving.
+
+        Returns:
+            The Keras optimizer configuration plus every KFAC argument but
+            ``model``: ``learning_rate`` is None with the quadratic model,
+            ``fallback`` is serialized and ``layer_collection`` is its ``get_config()``.
+        """
         config = super().get_config()
         if self.use_quadratic_model:
             config["learning_rate"] = None
@@ -693,6 +739,7 @@ class KFAC(compat.WholeUpdateOptimizer):
                 "statistics_fraction": self.statistics_fraction,
                 "statistics_update_period": self.statistics_update_period,
                 "patch_fraction": self.patch_fraction,
+                "weight_sharing": self.weight_sharing,
                 "curvature_fraction": self.curvature_fraction,
                 "seed": self.seed,
                 "fallback": fallback_rule.config(self.fallback),

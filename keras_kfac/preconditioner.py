@@ -22,50 +22,132 @@ class Preconditioner(Protocol):
     blocks: list[KroneckerBlock]
 
     def cross_targets(self) -> tuple[list, list]:
-        """The moving averages of statistics beyond the blocks' own Ā and G (inputs, outputs)."""
+        """The moving averages of statistics beyond the blocks' own Ā and G (inputs, outputs).
+
+        Returns:
+            (input-side variables, output-side variables).
+        """
 
     def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list, list, list]:
-        """Batch estimates of ``cross_targets``, with the masses of the input ones."""
+        """Batch estimates of ``cross_targets``, with the masses of the input ones.
+
+        Args:
+            rows: each called block's (ā rows, ĝ rows, ā rows' weights) by ``id(block)``
+                (``statistics.factor_rows``).
+            batch_size: B, the number of examples.
+
+        Returns:
+            (input-side estimates, their masses, output-side estimates), in the
+            order of ``cross_targets``.
+        """
 
     def inverses(self, gamma: tf.Tensor) -> list:
-        """The inverse state for factored-Tikhonov damping γ, freshly computed (not stored)."""
+        """The inverse state for factored-Tikhonov damping γ, freshly computed (not stored).
+
+        Args:
+            gamma: the factored Tikhonov damping γ.
+
+        Returns:
+            The inverse state, a list in the form ``stored`` holds it.
+        """
 
     def store(self, inverses: list) -> None:
-        """Keeps ``inverses`` as the stored state."""
+        """Keeps ``inverses`` as the stored state.
+
+        Args:
+            inverses: the inverse state, as ``inverses`` returns it.
+        """
 
     def stored(self) -> list:
-        """The stored inverse state."""
+        """The stored inverse state.
+
+        Returns:
+            The inverse state, a list of variables or pairs of them.
+        """
 
     def precondition(self, grads: dict, inverses: list, var_key: Callable) -> dict:
-        """F⁻¹∇h by variable key, for the blocks whose variables all have gradients."""
+        """F⁻¹∇h by variable key, for the blocks whose variables all have gradients.
+
+        Args:
+            grads: the gradients ∇h, by variable key.
+            inverses: the inverse state, from ``inverses`` or ``stored``.
+            var_key: maps a variable to its key in ``grads``.
+
+        Returns:
+            The preconditioned gradients, by variable key.
+        """
 
 
 class BlockDiagonal:
-    """Damped inverses per block, stored in the blocks' factors."""
+    """Damped inverses per block, stored in the blocks' factors.
+
+    Args:
+        blocks: the registered blocks, their factors' state created.
+    """
 
     def __init__(self, blocks: list[KroneckerBlock]):
         self.blocks = blocks
 
     def cross_targets(self) -> tuple[list, list]:
-        """No statistics beyond each block's own factors."""
+        """No statistics beyond each block's own factors.
+
+        Returns:
+            ([], []).
+        """
         return [], []
 
     def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list, list, list]:
+        """No estimates beyond each block's own factors.
+
+        Args:
+            rows: each called block's (ā rows, ĝ rows, ā rows' weights) by ``id(block)``
+                (``statistics.factor_rows``).
+            batch_size: B, the number of examples.
+
+        Returns:
+            ([], [], []).
+        """
         return [], [], []
 
     def inverses(self, gamma: tf.Tensor) -> list:
-        """Fresh ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) of every block for γ (not stored)."""
+        """Fresh ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) of every block for γ (not stored).
+
+        Args:
+            gamma: the factored Tikhonov damping γ.
+
+        Returns:
+            One pair of damped inverses per block, in ``blocks`` order.
+        """
         return [block.damped_inverses(gamma) for block in self.blocks]
 
     def store(self, inverses: list) -> None:
+        """Keeps each block's damped inverses in its factors (each unless not finite).
+
+        Args:
+            inverses: one pair per block, as ``inverses`` returns them.
+        """
         for block, block_inverses in zip(self.blocks, inverses):
             block.store_inverses(block_inverses)
 
     def stored(self) -> list:
+        """The blocks' stored damped inverses.
+
+        Returns:
+            One pair of inverse variables (Ā's, G's) per block, in ``blocks`` order.
+        """
         return [(b.input_factor.inverse, b.output_factor.inverse) for b in self.blocks]
 
     def precondition(self, grads: dict, inverses: list, var_key: Callable) -> dict:
-        """F̆⁻¹∇h for every block whose variables all have gradients, by ``var_key``."""
+        """F̆⁻¹∇h for every block whose variables all have gradients, by ``var_key``.
+
+        Args:
+            grads: the gradients ∇h, by variable key.
+            inverses: the inverse state, from ``inverses`` or ``stored``.
+            var_key: maps a variable to its key in ``grads``.
+
+        Returns:
+            The preconditioned gradient of each such block's variables, by key.
+        """
         updates = {}
         for block, block_inverses in zip(self.blocks, inverses):
             keys = [var_key(v) for v in block.variables]

@@ -31,6 +31,14 @@ def jacobian_vector_products(z: tf.Tensor, variables: list, directions: list[lis
 
     ``u ↦ Jᵀu`` is linear in u, so ``J d = ∂⟨Jᵀu, d⟩/∂u``: two reverse-mode
     passes instead of a forward-mode one, which reuses the recorded graph.
+
+    Args:
+        z: the network output, computed from ``variables`` in the current graph.
+        variables: the parameters J differentiates z in.
+        directions: the directions d, each a list of one tensor per variable.
+
+    Returns:
+        One ``J d`` per direction, each shaped like z.
     """
     u = tf.zeros_like(z)
     transposed = tf.gradients(z, variables, grad_ys=u)
@@ -45,7 +53,19 @@ def jacobian_vector_products(z: tf.Tensor, variables: list, directions: list[lis
 
 
 def fisher_gram(loss: RegisteredLoss, z: tf.Tensor, products: list[tf.Tensor], sample_weight) -> tf.Tensor:
-    """The matrix ``[d_iᵀ F d_j]`` from the products ``J d_i`` (float32)."""
+    """The matrix ``[d_iᵀ F d_j]`` from the products ``J d_i`` (float32).
+
+    F is the exact Fisher of the loss as Keras reduces it (``reduced_hessian_product``).
+
+    Args:
+        loss: the registered loss, whose Hessian in z gives F.
+        z: the network output.
+        products: ``J d_i`` for each direction, shaped like z.
+        sample_weight: the weights of z's values, or None.
+
+    Returns:
+        A float32 matrix of shape (k, k) for k directions.
+    """
     z = tf.cast(z, tf.float32)
     products = [tf.cast(p, tf.float32) for p in products]
     hessian_products = [loss.reduced_hessian_product(z, p, sample_weight) for p in products]
@@ -53,12 +73,27 @@ def fisher_gram(loss: RegisteredLoss, z: tf.Tensor, products: list[tf.Tensor], s
 
 
 def dot_gram(directions: list[list[tf.Tensor]]) -> tf.Tensor:
-    """The matrix ``[d_iᵀ d_j]`` (float32)."""
+    """The matrix ``[d_iᵀ d_j]`` (float32).
+
+    Args:
+        directions: k directions, each a list of one tensor per variable.
+
+    Returns:
+        A float32 matrix of shape (k, k).
+    """
     return tf.stack([tf.stack([inner(a, b) for b in directions]) for a in directions])
 
 
 def inner(a: list[tf.Tensor], b: list[tf.Tensor]) -> tf.Tensor:
-    """Σ over variables of ⟨a, b⟩ (float32)."""
+    """Σ over variables of ⟨a, b⟩ (float32).
+
+    Args:
+        a: one tensor per variable.
+        b: one tensor per variable, shaped like those of ``a``.
+
+    Returns:
+        A float32 scalar (0 for empty lists).
+    """
     return tf.add_n(
         [tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)] or [tf.constant(0.0)]
     )
@@ -77,6 +112,16 @@ def solve_coefficients(
     0 ≤ μ ≤ max_momentum: M is convex, so it is the lowest value among the
     unconstrained minimiser (when it lies in the box) and the minimisers on the
     box's three edges.
+
+    Args:
+        curvature: C, a float32 (2, 2) matrix.
+        linear: b, a float32 vector of length 2.
+        has_previous: a scalar bool tensor, false without a previous update.
+        max_momentum: the upper bound of μ in the box, or None for no box.
+
+    Returns:
+        (x, M(x)): the coefficients (α, μ) as a float32 vector of length 2, and
+        the model's value there.
     """
     tiny = tf.constant(1e-30, tf.float32)
     alpha_only = -linear[0] / tf.maximum(curvature[0, 0], tiny)
@@ -106,19 +151,48 @@ def solve_coefficients(
 
 
 def model_value(curvature: tf.Tensor, linear: tf.Tensor, coefficients: tf.Tensor) -> tf.Tensor:
-    """M(δ) = ½ xᵀ C x + bᵀ x for δ = x₀ d₀ + x₁ d₁."""
+    """M(δ) = ½ xᵀ C x + bᵀ x for δ = x₀ d₀ + x₁ d₁.
+
+    Args:
+        curvature: C, a (2, 2) matrix.
+        linear: b, a vector of length 2.
+        coefficients: x, a vector of length 2.
+
+    Returns:
+        M(δ) − M(0), a scalar.
+    """
     return 0.5 * tf.tensordot(coefficients, tf.linalg.matvec(curvature, coefficients), 1) + tf.tensordot(
         linear, coefficients, 1
     )
 
 
 def reduction_ratio(loss_change: tf.Tensor, predicted_change: tf.Tensor) -> tf.Tensor:
-    """ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0)) [KFAC §6.5]."""
+    """ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0)) [KFAC §6.5].
+
+    Args:
+        loss_change: h(θ+δ) − h(θ).
+        predicted_change: M(δ) − M(0); values above −1e-30 are taken as −1e-30.
+
+    Returns:
+        ρ, a scalar.
+    """
     return loss_change / tf.minimum(predicted_change, -1e-30)
 
 
 def levenberg_marquardt(damping: tf.Tensor, rho: tf.Tensor, omega: float, min_damping: float | tf.Tensor) -> tf.Tensor:
-    """λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4 (ω₁ < 1), else λ [KFAC §6.5]; at least ``min_damping``."""
+    """λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4 (ω₁ < 1), else λ [KFAC §6.5]; at least ``min_damping``.
+
+    A non-finite ρ counts as a bad step (λ/ω₁).
+
+    Args:
+        damping: the current λ.
+        rho: the reduction ratio ρ.
+        omega: ω₁ < 1.
+        min_damping: the floor of λ.
+
+    Returns:
+        The new λ.
+    """
     new = tf.where(rho > 0.75, damping * omega, tf.where(rho < 0.25, damping / omega, damping))
     # A non-finite ρ (a diverging step) counts as a bad one.
     new = tf.where(tf.math.is_finite(rho), new, damping / omega)

@@ -11,6 +11,7 @@ model is compiled with).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -70,10 +71,18 @@ class LayerCollection:
 
     @property
     def blocks(self) -> list[KroneckerBlock]:
+        """The registered blocks, in registration order (a new list)."""
         return list(self._blocks)
 
     def block_for(self, layer: keras.layers.Layer) -> KroneckerBlock:
-        """The block registered for ``layer``."""
+        """The block registered for ``layer``.
+
+        Args:
+            layer: a registered layer.
+
+        Returns:
+            Its block; KeyError when the layer is not registered.
+        """
         for block in self._blocks:
             if block.layer is layer:
                 return block
@@ -109,23 +118,58 @@ class LayerCollection:
         return self._blocks[-1]
 
     def register_dense(self, layer: keras.layers.Dense) -> KroneckerBlock:
-        """Registers a Dense layer: kernel and bias form one block [KFAC §3]."""
+        """Registers a Dense layer: kernel and bias form one block [KFAC §3].
+
+        Args:
+            layer: the ``keras.layers.Dense`` layer.
+
+        Returns:
+            The new block.
+        """
         return self.register(layer, DenseBlock)
 
     def register_einsum_dense(self, layer: keras.layers.EinsumDense) -> KroneckerBlock:
-        """Registers an EinsumDense layer whose kernel maps input features to output features at each position."""
+        """Registers an EinsumDense layer whose kernel maps input features to output features at each position.
+
+        Args:
+            layer: the ``keras.layers.EinsumDense`` layer.
+
+        Returns:
+            The new block.
+        """
         return self.register(layer, EinsumDenseBlock)
 
     def register_conv1d(self, layer: keras.layers.Conv1D) -> KroneckerBlock:
-        """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016)."""
+        """Registers a Conv1D layer as a KFC block over its output steps (Grosse & Martens 2016).
+
+        Args:
+            layer: the ``keras.layers.Conv1D`` layer.
+
+        Returns:
+            The new block.
+        """
         return self.register(layer, Conv1DBlock)
 
     def register_conv2d(self, layer: keras.layers.Conv2D) -> KroneckerBlock:
-        """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016)."""
+        """Registers a Conv2D layer as a KFC block (Grosse & Martens 2016).
+
+        Args:
+            layer: the ``keras.layers.Conv2D`` layer.
+
+        Returns:
+            The new block.
+        """
         return self.register(layer, Conv2DBlock)
 
     def register_embedding(self, layer: keras.layers.Embedding) -> KroneckerBlock:
-        """Registers an Embedding layer: a Dense block on one-hot inputs, Ā diagonal [KFAC §3]."""
+        """Registers an Embedding layer: a Dense block on one-hot inputs, Ā diagonal [KFAC §3].
+
+        Args:
+            layer: the ``keras.layers.Embedding`` layer.
+
+        Returns:
+            The new block.
+        """
         return self.register(layer, EmbeddingBlock)
 
     def register_loss(self, loss: Any, loss_weight: float = 1.0) -> None:
@@ -145,7 +189,14 @@ class LayerCollection:
         }
 
     def register_model(self, model: keras.Model) -> None:
-        """Names the model whose training step K-FAC reads its loss from."""
+        """Names the model whose training step K-FAC reads its loss from.
+
+        Layers saved by ``get_config`` and waiting for their model
+        (``from_config``) are registered in it now.
+
+        Args:
+            model: the ``keras.Model`` being trained.
+        """
         if not isinstance(model, keras.Model):
             raise TypeError(f"Expected a keras.Model; got {model!r}.")
         self.model = model
@@ -164,6 +215,9 @@ class LayerCollection:
         type for its class. Layers registered already are kept; layers no block
         serves, or serves in this configuration (a warning names why), are left
         to the optimizer's fallback rule (``KFAC(fallback=...)``).
+
+        Args:
+            model: the ``keras.Model`` whose layers to register.
         """
         self.register_model(model)
         layer_types = self.auto_register_types
@@ -181,6 +235,62 @@ class LayerCollection:
             except ValueError as error:
                 warnings.warn(f"KFAC leaves a layer to the optimizer's fallback rule: {error}", stacklevel=2)
 
+    def summary(self, print_fn: Callable[[str], None] | None = None, line_length: int = 100) -> None:
+        """Prints which layer has which block and how many parameters it covers, like ``model.summary()``.
+
+        One row per layer with trainable variables: its path, class, the block
+        (its kind and the sizes of Ā and G) or the fallback rule for variables
+        without one, and its trainable parameters; then the share of the model's
+        trainable parameters in K-FAC blocks. Before the model is known (layers
+        registered by hand, no ``register_model``) only the blocks are listed;
+        layers not built yet have no variables to count.
+
+        Args:
+            print_fn: called with each line; ``print`` by default.
+            line_length: the table's width in characters.
+        """
+        print_fn = print_fn or print
+        built = [block for block in self._blocks if block.layer.built]
+        in_blocks = {id(v): block for block in built for v in block.variables}
+        variables = list(self.model.trainable_variables) if self.model is not None else []
+        variables += [v for b in built for v in b.variables if all(v is not w for w in variables)]
+        layers_by_path = {getattr(layer, "path", layer.name): layer for layer in self._model_layers()}
+        rows: dict[str, list] = {}
+        for variable in variables:
+            block = in_blocks.get(id(variable))
+            path = block.layer.path if block is not None else variable.path.rpartition("/")[0]
+            size = 1
+            for dim in variable.shape:
+                size *= int(dim)
+            rows.setdefault(path, [block, 0])[1] += size
+        widths = [int(line_length * f) for f in (0.36, 0.24, 0.26)]
+        widths.append(line_length - sum(widths))
+
+        def line(cells: list[str]) -> str:
+            fitted = [c if len(c) < w else c[: w - 2] + "…" for c, w in zip(cells, widths)]
+            return "".join(c.ljust(w) for c, w in zip(fitted, widths)).rstrip()
+
+        title = f'KFAC layer collection of "{self.model.name}"' if self.model is not None else "KFAC layer collection"
+        print_fn(title)
+        print_fn("━" * line_length)
+        print_fn(line(["Layer (path)", "Class", "Curvature", "Params"]))
+        print_fn("━" * line_length)
+        covered = total = 0
+        for path, (block, count) in rows.items():
+            layer = block.layer if block is not None else layers_by_path.get(path)
+            kind = "fallback" if block is None else f"{type(block).kind} Ā {block.input_dim} G {block.output_dim}"
+            print_fn(line([path, type(layer).__name__ if layer is not None else "?", kind, f"{count:,}"]))
+            total += count
+            covered += count if block is not None else 0
+        print_fn("━" * line_length)
+        if self.model is None:
+            print_fn(f" Parameters in K-FAC blocks: {covered:,} (the model is not known yet: register_model)")
+        else:
+            share = covered / total if total else 0.0
+            print_fn(f" Parameters in K-FAC blocks: {covered:,} of {total:,} trainable ({share:.1%})")
+            print_fn(f" Parameters left to the fallback rule: {total - covered:,}")
+        print_fn("━" * line_length)
+
     def get_config(self) -> dict | None:
         """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
 
@@ -188,6 +298,11 @@ class LayerCollection:
         model's layers (``compat.nested_layers`` order, which ``load_model``
         reproduces) and their name; the registered loss by its Keras
         serialization.
+
+        Returns:
+            A dict with ``"layers"`` (each a dict of ``kind``, ``index`` and
+            ``name``) when layers were registered by hand, and ``"loss"`` and
+            ``"loss_weight"`` when a loss was registered; or None.
         """
         if self._pending is not None:
             return dict(self._pending)
@@ -214,7 +329,14 @@ class LayerCollection:
 
     @classmethod
     def from_config(cls, config: dict) -> LayerCollection:
-        """A collection that registers the saved layers once it meets its model."""
+        """A collection that registers the saved layers once it meets its model.
+
+        Args:
+            config: a dict from ``get_config``.
+
+        Returns:
+            The new ``LayerCollection``, its saved loss registered.
+        """
         collection = cls()
         if "loss" in config:
             collection.register_loss(keras.losses.get(config["loss"]), config.get("loss_weight", 1.0))
@@ -253,7 +375,12 @@ class LayerCollection:
             self.prepare()
 
     def loss(self) -> losses.RegisteredLoss:
-        """The registered loss, or the one the model was compiled with."""
+        """The registered loss, or the one the model was compiled with.
+
+        Returns:
+            A ``losses.RegisteredLoss``; ValueError when there is neither a
+            registered loss nor a model.
+        """
         if self._loss is not None:
             return self._loss
         if self.model is None:

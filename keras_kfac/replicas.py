@@ -21,7 +21,11 @@ import tensorflow as tf
 
 
 def count() -> int:
-    """Replicas taking part in the current step (1 without a strategy)."""
+    """Replicas taking part in the current step (1 without a strategy).
+
+    Returns:
+        The number of replicas in sync, an int.
+    """
     context = tf.distribute.get_replica_context()
     if context is None:
         return tf.distribute.get_strategy().num_replicas_in_sync
@@ -29,9 +33,12 @@ def count() -> int:
 
 
 def index() -> int:
-    """This replica's position in its sync group while its step is traced; 0
-    outside a replica context, and where the strategy traces one program for
-    all replicas (TPUs)."""
+    """This replica's position in its sync group while its step is traced.
+
+    Returns:
+        The replica id, an int; 0 outside a replica context, and where the
+        strategy traces one program for all replicas (TPUs).
+    """
     context = tf.distribute.get_replica_context()
     if context is None:
         return 0
@@ -40,7 +47,11 @@ def index() -> int:
 
 
 def index_tensor() -> tf.Tensor:
-    """This replica's position in its sync group as an int32 tensor (also on TPUs)."""
+    """This replica's position in its sync group as an int32 tensor (also on TPUs).
+
+    Returns:
+        The replica id, a scalar int32 tensor; 0 outside a replica context.
+    """
     context = tf.distribute.get_replica_context()
     if context is None:
         return tf.constant(0)
@@ -64,6 +75,12 @@ def mean(values: Any) -> Any:
 
     Per-replica averages over equal shares of the batch give the global
     average, the way Keras combines per-replica gradients.
+
+    Args:
+        values: a nested structure of tensors.
+
+    Returns:
+        The same structure, all-reduced; ``values`` itself with one replica.
     """
     return _reduce(tf.distribute.ReduceOp.MEAN, values)
 
@@ -76,6 +93,14 @@ def weighted_mean(values: list[tf.Tensor], masses: list[tf.Tensor]) -> tuple[lis
     its examples have in the global loss (the caller's masses). Replicas with
     equal shares of an unweighted batch have equal masses; an empty share has
     none.
+
+    Args:
+        values: this replica's values v (e.g. Ā estimates).
+        masses: the mass m of each value, scalars.
+
+    Returns:
+        (weighted means, total masses), lists aligned with ``values``; a value
+        whose total mass is 0 gives 0. ``(values, masses)`` with one replica.
     """
     if count() == 1:
         return values, masses
@@ -85,7 +110,14 @@ def weighted_mean(values: list[tf.Tensor], masses: list[tf.Tensor]) -> tuple[lis
 
 
 def total(values: Any) -> Any:
-    """The sum over replicas of each tensor of ``values``."""
+    """The sum over replicas of each tensor of ``values``.
+
+    Args:
+        values: a nested structure of tensors.
+
+    Returns:
+        The same structure, all-reduced; ``values`` itself with one replica.
+    """
     return _reduce(tf.distribute.ReduceOp.SUM, values)
 
 
@@ -95,5 +127,12 @@ def curvature(values: Any, reduction: str) -> Any:
     Each replica's value is the curvature of its share of the loss as Keras
     reduces it with ``reduction``: a mean over examples, which the global
     batch's is the mean of, or for ``"sum"`` a sum, which adds up.
+
+    Args:
+        values: this replica's curvature, a nested structure of tensors.
+        reduction: the loss's reduction.
+
+    Returns:
+        The global batch's curvature, in the structure of ``values``.
     """
     return total(values) if reduction == "sum" else mean(values)

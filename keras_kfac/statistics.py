@@ -15,9 +15,21 @@ from keras_kfac import curvature, losses
 from keras_kfac.blocks import KroneckerBlock
 from keras_kfac.capture import LayerCall
 
+# How a weight-shared layer's locations enter its factors (Eschenhagen et al. 2023):
+# a row per location (K-FAC-expand, [KFC §3]) or one per example (K-FAC-reduce).
+WEIGHT_SHARING = ("expand", "reduce")
+
 
 def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
-    """⌈fraction · batch_size⌉ examples, at least one."""
+    """⌈fraction · batch_size⌉ examples, at least one.
+
+    Args:
+        batch_size: the number of examples B, a scalar int32 tensor.
+        fraction: the fraction to keep, in (0, 1].
+
+    Returns:
+        The subset's size, a scalar int32 tensor (``batch_size`` itself for a fraction of 1).
+    """
     if fraction >= 1.0:
         return batch_size
     size = tf.cast(tf.math.ceil(fraction * tf.cast(batch_size, tf.float32)), tf.int32)
@@ -31,6 +43,15 @@ def subsample_rows(
 
     The (weighted) mean of ``ā āᵀ`` over the drawn rows is an estimate of its
     mean over all of them, at ``fraction`` of the cost of the product.
+
+    Args:
+        rows: n rows, shape (n, ...).
+        weights: their weights, shape (n,), or None.
+        fraction: the fraction to draw, in (0, 1]; 1 keeps every row in order.
+        seed: a stateless random seed, shape (2,).
+
+    Returns:
+        (drawn rows, their weights or None).
     """
     if fraction >= 1.0:
         return rows, weights
@@ -56,8 +77,15 @@ def row_weights(call: LayerCall, value_weights: tf.Tensor, rows: tf.Tensor) -> t
     masked sequence), each example's mean weight where the layer has one row
     per example (R = B), and each example's weight repeated over its locations
     where the weights are per example. A call on a constant input (a position
-    embedding) is shared by the whole batch: its rows weigh the same. ``rows``
-    is R, the block's ``row_count`` of the call.
+    embedding) is shared by the whole batch: its rows weigh the same.
+
+    Args:
+        call: the layer call.
+        value_weights: the weights of the loss values (``losses.value_weights``).
+        rows: R, the block's ``row_count`` of the call.
+
+    Returns:
+        A float32 vector of R row weights.
     """
     if tf.get_static_value(call.inputs) is not None:
         return tf.ones([rows])
@@ -80,6 +108,7 @@ def factor_rows(
     y_true,
     sample_weight,
     seed: tf.Tensor,
+    reduce_locations: bool = False,
 ) -> dict[int, tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]]:
     """Each called block's rows (ā rows, back-propagated ĝ rows, ā rows' weights), by ``id(block)``.
 
@@ -91,6 +120,24 @@ def factor_rows(
     theirs counts, whatever the layer's leading axis (a model may fold
     positions into it). The ā rows' weights are ``None`` without
     ``sample_weight`` (all rows weigh the same), otherwise ``row_weights``.
+
+    Args:
+        blocks: the registered blocks; those without calls are skipped.
+        calls: each block's recorded calls, by ``id(block)``.
+        loss: the registered loss, whose distribution gives the output vectors.
+        z: the network output of the forward pass that made ``calls``.
+        mode: the estimation mode: ``"sampled"``, ``"empirical"`` or ``"exact"``.
+        y_true: the data's targets (used by ``"empirical"``).
+        sample_weight: the weights of z's values, or None.
+        seed: a stateless random seed, shape (2,), of the target sampling.
+        reduce_locations: K-FAC-reduce for the convolutions' blocks (those whose
+            rows are patch locations; Eschenhagen et al. 2023, §3.2): one row per
+            example, ā the mean of its patches and ĝ the sum of its locations'
+            vectors, instead of a row per location (K-FAC-expand, [KFC §3]).
+
+    Returns:
+        A dict from ``id(block)`` to (ā rows (N, input_dim), ĝ rows
+        (N·V, output_dim) for V output vectors, ā rows' weights (N,) or None).
     """
     blocks = [b for b in blocks if calls.get(id(b))]
     if not blocks:
@@ -122,15 +169,37 @@ def factor_rows(
         block_calls = calls[id(block)]
         span = slice(position, position + len(block_calls))
         position += len(block_calls)
-        input_rows = block.rows([c.inputs for c in block_calls], block.input_rows)
-        output_rows = block.rows([g for per_vector in backpropagated for g in per_vector[span]], block.output_rows)
-        input_weights = None
+        inputs = [c.inputs for c in block_calls]
+        gradients = [g for per_vector in backpropagated for g in per_vector[span]]
+        weights = None
         if value_weights is not None:
-            input_weights = tf.concat(
-                [row_weights(c, value_weights, block.row_count(c.preactivation)) for c in block_calls], axis=0
-            )
-        rows[id(block)] = (input_rows, output_rows, input_weights)
+            weights = [row_weights(c, value_weights, block.row_count(c.preactivation)) for c in block_calls]
+        if reduce_locations and block.rows_are_patch_locations:
+            input_rows = tf.concat([_per_example(block.input_rows(x), x, tf.reduce_mean) for x in inputs], 0)
+            output_rows = tf.concat([_per_example(block.output_rows(g), g, tf.reduce_sum) for g in gradients], 0)
+            if weights is not None:
+                weights = [_per_example(w[:, None], x, tf.reduce_mean)[:, 0] for w, x in zip(weights, inputs)]
+        else:
+            input_rows = block.rows(inputs, block.input_rows)
+            output_rows = block.rows(gradients, block.output_rows)
+        rows[id(block)] = (input_rows, output_rows, None if weights is None else tf.concat(weights, axis=0))
     return rows
+
+
+def _per_example(rows: tf.Tensor, call_tensor: tf.Tensor, reduce) -> tf.Tensor:
+    """One call's rows (example-major: each example's locations in turn) reduced over each example's locations.
+
+    Args:
+        rows: the call's rows, shape (examples × locations, d).
+        call_tensor: a tensor of the call whose first axis is its examples.
+        reduce: ``tf.reduce_mean`` or ``tf.reduce_sum``, applied over the locations.
+
+    Returns:
+        One row per example, shape (examples, d).
+    """
+    examples = tf.shape(call_tensor)[0]
+    locations = tf.shape(rows)[0] // tf.maximum(examples, 1)
+    return reduce(tf.reshape(rows, [examples, locations, tf.shape(rows)[-1]]), axis=1)
 
 
 def factor_estimates(
@@ -139,6 +208,7 @@ def factor_estimates(
     examples: tf.Tensor,
     seed: tf.Tensor,
     patch_fraction: float = 1.0,
+    reduce_locations: bool = False,
 ) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:
     """Batch estimates ([Ā …], [mass of Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
 
@@ -155,6 +225,19 @@ def factor_estimates(
     expectation E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which
     cuts the dominant (rows × dim Ā²) product by that fraction. G keeps every
     location.
+
+    Args:
+        blocks: the registered blocks; their order sets the outputs'.
+        rows: ``factor_rows``'s result.
+        examples: B, the number of examples G is averaged over.
+        seed: the step's stateless random seed; each block folds in its own stream.
+        patch_fraction: the fraction of patch rows Ā uses, in (0, 1].
+        reduce_locations: whether ``rows`` were reduced over locations
+            (``factor_rows``); the rows are then examples, and all are used.
+
+    Returns:
+        Three lists aligned with the blocks that have rows: the estimates of Ā,
+        their masses, and the estimates of G.
     """
     input_estimates, input_masses, output_estimates = [], [], []
     for index, block in enumerate(blocks):
@@ -162,7 +245,7 @@ def factor_estimates(
             continue
         input_rows, output_rows, input_weights = rows[id(block)]
         input_masses.append(curvature.row_mass(input_rows, input_weights))
-        if block.rows_are_patch_locations:
+        if block.rows_are_patch_locations and not reduce_locations:
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows, input_weights = subsample_rows(input_rows, input_weights, patch_fraction, block_seed)

@@ -26,7 +26,21 @@ from keras_kfac.preconditioner import Preconditioner
 
 @dataclasses.dataclass(frozen=True)
 class StepRule:
-    """The optimizer settings a step follows (``KFAC``'s arguments of the same names)."""
+    """The optimizer settings a step follows (``KFAC``'s arguments of the same names).
+
+    Attributes:
+        use_quadratic_model: whether α and μ minimise the exact-Fisher quadratic model.
+        momentum: the fixed μ (None with the quadratic model).
+        norm_constraint: C of the fixed step's KL bound, or None.
+        max_momentum: the quadratic model's bound on μ, or None.
+        l2_reg: η.
+        curvature_fraction: τ₂.
+        adapt_damping: whether λ follows the Levenberg–Marquardt rule.
+        adapt_gamma: whether γ is searched.
+        damping_adaptation_period: T₁.
+        gamma_adaptation_period: T₂.
+        reject_below: the ρ below which a checked step is undone, or None.
+    """
 
     use_quadratic_model: bool
     momentum: float | None
@@ -43,7 +57,14 @@ class StepRule:
 
 @dataclasses.dataclass(frozen=True)
 class StepState:
-    """The adapted quantities a step reads and updates: λ, γ, ρ (variables) and λ's floor."""
+    """The adapted quantities a step reads and updates: λ, γ, ρ (variables) and λ's floor.
+
+    Attributes:
+        damping: the variable of λ.
+        gamma: the variable of γ.
+        rho: the variable of ρ.
+        min_damping: returns the adapted λ's floor.
+    """
 
     damping: tf.Variable
     gamma: tf.Variable
@@ -52,7 +73,14 @@ class StepState:
 
 
 def require_inputs(x: Any) -> Any:
-    """``x``, the step's model inputs that K-FAC's extra forward passes run on."""
+    """``x``, the step's model inputs that K-FAC's extra forward passes run on.
+
+    Args:
+        x: the inputs recorded with the training loss, or None.
+
+    Returns:
+        ``x``; ValueError when it is None (a custom ``train_step`` that did not pass it).
+    """
     if x is None:
         raise ValueError(
             "KFAC's extra forward passes (statistics_fraction < 1, statistics_update_period > 1, "
@@ -69,6 +97,15 @@ def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: st
     A ``sum`` loss grows with the number of examples, so the sub-batch's
     examples are weighted by B/⌈fraction·B⌉: its loss and its curvature then
     estimate the whole batch's, as a mean loss's sub-batch does unweighted.
+
+    Args:
+        data: (x, y, sample_weight), each a nested structure or None.
+        batch_size: B.
+        fraction: the fraction of examples to keep, in (0, 1].
+        reduction: the loss's reduction.
+
+    Returns:
+        (x, y, sample_weight) of the sub-batch.
     """
     size = statistics.subset_size(batch_size, fraction)
     x, y, sample_weight = keras.tree.map_structure(lambda a: None if a is None else a[:size], data)
@@ -82,7 +119,13 @@ def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: st
 
 
 class Batch:
-    """What one training step recorded: the loss's inputs and the layer calls."""
+    """What one training step recorded: the loss's inputs and the layer calls.
+
+    Args:
+        loss_call: the step's evaluation of the training loss.
+        layer_calls: each block's recorded calls, by ``id(block)``.
+        loss: the registered loss; the model must have a single output.
+    """
 
     def __init__(self, loss_call: capture.LossCall, layer_calls: dict, loss: losses.RegisteredLoss):
         self.loss_call = loss_call
@@ -116,8 +159,9 @@ class Step:
         preconditioner: the F̆⁻¹ whose inverses give Δ.
         batch: the step's recorded loss inputs.
         variables: the variables K-FAC's own update moves (those in blocks, or
-            all with ``fallback="momentum"``), with their ``grads`` (global
-            batch) and their ``velocities`` δ₀.
+            all with ``fallback="momentum"``).
+        grads: their gradients, of the global batch.
+        velocities: their velocities δ₀.
         variable_key: the key of a variable in ``preconditioner.precondition``.
         forward: x ↦ (the model's output, its layers' extra losses) at the
             current weights, recording nothing.
@@ -168,6 +212,10 @@ class Step:
         exact-Fisher products need z in the graph they are built in: when the
         update runs in a branch of the step's graph (a ``LossScaleOptimizer``,
         gradient accumulation), z comes from a forward pass of its own there.
+
+        Returns:
+            The tuple (x, y, sample_weight, z, weights of z's values, h(θ)),
+            of the first ⌈τ₂·B⌉ examples when ``curvature_fraction`` τ₂ < 1.
         """
         batch = self.batch
         call = batch.loss_call
@@ -188,8 +236,18 @@ class Step:
         return x, y, sample_weight, z, weight, replicas.total(tf.cast(loss, tf.float32))
 
     def forward(self, x, y, sample_weight) -> tuple:
-        """The model's output and this replica's share of the training loss at the
-        current weights (the whole loss without a strategy), recording nothing."""
+        """The model's output and this replica's share of the training loss at the current weights.
+
+        Nothing is recorded. Without a strategy the share is the whole loss.
+
+        Args:
+            x: the model inputs.
+            y: the targets.
+            sample_weight: the sample weights, or None.
+
+        Returns:
+            (the model's output, the loss with the layers' extra losses).
+        """
         y_pred, layer_losses = self._forward(x)
         # The layers' extra losses are added as Keras' train step adds them
         # (divided among the replicas).
@@ -201,15 +259,31 @@ class Step:
     # Proposals and their quadratic model.
 
     def proposal(self, inverses: list) -> list[tf.Tensor]:
-        """Δ = −F̆⁻¹∇h per variable [KFAC §6.3]."""
+        """Δ = −F̆⁻¹∇h per variable [KFAC §6.3].
+
+        Args:
+            inverses: the preconditioner's inverse state.
+
+        Returns:
+            Δ, one float32 tensor per variable; −∇h for variables without a block.
+        """
         grads = dict(zip(self.keys, self.grads))
         updates = dict(grads)
         updates.update(self.preconditioner.precondition(grads, inverses, self.variable_key))
         return [-tf.cast(updates[k], tf.float32) for k in self.keys]
 
     def step_length(self, delta: list[tf.Tensor], learning_rate: Any) -> tf.Tensor:
-        """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C ("KL
-        clipping", Ba et al. 2017) when ``norm_constraint`` C is finite."""
+        """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C when ``norm_constraint`` C is finite.
+
+        This is "KL clipping" (Ba et al. 2017); ΔᵀF̆Δ = −Δᵀ∇h over the variables in blocks.
+
+        Args:
+            delta: Δ, one tensor per variable.
+            learning_rate: the current learning rate.
+
+        Returns:
+            α, a float32 scalar.
+        """
         lr = tf.cast(learning_rate, tf.float32)
         bound = self.rule.norm_constraint
         if bound is None or not math.isfinite(bound):
@@ -221,22 +295,55 @@ class Step:
         return lr * tf.minimum(1.0, tf.sqrt(bound / tf.maximum(lr * lr * quadratic, 1e-30)))
 
     def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
-        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7])."""
+        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7]).
+
+        Args:
+            delta: Δ, one tensor per variable.
+            z: the network output, in the current graph.
+            sample_weight: the weights of z's values, or None.
+
+        Returns:
+            A float32 (2, 2) matrix.
+        """
         products = quadratic_model.jacobian_vector_products(
             z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], [delta, self.previous]
         )
         return quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
 
     def linear_terms(self, delta: list[tf.Tensor]) -> tf.Tensor:
-        """b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7]."""
+        """b = [∇hᵀdᵢ] for d = (Δ, δ₀) [KFAC §7].
+
+        Args:
+            delta: Δ, one tensor per variable.
+
+        Returns:
+            b, a float32 vector of length 2.
+        """
         return tf.stack([quadratic_model.inner(self.grads, d) for d in (delta, self.previous)])
 
     def damped_curvature(self, fisher: tf.Tensor, dots: tf.Tensor) -> tf.Tensor:
-        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7]."""
+        """C = [dᵢᵀ(F + (λ+η)I)dⱼ] from the global batch's [dᵢᵀ F dⱼ] and [dᵢᵀ dⱼ] [KFAC §7].
+
+        Args:
+            fisher: [dᵢᵀ F dⱼ], a (2, 2) matrix.
+            dots: [dᵢᵀ dⱼ], a (2, 2) matrix.
+
+        Returns:
+            C, a (2, 2) matrix.
+        """
         return fisher + (self.state.damping + self.rule.l2_reg) * dots
 
     def coefficients(self, curvature_matrix, linear, length) -> tuple[tf.Tensor, tf.Tensor]:
-        """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum."""
+        """(α, μ) and M(δ): from the quadratic model, or the fixed step ``length`` and momentum.
+
+        Args:
+            curvature_matrix: C, or None when the quadratic model is not evaluated.
+            linear: b, or None with ``curvature_matrix``.
+            length: the fixed α (unused with the quadratic model).
+
+        Returns:
+            ((α, μ) as a float32 vector, M(δ) − M(0); 0 without ``curvature_matrix``).
+        """
         if self.rule.use_quadratic_model:
             return quadratic_model.solve_coefficients(
                 curvature_matrix, linear, self.has_previous, self.rule.max_momentum
@@ -247,7 +354,14 @@ class Step:
         return fixed, quadratic_model.model_value(curvature_matrix, linear, fixed)
 
     def update(self, learning_rate: Any) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
-        """δ per variable, (α, μ) and M(δ) with the stored inverses."""
+        """δ per variable, (α, μ) and M(δ) with the stored inverses.
+
+        Args:
+            learning_rate: the current learning rate (unused with the quadratic model).
+
+        Returns:
+            (δ as one float32 tensor per variable, (α, μ), M(δ) − M(0)).
+        """
         delta = self.proposal(self.preconditioner.stored())
         curvature_matrix = linear = None
         if self.needs_model:
@@ -270,7 +384,16 @@ class Step:
         Runs after θ ← θ + δ; the forward pass at θ + δ runs only when ``due``.
         The l2 term ½η‖θ‖² is part of h. A checked step whose ρ is below
         ``reject_below`` (or whose loss is not finite) is undone: θ takes its
-        values ``before`` the update back and δ₀ is reset. Returns False when it was.
+        values ``before`` the update back and δ₀ is reset.
+
+        Args:
+            update: δ, one tensor per variable.
+            change: M(δ) − M(0), the quadratic model's predicted change.
+            before: the variables' values before the update (used to undo it).
+            due: a scalar bool tensor: whether to check ρ at this step.
+
+        Returns:
+            A scalar bool tensor, False when the step was undone.
         """
         rule, state = self.rule, self.state
         x, y, sample_weight, _, _, loss_before = self.curvature_data
@@ -305,6 +428,10 @@ class Step:
         products, and a second one recomputes and stores the chosen γ's inverses:
         one more inversion every T₂ steps, where carrying the three candidates'
         inverses out of the first branch would cost a copy of them on every step.
+
+        Args:
+            learning_rate: the current learning rate, for the fixed step's α.
+            due: a scalar bool tensor: whether to search γ at this step.
         """
         gamma = self.state.gamma
         omega = math.sqrt(19.0 / 20.0) ** self.rule.gamma_adaptation_period

@@ -27,7 +27,16 @@ PREFIX = "kfac_"
 
 
 def state_values(optimizer: Any, quantities: tuple[str, ...] = MONITORED) -> dict[str, float] | None:
-    """``quantities`` of the K-FAC behind ``optimizer`` (a LossScaleOptimizer unwrapped), or None."""
+    """``quantities`` of the K-FAC behind ``optimizer`` (a LossScaleOptimizer unwrapped), or None.
+
+    Args:
+        optimizer: a model's optimizer.
+        quantities: names among ``MONITORED`` (KFAC properties).
+
+    Returns:
+        A dict from each name to its current value as a Python float, or None
+        when the optimizer lacks one of them (it is not a KFAC).
+    """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if not all(hasattr(inner, name) for name in quantities):
         return None
@@ -35,7 +44,11 @@ def state_values(optimizer: Any, quantities: tuple[str, ...] = MONITORED) -> dic
 
 
 class TensorBoardFeed(keras.callbacks.Callback):
-    """Adds K-FAC's state to the logs of the batches and epochs ``board`` records."""
+    """Adds K-FAC's state to the logs of the batches and epochs ``board`` records.
+
+    Args:
+        board: the ``keras.callbacks.TensorBoard`` callback this one comes before.
+    """
 
     def __init__(self, board: keras.callbacks.TensorBoard):
         super().__init__()
@@ -48,20 +61,45 @@ class TensorBoardFeed(keras.callbacks.Callback):
             logs.update({PREFIX + name: value for name, value in values.items()})
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        """Restarts the batch count, as the TensorBoard callback does.
+
+        Args:
+            logs: unused.
+        """
         self._batches = 0  # the TensorBoard callback counts batches from here too
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Adds the state to ``logs`` on the batches ``board`` records (its ``update_freq``).
+
+        Args:
+            batch: unused; the batches are counted from the start of training.
+            logs: the batch logs, updated in place as ``kfac_<name>``.
+        """
         self._batches += 1
         frequency = self.board.update_freq
         if frequency != "epoch" and self._batches % frequency == 0:
             self._add(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Adds the state to the epoch logs.
+
+        Args:
+            epoch: unused.
+            logs: the epoch logs, updated in place as ``kfac_<name>``.
+        """
         self._add(logs)
 
 
 def with_state_feeds(callbacks: Any) -> Any:
-    """``callbacks`` with a ``TensorBoardFeed`` before each ``TensorBoard`` callback in it."""
+    """``callbacks`` with a ``TensorBoardFeed`` before each ``TensorBoard`` callback in it.
+
+    Args:
+        callbacks: the ``callbacks`` argument of ``fit``.
+
+    Returns:
+        A new list for a list or tuple; anything else (None, a
+        ``CallbackList``) unchanged.
+    """
     if not isinstance(callbacks, (list, tuple)):
         return callbacks
     fed = []
@@ -73,7 +111,11 @@ def with_state_feeds(callbacks: Any) -> Any:
 
 
 def feed_stock_tensorboard(model: keras.Model) -> None:
-    """Wraps ``model.fit`` (on the instance, once) to add ``TensorBoardFeed``s to its callbacks."""
+    """Wraps ``model.fit`` (on the instance, once) to add ``TensorBoardFeed``s to its callbacks.
+
+    Args:
+        model: the model K-FAC trains.
+    """
     if getattr(model, "_kfac_fit_wrapped", False):
         return
     original_fit = model.fit

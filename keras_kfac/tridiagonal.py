@@ -89,15 +89,27 @@ class TridiagonalInverse:
 
     @property
     def num_blocks(self) -> int:
+        """L, the number of blocks of the chain."""
         return len(self.denominators)
 
     def to_tensors(self) -> list[tf.Tensor]:
-        """The 5L − 2 tensors, in the order documented on the class."""
+        """The 5L − 2 tensors, in the order documented on the class.
+
+        Returns:
+            A list of float32 tensors, of the shapes ``tensor_shapes`` gives.
+        """
         return [t for field in _FIELDS for t in getattr(self, field)]
 
     @classmethod
     def from_tensors(cls, tensors: list) -> TridiagonalInverse:
-        """Inverse of ``to_tensors`` (accepts variables; L is inferred from the count)."""
+        """Inverse of ``to_tensors`` (accepts variables; L is inferred from the count).
+
+        Args:
+            tensors: 5L − 2 tensors or variables, for some L ≥ 1.
+
+        Returns:
+            The ``TridiagonalInverse`` they represent.
+        """
         tensors = list(tensors)
         if len(tensors) < 3 or (len(tensors) + 2) % 5:
             raise ValueError(f"Expected 5L − 2 tensors for a chain of L ≥ 1 blocks; got {len(tensors)}.")
@@ -111,7 +123,15 @@ class TridiagonalInverse:
 
     @staticmethod
     def tensor_shapes(input_dims: list[int], output_dims: list[int]) -> list[tuple[int, int]]:
-        """Shapes of ``to_tensors()`` for blocks of sizes (n_i, d_i)."""
+        """Shapes of ``to_tensors()`` for blocks of sizes (n_i, d_i).
+
+        Args:
+            input_dims: n_i, the rows of each block's W̄ (inputs plus the homogeneous 1).
+            output_dims: d_i, the outputs of each block.
+
+        Returns:
+            The 5L − 2 shapes, as (rows, columns) pairs.
+        """
         _check_lengths(input_dims, output_dims)
         pairs = zip(input_dims[:-1], input_dims[1:])
         out_pairs = zip(output_dims[:-1], output_dims[1:])
@@ -125,7 +145,15 @@ class TridiagonalInverse:
 
     @classmethod
     def identity(cls, input_dims: list[int], output_dims: list[int]) -> TridiagonalInverse:
-        """F̂⁻¹ = I: zero links, identity bases, unit denominators (an initial value)."""
+        """F̂⁻¹ = I: zero links, identity bases, unit denominators (an initial value).
+
+        Args:
+            input_dims: n_i, the rows of each block's W̄ (inputs plus the homogeneous 1).
+            output_dims: d_i, the outputs of each block.
+
+        Returns:
+            The identity ``TridiagonalInverse``.
+        """
         _check_lengths(input_dims, output_dims)
         links_a = [tf.zeros((n, m)) for n, m in zip(input_dims[:-1], input_dims[1:])]
         links_g = [tf.zeros((d, e)) for d, e in zip(output_dims[:-1], output_dims[1:])]
@@ -155,6 +183,13 @@ def damped_inverse_root(cov: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
 
     The eigenvalues are clipped at a tiny positive floor (1e-7 of the largest),
     so a rank-deficient undamped factor gives a large but finite root.
+
+    Args:
+        cov: a factor, Ā or G, shape (n, n); symmetrised first.
+        damping: the damping added to its diagonal, e.g. πγ or γ/π.
+
+    Returns:
+        R, a float32 (n, n) matrix.
     """
     cov = tf.cast(cov, tf.float32)
     dim = tf.shape(cov)[0]
@@ -187,7 +222,9 @@ def kronecker_difference_inverse(
         c: symmetric positive semi-definite (n, n).
         d: symmetric positive semi-definite (d, d).
 
-    Use with ``apply_kronecker_difference_inverse``.
+    Returns:
+        (K₁ (n, n), K₂ (d, d), denominators max(1 − s₁ s₂ᵀ, 1e-6) (n, d)), to
+        use with ``apply_kronecker_difference_inverse``.
     """
     c = tf.cast(c, tf.float32)
     d = tf.cast(d, tf.float32)
@@ -206,7 +243,14 @@ def apply_kronecker_difference_inverse(
 ) -> tf.Tensor:
     """vec⁻¹ of Σ⁻¹ vec(X) = K₁ [(K₁ᵀ X K₂) ⊘ denominators] K₂ᵀ [KFAC App. B].
 
-    ``x`` is (n, d), or (..., n, d) for several matrices at once.
+    Args:
+        input_basis: K₁, (n, n).
+        output_basis: K₂, (d, d).
+        denominators: (n, d), from ``kronecker_difference_inverse``.
+        x: X, (n, d), or (..., n, d) for several matrices at once.
+
+    Returns:
+        Σ⁻¹ applied to X, shaped like ``x``.
     """
     rotated = tf.matmul(tf.matmul(input_basis, x, transpose_a=True), output_basis)
     return tf.matmul(tf.matmul(input_basis, rotated / denominators), output_basis, transpose_b=True)
@@ -233,6 +277,9 @@ def tridiagonal_inverse(
 
     Costs one symmetric eigendecomposition per damped factor, plus one per factor
     of each link (its whitened Schur-complement term C_i or D_i) [KFAC App. B].
+
+    Returns:
+        The ``TridiagonalInverse`` of the chain.
     """
     num_blocks = len(input_covs)
     if num_blocks < 1 or len(output_covs) != num_blocks or len(pis) != num_blocks:
@@ -285,11 +332,17 @@ def _link(root: tf.Tensor, next_root: tf.Tensor, cross: tf.Tensor) -> tuple[tf.T
 def apply_tridiagonal_inverse(inverse: TridiagonalInverse, gradients: list[tf.Tensor]) -> list[tf.Tensor]:
     """F̂⁻¹ applied to the chain's gradients, blockwise: Ξᵀ Λ Ξ vec(V) [KFAC §4.3].
 
-    ``gradients[i]`` is ∇W̄_i of shape (n_i, d_i); the result has the same shapes.
     In matrix form, with Ψ_{i,i+1} = P_i ⊗ Q_i:
 
         U_i = V_i − P_i V_{i+1} Q_iᵀ (U_{L−1} = V_{L−1}),   W_i = Σ_i⁻¹ U_i,
         R_0 = W_0,   R_i = W_i − P_{i−1}ᵀ W_{i−1} Q_{i−1}.
+
+    Args:
+        inverse: the factors of F̂⁻¹.
+        gradients: V_i = ∇W̄_i of shape (n_i, d_i), one per block.
+
+    Returns:
+        The matrices R_i, float32, of the same shapes.
     """
     num_blocks = inverse.num_blocks
     if len(gradients) != num_blocks:

@@ -58,6 +58,16 @@ CONFIGURATIONS = {
         adapt_damping=True,
         damping_adaptation_period=2,
     ),
+    # K-FAC-reduce: the conv's factors from per-example location means and sums.
+    "reduce": dict(
+        learning_rate=0.05,
+        momentum=0.9,
+        damping=1e-2,
+        l2_reg=1e-3,
+        estimation_mode="exact",
+        inverse_update_period=2,
+        weight_sharing="reduce",
+    ),
     # Embedding (a diagonal Ā) and Conv1D blocks.
     # The paper's recipe without the safeguards: λ and γ then move on this short run.
     "tokens": dict(
@@ -95,6 +105,7 @@ CONFIGURATIONS = {
 }
 ONE_DEVICE = (
     "fixed",
+    "reduce",
     "adaptive",
     "sum_reduction",
     "mixed_float16",

@@ -20,6 +20,7 @@ SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
 # fallback: a LayerNormalization trained by the Adam fallback.
 ONE_DEVICE = (
     "fixed",
+    "reduce",
     "adaptive",
     "sum_reduction",
     "mixed_float16",

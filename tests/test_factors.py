@@ -291,6 +291,75 @@ def test_conv2d_factors_match_explicit_patches_and_location_sums(stride, dilatio
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("stride, padding", [(1, "valid"), (2, "same")])
+def test_conv2d_reduce_factors_are_per_example_patch_means_and_location_sums(stride, padding):
+    """K-FAC-reduce: Ā = Σ_n w_n ā_n ā_nᵀ / Σ_n w_n with ā_n the mean of example n's patches,
+    G = (1/B) Σ_n w_n (Σ_t ds_t)(Σ_t ds_t)ᵀ."""
+    rng = np.random.default_rng(stride)
+    x = rng.normal(size=(4, 6, 5, 2)).astype("float32")
+    sample_weight = np.array([1.0, 0.5, 2.0, 0.0], "float32")
+    conv = keras.layers.Conv2D(3, (3, 2), strides=stride, padding=padding)
+    head = keras.layers.Dense(K)
+    model = keras.Sequential([keras.Input((6, 5, 2)), conv, keras.layers.Flatten(), head])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", weight_sharing="reduce")
+    model.compile(optimizer=opt, loss="mse")
+    model.train_on_batch(x, rng.normal(size=(4, K)).astype("float32"), sample_weight=sample_weight)
+
+    patches = _patches(x.astype(np.float64), 3, 2, stride, 1, padding)
+    means = np.concatenate([patches.mean(axis=(1, 2)), np.ones((4, 1))], 1)
+    weights = sample_weight.astype(np.float64)
+    a = (means * weights[:, None]).T @ means / weights.sum()
+    block = opt.layer_collection.block_for(conv)
+    np.testing.assert_allclose(block.input_factor.cov.numpy(), a, rtol=1e-5, atol=1e-6)
+
+    # Linear head and MSE: the j-th exact output vector sqrt(2/K)·e_j reaches the
+    # conv output as ds = sqrt(2/K)·W_head[:, j], the same at every example; the
+    # examples' weights scale their vectors by sqrt(w_n).
+    out_shape = patches.shape[1:3] + (3,)
+    w_head = head.kernel.numpy().astype(np.float64)
+    g = np.zeros((3, 3))
+    for j in range(K):
+        summed = (np.sqrt(2.0 / K) * w_head[:, j].reshape(out_shape).reshape(-1, 3)).sum(axis=0)
+        g += np.mean(weights) * np.outer(summed, summed)
+    np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="weight_sharing"):
+        keras_kfac.KFAC(weight_sharing="sum")
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_conv2d_reduce_is_the_exact_fisher_block_when_the_loss_sees_only_the_mean_over_locations(jit_compile):
+    """A linear conv, global average pooling, a linear head, MSE: K-FAC-reduce's Ā ⊗ G is the exact
+    Fisher block of the conv (Eschenhagen et al. 2023, §3.2; G is the same for every example here, so the
+    Kronecker factorisation over examples is exact too); K-FAC-expand's is not."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 5, 4, 2)).astype("float32")
+    y = rng.normal(size=(3, K)).astype("float32")
+    factors = {}
+    for sharing in ("reduce", "expand"):
+        keras.utils.set_random_seed(0)
+        conv = keras.layers.Conv2D(3, (2, 2))
+        head = keras.layers.Dense(K)
+        model = keras.Sequential([keras.Input((5, 4, 2)), conv, keras.layers.GlobalAveragePooling2D(), head])
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", weight_sharing=sharing)
+        model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
+        model.train_on_batch(x, y)
+        block = opt.layer_collection.block_for(conv)
+        factors[sharing] = np.kron(block.input_factor.cov.numpy(), block.output_factor.cov.numpy())
+
+    # z_n = W_headᵀ (mean_t W̄ᵀ ā_nt) + b, so ∂z_nk/∂W̄[i, j] = m_ni W_head[j, k] with m_n the
+    # mean patch of example n (its homogeneous 1 included); MSE over K outputs has H = (2/K) I,
+    # and the mean loss over B examples gives F = (1/B) Σ_n J_nᵀ H J_n.
+    patches = _patches(x.astype(np.float64), 2, 2, 1, 1, "valid").reshape(3, -1, 8)
+    w_head = head.kernel.numpy().astype(np.float64)
+    fisher_block = 0.0
+    for n in range(3):
+        m = np.append(patches[n].mean(axis=0), 1.0)
+        jacobian = np.einsum("i,jk->kij", m, w_head).reshape(K, -1)
+        fisher_block = fisher_block + (2.0 / K) * jacobian.T @ jacobian / 3
+    np.testing.assert_allclose(factors["reduce"], fisher_block, rtol=1e-4, atol=1e-7)
+    assert np.abs(factors["expand"] - fisher_block).max() > 0.1 * np.abs(fisher_block).max()
+
+
 def _sequence_patches(x, size, stride, dilation, padding):
     """(B, T, size·c) Conv1D patches by loops, with 'valid', 'same' (TensorFlow's split) or 'causal' padding."""
     b, length, channels = x.shape

@@ -441,6 +441,8 @@ def test_learning_rate_schedule_and_config_round_trip():
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, keras_kfac.KFAC)
     assert restored.get_config() == config
+    reduce = keras_kfac.KFAC(weight_sharing="reduce").get_config()
+    assert reduce["weight_sharing"] == "reduce" and keras_kfac.KFAC.from_config(reduce).get_config() == reduce
 
 
 @pytest.mark.parametrize(
@@ -456,6 +458,8 @@ def test_learning_rate_schedule_and_config_round_trip():
         (dict(estimation_mode="fisher"), "estimation_mode"),
         (dict(l2_reg=-1e-3), "l2_reg"),
         (dict(patch_fraction=0.0), r"`patch_fraction` must be in \(0, 1\]"),
+        (dict(weight_sharing="sum"), "`weight_sharing` must be one of"),
+        (dict(weight_sharing="reduce", patch_fraction=0.5), "leave patch_fraction at 1"),
         (dict(statistics_fraction=1.5), r"`statistics_fraction` must be in \(0, 1\]"),
         (dict(damping=float("inf")), "`damping` must be a finite number"),
         (dict(l2_reg=float("nan")), "`l2_reg` must be a finite number"),

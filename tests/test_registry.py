@@ -179,3 +179,31 @@ def test_an_unregistered_block_type_trains_but_is_not_saved_as_another(user_bloc
     collection.register(model.layers[0], UnlistedBlock)
     with pytest.raises(ValueError, match="register it"):
         collection.get_config()
+
+
+def test_summary_says_which_layer_has_which_block_and_what_it_covers():
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.LayerNormalization(name="norm")(x)
+    x = keras.layers.Reshape((16, 4))(x)
+    x = keras.layers.LSTM(5, name="lstm")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+    optimizer = keras_kfac.KFAC(model=model)
+    lines = []
+    optimizer.layer_collection.summary(print_fn=lines.append)
+    rows = {line.split()[0]: line.split() for line in lines if line and line.split()[0] in ("conv", "norm", "logits")}
+    assert rows["conv"][1:] == ["Conv2D", "conv2d", "Ā", "10", "G", "4", "40"]  # 3·3·1 + bias; 4 filters
+    assert rows["norm"][1:] == ["LayerNormalization", "fallback", "8"]
+    assert rows["logits"][1:] == ["Dense", "dense", "Ā", "6", "G", "3", "18"]
+    assert any(line.startswith("lstm/") and line.split()[2:] == ["fallback", "200"] for line in lines)
+    covered = 40 + 18
+    assert f" Parameters in K-FAC blocks: {covered} of {model.count_params()} trainable (21.8%)" in lines
+    assert f" Parameters left to the fallback rule: {model.count_params() - covered}" in lines
+
+    by_hand = keras_kfac.LayerCollection()
+    by_hand.register_dense(model.get_layer("logits"))
+    lines = []
+    by_hand.summary(print_fn=lines.append)
+    assert any(line.split()[:3] == ["logits", "Dense", "dense"] for line in lines)
+    assert not any(line.split()[:1] == ["conv"] for line in lines)
+    assert any("the model is not known yet" in line for line in lines)

@@ -18,6 +18,7 @@ import keras_kfac
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import step_profile  # noqa: E402
 import zoo  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -129,12 +130,37 @@ def test_zoo_race_smoke(tmp_path):
     assert "geometric mean" in (tmp_path / "zoo" / "smoke" / "table.md").read_text()
 
 
-def test_zoo_profile_smoke(tmp_path):
-    _zoo_race(tmp_path, "--profile")
-    profile = json.loads((tmp_path / "zoo-profile" / "smoke" / "results.json").read_text())
-    seconds = profile["seconds_per_step"]["mlp"]
-    assert len(seconds) == 4 and all(value > 0 for value in seconds.values())
-    assert "preconditioning" in (tmp_path / "zoo-profile" / "smoke" / "table.md").read_text()
+def test_step_profile_smoke(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--size", "small", "--synthetic"]
+    command += ["--models", "mlp", "--jit", "off", "--rounds", "1", "--steps", "1", "--out-dir", str(tmp_path)]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (result,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(result["ms_per_step"]) == len(step_profile.VARIANTS)
+    assert all(value > 0 for value in result["ms_per_step"].values())
+    assert set(result["part_ms"]) == set(result["part_flops"])
+    assert "inverse refresh" in (tmp_path / "table.md").read_text()
+
+
+def test_step_profile_counts_each_parts_arithmetic():
+    """F from TensorFlow's profiler and the K-FAC parts' FLOPs, against counts by hand."""
+    batch, widths = 8, (5, 4, 3)
+    model = keras.Sequential([keras.Input((widths[0],)), keras.layers.Dense(widths[1]), keras.layers.Dense(widths[2])])
+    model.compile(optimizer=keras_kfac.KFAC(model=model), loss="mse")
+    x = np.ones((batch, widths[0]), "float32")
+    model.train_on_batch(x, np.ones((batch, widths[2]), "float32"))
+    forward = step_profile.forward_flops(model, x)
+    # The profiler counts a matmul as 2·B·n·m; the bias adds are B·m each.
+    assert forward == 2 * batch * (5 * 4 + 4 * 3) + batch * (4 + 3)
+    sizes = step_profile.layer_output_sizes(model, x)
+    flops = step_profile.part_flops(model, model.optimizer.blocks, sizes, forward, batch)
+    dims = [(6, 4), (5, 3)]  # (dim Ā with the bias row, dim G)
+    assert flops["forward/backward"] == 3 * forward
+    assert flops["preconditioning + bookkeeping"] == sum(2 * g * g * a + 2 * g * a * a for a, g in dims)
+    assert flops["statistics pass"] == 2 * forward + sum(2 * batch * (a * a + g * g) for a, g in dims)
+    assert flops["inverse refresh"] == pytest.approx(sum(7 / 3 * (a**3 + g**3) for a, g in dims))
+    assert flops["quadratic model"] == 4 * forward
 
 
 def test_dampings_table_compares_the_default_initial_damping_with_the_best_given_one():

@@ -31,6 +31,10 @@ class KroneckerBlock(abc.ABC):
 
     Subclasses declare the layer classes they serve and their name in saved
     configurations, and are made known by ``registry.register_block_type``.
+
+    Args:
+        layer: the layer whose kernel (and bias) the block preconditions; an
+            instance of ``layer_types``, without LoRA and not quantized.
     """
 
     # The layer classes this block serves (their subclasses too).
@@ -41,7 +45,8 @@ class KroneckerBlock(abc.ABC):
     auto_register: bool = True
 
     # Whether the rows ā are the patches at the |T| locations of each example
-    # (convolutions), which ``patch_fraction`` may subsample for Ā.
+    # (convolutions), which ``patch_fraction`` may subsample for Ā and
+    # ``weight_sharing="reduce"`` reduces to one row per example.
     rows_are_patch_locations: bool = False
     # How Ā is stored: dense, or diagonal where ā is one-hot (embeddings).
     input_factor_type: type[curvature.KroneckerFactor] = curvature.KroneckerFactor
@@ -60,6 +65,7 @@ class KroneckerBlock(abc.ABC):
 
     @property
     def name(self) -> str:
+        """The layer's name."""
         return self.layer.name
 
     @property
@@ -69,6 +75,7 @@ class KroneckerBlock(abc.ABC):
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias, the last row of W̄."""
         return getattr(self.layer, "bias", None) is not None
 
     @property
@@ -83,6 +90,7 @@ class KroneckerBlock(abc.ABC):
 
     @property
     def output_dim(self) -> int:
+        """dim G: the layer's number of outputs (the kernel's last axis)."""
         return int(self.kernel.shape[-1])
 
     @property
@@ -95,7 +103,12 @@ class KroneckerBlock(abc.ABC):
         return rows
 
     def create_state(self, optimizer: keras.optimizers.Optimizer) -> None:
-        """Creates the factor variables (called from ``optimizer.build``)."""
+        """Creates the factor variables (called from ``optimizer.build``).
+
+        Args:
+            optimizer: the optimizer whose variables hold Ā and G and their
+                damped inverses (saved with it), named after the layer's path.
+        """
         prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name))
         prefix = prefix.lstrip("_.-") or "layer"
         self.input_factor = self.input_factor_type(optimizer, self.input_dim, f"{prefix}_A")
@@ -103,36 +116,88 @@ class KroneckerBlock(abc.ABC):
 
     @abc.abstractmethod
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """The layer input as rows of length ``kernel_matrix_rows``."""
+        """The layer input as rows of length ``kernel_matrix_rows``.
+
+        Args:
+            inputs: the input of one call of the layer.
+
+        Returns:
+            A tensor of shape (rows, ``kernel_matrix_rows``).
+        """
 
     def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
-        """Rows ā: input patches with the homogeneous 1 appended when there is a bias."""
+        """Rows ā: input patches with the homogeneous 1 appended when there is a bias.
+
+        Args:
+            inputs: the input of one call of the layer.
+
+        Returns:
+            A float32 tensor of shape (rows, ``input_dim``).
+        """
         rows = tf.cast(self.input_patches(inputs), tf.float32)
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
         return rows
 
     def input_second_moment(self, input_rows: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
-        """The batch estimate of Ā: the mean of ā āᵀ over the rows, weighted by ``weights`` [KFAC §3]."""
+        """The batch estimate of Ā: the mean of ā āᵀ over the rows, weighted by ``weights`` [KFAC §3].
+
+        Args:
+            input_rows: rows ā from ``input_rows``, shape (N, ``input_dim``).
+            weights: the rows' weights, shape (N,); None weighs them equally.
+
+        Returns:
+            Ā of shape (``input_dim``, ``input_dim``); 0 without rows or weight.
+        """
         if weights is None:
             return curvature.cross_moment(input_rows, input_rows, tf.shape(input_rows)[0])
         return curvature.weighted_cross_moment(input_rows, input_rows, weights)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
-        """Per-location back-propagated vectors ĝ as rows of length ``output_dim``."""
+        """Per-location back-propagated vectors ĝ as rows of length ``output_dim``.
+
+        Args:
+            output_gradient: a vector back-propagated to one call's
+                pre-activation s, shaped like s.
+
+        Returns:
+            A float32 tensor of shape (rows, ``output_dim``).
+        """
         return tf.reshape(tf.cast(output_gradient, tf.float32), [-1, self.output_dim])
 
     def row_count(self, preactivation: tf.Tensor) -> tf.Tensor:
-        """How many rows (examples × locations) one call with this pre-activation has."""
+        """How many rows (examples × locations) one call with this pre-activation has.
+
+        Args:
+            preactivation: the pre-activation s of one call.
+
+        Returns:
+            The number of rows, a scalar int32 tensor.
+        """
         return tf.reduce_prod(tf.shape(preactivation)[:-1])
 
     @staticmethod
     def rows(tensors: list[tf.Tensor], to_rows) -> tf.Tensor:
-        """The rows of every recorded call, stacked: calls count as more locations."""
+        """The rows of every recorded call, stacked: calls count as more locations.
+
+        Args:
+            tensors: one tensor per recorded call of the layer.
+            to_rows: maps one of them to rows, e.g. ``input_rows`` or ``output_rows``.
+
+        Returns:
+            The calls' rows concatenated along the first axis.
+        """
         return tf.concat([to_rows(t) for t in tensors], axis=0)
 
     def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
-        """∇W̄ of shape (input_dim, output_dim) from the variables' gradients."""
+        """∇W̄ of shape (input_dim, output_dim) from the variables' gradients.
+
+        Args:
+            gradients: the gradients of ``variables``: kernel first, then bias.
+
+        Returns:
+            ∇W̄ as a float32 matrix, the bias gradient (if any) its last row.
+        """
         kernel_grad = tf.reshape(tf.cast(gradients[0], tf.float32), [-1, self.output_dim])
         if not self.has_bias:
             return kernel_grad
@@ -140,18 +205,36 @@ class KroneckerBlock(abc.ABC):
         return tf.concat([kernel_grad, bias_grad], axis=0)
 
     def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
-        """Inverse of ``gradient_matrix``: per-variable tensors of W̄-shaped ``matrix``."""
+        """Inverse of ``gradient_matrix``: per-variable tensors of W̄-shaped ``matrix``.
+
+        Args:
+            matrix: a tensor of shape (``input_dim``, ``output_dim``).
+
+        Returns:
+            One tensor per variable of ``variables``, shaped like it.
+        """
         parts = [tf.reshape(matrix[: self.kernel_matrix_rows], self.kernel.shape)]
         if self.has_bias:
             parts.append(matrix[self.kernel_matrix_rows])
         return parts
 
     def damped_inverses(self, gamma: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Freshly computed ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) [KFAC §6.3]."""
+        """Freshly computed ((Ā + πγI)⁻¹, (G + (γ/π)I)⁻¹) [KFAC §6.3].
+
+        Args:
+            gamma: the factored Tikhonov damping γ.
+
+        Returns:
+            The pair of damped inverses (not stored); a diagonal factor's as a vector.
+        """
         return curvature.damped_inverses(self.input_factor, self.output_factor, gamma)
 
     def store_inverses(self, inverses: tuple[tf.Tensor, tf.Tensor]) -> None:
-        """Keeps the damped inverses (each unless its factorisation failed)."""
+        """Keeps the damped inverses (each unless its factorisation failed).
+
+        Args:
+            inverses: the pair ``damped_inverses`` returns.
+        """
         inverse_a, inverse_g = inverses
         self.input_factor.assign_inverse(inverse_a)
         self.output_factor.assign_inverse(inverse_g)
@@ -163,7 +246,12 @@ class KroneckerBlock(abc.ABC):
     ) -> list[tf.Tensor]:
         """(Ā + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹, split back per variable [KFAC §6.3].
 
-        ``inverses`` defaults to the stored ones.
+        Args:
+            gradients: the gradients of ``variables``: kernel first, then bias.
+            inverses: a pair from ``damped_inverses``; defaults to the stored ones.
+
+        Returns:
+            The preconditioned gradient, one tensor per variable, shaped like it.
         """
         if inverses is None:
             inverses = (self.input_factor.inverse, self.output_factor.inverse)

@@ -18,13 +18,24 @@ from keras_kfac.blocks.registry import register_block_type
 
 @register_block_type
 class Conv1DBlock(ConvolutionBlock):
-    """Kernel (k, c_in, c_out) and bias of a ``keras.layers.Conv1D``."""
+    """Kernel (k, c_in, c_out) and bias of a ``keras.layers.Conv1D``.
+
+    Args:
+        layer: the Conv1D layer (``channels_last``, ``groups=1``).
+    """
 
     layer_types = (keras.layers.Conv1D,)
     kind = "conv1d"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """Patches in the kernel's (k, c_in) row-major order, one row an output step."""
+        """Patches in the kernel's (k, c_in) row-major order, one row an output step.
+
+        Args:
+            inputs: one call's input, shape (batch, steps, c_in).
+
+        Returns:
+            A tensor of shape (batch × output steps, k·c_in).
+        """
         (size,) = self.layer.kernel_size
         (stride,) = self.layer.strides
         (dilation,) = self.layer.dilation_rate

@@ -18,13 +18,24 @@ from keras_kfac.blocks.registry import register_block_type
 
 @register_block_type
 class Conv2DBlock(ConvolutionBlock):
-    """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``."""
+    """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``.
+
+    Args:
+        layer: the Conv2D layer (``channels_last``, ``groups=1``).
+    """
 
     layer_types = (keras.layers.Conv2D,)
     kind = "conv2d"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """Patches in the kernel's (kh, kw, c_in) row-major order, one row a location."""
+        """Patches in the kernel's (kh, kw, c_in) row-major order, one row a location.
+
+        Args:
+            inputs: one call's input, shape (batch, height, width, c_in).
+
+        Returns:
+            A tensor of shape (batch × output locations, kh·kw·c_in).
+        """
         kh, kw = self.layer.kernel_size
         sh, sw = self.layer.strides
         dh, dw = self.layer.dilation_rate

@@ -12,6 +12,9 @@ class ConvolutionBlock(KroneckerBlock):
 
     Only ``channels_last`` convolutions with ``groups=1`` have a single
     Kronecker-factored block.
+
+    Args:
+        layer: the convolution layer; other data formats or groups raise ValueError.
     """
 
     rows_are_patch_locations = True

@@ -15,10 +15,21 @@ class DenseBlock(KroneckerBlock):
 
     Inputs of rank above 2, e.g. (batch, time, features), contribute one row per
     leading position, like the locations of a convolution.
+
+    Args:
+        layer: the Dense layer.
     """
 
     layer_types = (keras.layers.Dense,)
     kind = "dense"
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The input's leading positions as rows.
+
+        Args:
+            inputs: one call's input, shape (batch, ..., input features).
+
+        Returns:
+            A tensor of shape (batch × leading positions, input features).
+        """
         return tf.reshape(inputs, [-1, self.kernel_matrix_rows])

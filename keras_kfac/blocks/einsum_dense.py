@@ -37,6 +37,11 @@ class EinsumDenseBlock(KroneckerBlock):
 
     Not taken by automatic registration: with all four attention projections
     in blocks the zoo's transformer stalls at chance level (BENCHMARKS.md).
+
+    Args:
+        layer: the EinsumDense layer. Each kernel axis must be an input or an
+            output feature, no input axis may be summed without the kernel, and
+            a bias must span exactly the output features; ValueError otherwise.
     """
 
     layer_types = (keras.layers.EinsumDense,)
@@ -77,10 +82,12 @@ class EinsumDenseBlock(KroneckerBlock):
 
     @property
     def kernel_matrix_rows(self) -> int:
+        """The number of input features: the product of the input feature axes' sizes."""
         return math.prod(self._size(a) for a in self.input_features)
 
     @property
     def output_dim(self) -> int:
+        """The number of output features: the product of the output feature axes' sizes."""
         return math.prod(self._size(a) for a in self.output_features)
 
     def _kernel_order(self) -> list[int]:
@@ -104,15 +111,47 @@ class EinsumDenseBlock(KroneckerBlock):
     # The KroneckerBlock interface.
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The input's feature axes flattened, one row per position.
+
+        Args:
+            inputs: one call's input, with the axes of the equation's input.
+
+        Returns:
+            A tensor of shape (positions, ``kernel_matrix_rows``).
+        """
         return self._rows(inputs, self._inputs, self.input_features, self.kernel_matrix_rows)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
+        """The back-propagated vectors' output feature axes flattened, one row per position.
+
+        Args:
+            output_gradient: a vector back-propagated to one call's output s, shaped like s.
+
+        Returns:
+            A float32 tensor of shape (positions, ``output_dim``).
+        """
         return self._rows(tf.cast(output_gradient, tf.float32), self._outputs, self.output_features, self.output_dim)
 
     def row_count(self, preactivation: tf.Tensor) -> tf.Tensor:
+        """The number of positions of one call.
+
+        Args:
+            preactivation: the output s of one call.
+
+        Returns:
+            The number of rows, a scalar int32 tensor.
+        """
         return tf.size(preactivation) // self.output_dim
 
     def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
+        """∇W̄: the kernel gradient as (input features, output features), the bias gradient last.
+
+        Args:
+            gradients: the gradients of ``variables``: kernel first, then bias.
+
+        Returns:
+            A float32 matrix of shape (``input_dim``, ``output_dim``).
+        """
         kernel_grad = tf.transpose(tf.cast(gradients[0], tf.float32), self._kernel_order())
         matrix = tf.reshape(kernel_grad, [self.kernel_matrix_rows, self.output_dim])
         if not self.has_bias:
@@ -122,6 +161,14 @@ class EinsumDenseBlock(KroneckerBlock):
         return tf.concat([matrix, tf.reshape(tf.transpose(bias_grad, bias_order), [1, self.output_dim])], axis=0)
 
     def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        """Inverse of ``gradient_matrix``: the kernel's and bias's axes restored.
+
+        Args:
+            matrix: a tensor of shape (``input_dim``, ``output_dim``).
+
+        Returns:
+            One tensor per variable of ``variables``, shaped like it.
+        """
         order = self._kernel_order()
         ordered_shape = [int(self.kernel.shape[i]) for i in order]
         kernel = tf.reshape(matrix[: self.kernel_matrix_rows], ordered_shape)

@@ -21,7 +21,12 @@ from keras_kfac.blocks.registry import register_block_type
 
 @register_block_type
 class EmbeddingBlock(KroneckerBlock):
-    """The table (V, D) of a ``keras.layers.Embedding`` as one block."""
+    """The table (V, D) of a ``keras.layers.Embedding`` as one block.
+
+    Args:
+        layer: the Embedding layer; a subclass that overrides the lookup
+            (``call``) raises ValueError.
+    """
 
     layer_types = (keras.layers.Embedding,)
     kind = "embedding"
@@ -38,23 +43,47 @@ class EmbeddingBlock(KroneckerBlock):
 
     @property
     def kernel(self) -> keras.Variable:
+        """The embedding table (V, D)."""
         return self.layer.embeddings
 
     @property
     def has_bias(self) -> bool:
+        """False: an embedding has no bias."""
         return False
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """The token ids, one per row (negative ids count from the end, as in the lookup)."""
+        """The token ids, one per row (negative ids count from the end, as in the lookup).
+
+        Args:
+            inputs: one call's integer token ids, of any shape.
+
+        Returns:
+            The ids flattened, an int32 tensor of shape (rows,) with values in [0, V).
+        """
         ids = tf.reshape(tf.cast(inputs, tf.int32), [-1])
         return tf.where(ids < 0, ids + self.input_dim, ids)
 
     def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
-        """The rows ā are one-hot: kept as their token ids."""
+        """The rows ā are one-hot: kept as their token ids.
+
+        Args:
+            inputs: one call's integer token ids, of any shape.
+
+        Returns:
+            The rows' token ids, as ``input_patches`` gives them.
+        """
         return self.input_patches(inputs)
 
     def input_second_moment(self, input_rows: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
-        """diag(Ā): each token's (weighted) count among the rows, divided by the rows' total weight."""
+        """diag(Ā): each token's (weighted) count among the rows, divided by the rows' total weight.
+
+        Args:
+            input_rows: the rows' token ids, shape (N,).
+            weights: the rows' weights, shape (N,); None weighs them equally.
+
+        Returns:
+            diag(Ā) as a vector of shape (V,); 0 when the weights sum to 0.
+        """
         if weights is None:
             weights = tf.ones_like(input_rows, dtype=tf.float32)
         counts = tf.math.unsorted_segment_sum(weights, input_rows, self.input_dim)

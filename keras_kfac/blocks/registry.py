@@ -74,12 +74,25 @@ def register_block_type(block_type: type[KroneckerBlock]) -> type[KroneckerBlock
 
 
 def block_types() -> tuple[type[KroneckerBlock], ...]:
-    """The registered block types, in registration order."""
+    """The registered block types.
+
+    Returns:
+        A tuple of ``KroneckerBlock`` subclasses, in registration order.
+    """
     return tuple(_REGISTRY)
 
 
 def block_type_for(layer: keras.layers.Layer) -> type[KroneckerBlock] | None:
-    """The block type serving ``layer``: the nearest of its classes that one serves, or None."""
+    """The block type serving ``layer``: the nearest of its classes that one serves.
+
+    Args:
+        layer: a Keras layer.
+
+    Returns:
+        The registered block type for the first class in ``layer``'s method
+        resolution order that one serves (the latest registered among ties),
+        or None when no block serves it.
+    """
     for layer_class in type(layer).__mro__:
         for block_type in reversed(_REGISTRY):
             if layer_class in block_type.layer_types:
@@ -88,7 +101,14 @@ def block_type_for(layer: keras.layers.Layer) -> type[KroneckerBlock] | None:
 
 
 def block_type_of_kind(kind: str) -> type[KroneckerBlock]:
-    """The registered block type named ``kind`` in saved configurations."""
+    """The registered block type named ``kind`` in saved configurations.
+
+    Args:
+        kind: a block's ``kind``.
+
+    Returns:
+        The registered ``KroneckerBlock`` subclass of that kind; ValueError when none is.
+    """
     for block_type in _REGISTRY:
         if block_type.kind == kind:
             return block_type
