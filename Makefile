@@ -59,10 +59,11 @@ $(BAZEL):
 
 # Written on every run: Bazel 2.1 takes only absolute paths in these flags. Its
 # test launchers start with `#!/usr/bin/env python`, found on the PATH given
-# here (the virtualenv's); no C++ toolchain is looked for (no compiler needed).
+# here (the virtualenv's). py_test asks for a C++ toolchain, which Bazel
+# configures from the machine's C compiler (gcc or clang; nothing is compiled).
 bazel-test: venv $(BAZEL)
 	printf 'build --override_repository=%s=$(CURDIR)/third_party/bazel/%s\n' \
 	  rules_cc rules_cc rules_java rules_java remote_coverage_tools remote_coverage_tools > bazel.rc.local
 	printf 'build --python_path=$(CURDIR)/$(PY)\n' >> bazel.rc.local
 	printf 'test --test_env=PATH=$(CURDIR)/$(VENV)/bin:/usr/local/bin:/usr/bin:/bin\n' >> bazel.rc.local
-	BAZEL_DO_NOT_DETECT_CPP_TOOLCHAIN=1 $(BAZEL) test //...
+	$(BAZEL) test //...
