@@ -97,16 +97,7 @@ class BlockDiagonal:
         return [], []
 
     def cross_estimates(self, rows: dict, batch_size: tf.Tensor) -> tuple[list, list, list]:
-        """No estimates beyond each block's own factors.
-
-        Args:
-            rows: each called block's (ā rows, ĝ rows, ā rows' weights) by ``id(block)``
-                (``statistics.factor_rows``).
-            batch_size: B, the number of examples.
-
-        Returns:
-            ([], [], []).
-        """
+        """No estimates beyond each block's own factors (``Preconditioner.cross_estimates``): ([], [], [])."""
         return [], [], []
 
     def inverses(self, gamma: tf.Tensor) -> list:

@@ -10,6 +10,7 @@ model is compiled with).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -259,10 +260,7 @@ class LayerCollection:
         for variable in variables:
             block = in_blocks.get(id(variable))
             path = block.layer.path if block is not None else variable.path.rpartition("/")[0]
-            size = 1
-            for dim in variable.shape:
-                size *= int(dim)
-            rows.setdefault(path, [block, 0])[1] += size
+            rows.setdefault(path, [block, 0])[1] += math.prod(variable.shape)
         widths = [int(line_length * f) for f in (0.36, 0.24, 0.26)]
         widths.append(line_length - sum(widths))
 
