@@ -251,6 +251,67 @@ class DiagonalFactor(KroneckerFactor):
         return inverse[:, tf.newaxis] * matrix
 
 
+class ChannelFactor(KroneckerFactor):
+    """One Kronecker factor per channel: a stack of C independent (dim, dim) factors.
+
+    A layer whose channels have weights of their own (a depthwise convolution,
+    the scale and shift of a normalization layer) has a block-diagonal Fisher,
+    one Kronecker-factored block ``Ā_c ⊗ G_c`` per channel c [KFAC §3 applied to
+    each channel's weights]. The C factors share one variable of shape
+    (C, dim, dim) and are damped and inverted as a batch, each with its own π.
+
+    Args:
+        optimizer: the optimizer that creates and saves the variables.
+        channels: C, the number of channels.
+        dim: each factor's dimension.
+        name: prefix of the variables' names (``<name>_cov``, ``<name>_inverse``).
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, channels: int, dim: int, name: str):
+        self.dim = dim
+        self.channels = channels
+        shape = (channels, dim, dim)
+        self.cov = optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=f"{name}_cov")
+        self.inverse = optimizer.add_variable(
+            shape,
+            initializer=lambda shape, dtype=None: tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype),
+            dtype="float32",
+            name=f"{name}_inverse",
+        )
+
+    def trace(self) -> tf.Tensor:
+        """Σ_c tr(cov_c): 0 until a batch's statistics are accepted.
+
+        Returns:
+            A float32 scalar.
+        """
+        return tf.reduce_sum(tf.linalg.trace(self.cov))
+
+    def mean_eigenvalue(self) -> tf.Tensor:
+        """tr(cov_c) / dim of each channel, at least a tiny positive floor.
+
+        Returns:
+            A float32 vector of length C.
+        """
+        return tf.maximum(tf.linalg.trace(self.cov) / self.dim, _MIN_MEAN_EIGENVALUE)
+
+    def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
+        """(cov_c + damping_c·I)⁻¹ of every channel, through batched Cholesky factorisations.
+
+        Args:
+            damping: a scalar, or one damping per channel (length C).
+
+        Returns:
+            A (C, dim, dim) float32 tensor; non-finite if a factorisation failed.
+        """
+        cov = tf.convert_to_tensor(self.cov)
+        shift = tf.broadcast_to(damping + _JITTER * self.mean_eigenvalue(), [self.channels])
+        eye = tf.eye(self.dim, batch_shape=[self.channels])
+        damped = 0.5 * (cov + tf.linalg.matrix_transpose(cov)) + shift[:, None, None] * eye
+        inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), eye)
+        return 0.5 * (inverse + tf.linalg.matrix_transpose(inverse))
+
+
 def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor) -> tf.Tensor:
     """π = sqrt((tr Ā / dim Ā) / (tr G / dim G)) [KFAC §6.3].
 
@@ -259,7 +320,8 @@ def trace_norm_pi(input_factor: KroneckerFactor, output_factor: KroneckerFactor)
         output_factor: G.
 
     Returns:
-        π, a float32 scalar (finite even while a factor is all zeros).
+        π, a float32 scalar (one per channel for ``ChannelFactor``s), finite
+        even while a factor is all zeros.
     """
     return tf.sqrt(input_factor.mean_eigenvalue() / output_factor.mean_eigenvalue())
 

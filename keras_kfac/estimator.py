@@ -217,11 +217,4 @@ class CurvatureEstimator:
         Returns:
             A float32 scalar, from each factor's floored ``mean_eigenvalue``.
         """
-        traces = [
-            b.input_factor.mean_eigenvalue()
-            * b.output_factor.mean_eigenvalue()
-            * float(b.input_factor.dim * b.output_factor.dim)
-            for b in self.blocks
-        ]
-        size = sum(b.input_factor.dim * b.output_factor.dim for b in self.blocks)
-        return tf.add_n(traces) / float(size)
+        return tf.add_n([b.trace() for b in self.blocks]) / float(sum(b.fisher_dim for b in self.blocks))

@@ -112,7 +112,7 @@ class KFAC(compat.WholeUpdateOptimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense, Conv1D, Conv2D and
+        model: the ``keras.Model`` being trained. Its Dense, convolution and
             Embedding layers are registered automatically, and its compiled
             loss defines the Fisher. Without it, KFAC finds the model it is
             compiled with when Keras builds it.

@@ -19,6 +19,7 @@ import keras
 
 from keras_kfac import capture, compat, losses
 from keras_kfac.blocks import (
+    ChannelwiseBlock,
     Conv1DBlock,
     Conv2DBlock,
     DenseBlock,
@@ -27,6 +28,14 @@ from keras_kfac.blocks import (
     KroneckerBlock,
     registry,
 )
+
+
+def _curvature_label(block: KroneckerBlock) -> str:
+    """The summary's name of a block: its kind and factor sizes (per channel for channel-wise blocks)."""
+    sizes = f"Ā {block.input_dim} G {block.output_dim}"
+    if isinstance(block, ChannelwiseBlock):
+        return f"{type(block).kind} {block.channels}×({sizes})"
+    return f"{type(block).kind} {sizes}"
 
 
 class LayerCollection:
@@ -208,7 +217,7 @@ class LayerCollection:
     def auto_register(self, model: keras.Model) -> None:
         """Registers ``model`` and every trainable layer of ``auto_register_types`` in it.
 
-        By default Dense, Conv1D, Conv2D and Embedding layers and those of
+        By default Dense, convolution and Embedding layers and those of
         block types registered by the user; add ``keras.layers.EinsumDense``
         to the types to take attention projections too.
 
@@ -276,7 +285,7 @@ class LayerCollection:
         covered = total = 0
         for path, (block, count) in rows.items():
             layer = block.layer if block is not None else layers_by_path.get(path)
-            kind = "fallback" if block is None else f"{type(block).kind} Ā {block.input_dim} G {block.output_dim}"
+            kind = "fallback" if block is None else _curvature_label(block)
             print_fn(line([path, type(layer).__name__ if layer is not None else "?", kind, f"{count:,}"]))
             total += count
             covered += count if block is not None else 0
@@ -292,7 +301,8 @@ class LayerCollection:
     def get_config(self) -> dict | None:
         """What a saved KFAC needs to rebuild this collection, or None when it is all automatic.
 
-        The layers registered by hand are named by their position among the
+        The layers registered by hand (or automatically, with
+        ``auto_register_types`` changed) are named by their position among the
         model's layers (``compat.nested_layers`` order, which ``load_model``
         reproduces) and their name; the registered loss by its Keras
         serialization.
@@ -305,7 +315,8 @@ class LayerCollection:
         if self._pending is not None:
             return dict(self._pending)
         config = {}
-        if self._by_hand:
+        # Layers taken by non-default ``auto_register_types`` are saved as if by hand.
+        if self._by_hand or (self._auto_register_types is not None and self._blocks):
             for block in self._blocks:
                 if registry.block_type_of_kind(type(block).kind) is not type(block):
                     raise ValueError(

@@ -169,7 +169,7 @@ def factor_rows(
         block_calls = calls[id(block)]
         span = slice(position, position + len(block_calls))
         position += len(block_calls)
-        inputs = [c.inputs for c in block_calls]
+        inputs = [block.row_source(c) for c in block_calls]
         gradients = [g for per_vector in backpropagated for g in per_vector[span]]
         weights = None
         if value_weights is not None:
@@ -220,7 +220,7 @@ def factor_estimates(
     were absent. Each Ā comes with its mass Σ w (the number of rows without
     weights), which weighs a replica's Ā in the global batch's.
 
-    For blocks whose rows are patch locations (Conv1D, Conv2D), Ā is estimated
+    For blocks whose rows are patch locations (convolutions), Ā is estimated
     from a random ``patch_fraction`` of the |T|·examples patch rows: the
     expectation E_{x,t}[ā_t ā_tᵀ] of [KFC §3.1] on a uniform subsample, which
     cuts the dominant (rows × dim Ā²) product by that fraction. G keeps every
@@ -250,5 +250,5 @@ def factor_estimates(
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows, input_weights = subsample_rows(input_rows, input_weights, patch_fraction, block_seed)
         input_estimates.append(block.input_second_moment(input_rows, input_weights))
-        output_estimates.append(curvature.cross_moment(output_rows, output_rows, examples))
+        output_estimates.append(block.output_second_moment(output_rows, examples))
     return input_estimates, input_masses, output_estimates

@@ -124,6 +124,14 @@ def _dense_norm_dense():
     )
 
 
+def _dense_only(model) -> keras_kfac.LayerCollection:
+    """Blocks for the Dense layers only: the normalization layer's γ and β are left to the fallback."""
+    collection = keras_kfac.LayerCollection()
+    collection.auto_register_types = (keras.layers.Dense,)
+    collection.auto_register(model)
+    return collection
+
+
 def _norm_gradient(model, x, y):
     """The gradient of the compiled loss in BatchNormalization's γ and β at the current weights."""
     norm = model.layers[1]
@@ -140,7 +148,7 @@ def test_unowned_variables_are_trained_by_adam_with_its_own_learning_rate():
     norm = model.layers[1]
     gamma0, beta0 = norm.gamma.numpy().copy(), norm.beta.numpy().copy()
     grads = _norm_gradient(model, x, y)
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=1e-2)
+    opt = keras_kfac.KFAC(model=model, layer_collection=_dense_only(model), learning_rate=0.5, damping=1e-2)
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     with pytest.warns(UserWarning, match="no curvature block.*Adam.*gamma") as record:
         model.train_on_batch(x, y)
@@ -159,7 +167,13 @@ def test_fallback_choices():
     norm = model.layers[1]
     gamma0 = norm.gamma.numpy().copy()
     grad = _norm_gradient(model, x, y)[0]
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=1e-2, fallback=keras.optimizers.SGD(0.25))
+    opt = keras_kfac.KFAC(
+        model=model,
+        layer_collection=_dense_only(model),
+        learning_rate=0.5,
+        damping=1e-2,
+        fallback=keras.optimizers.SGD(0.25),
+    )
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     with pytest.warns(UserWarning, match="SGD"):
         model.train_on_batch(x, y)
@@ -182,7 +196,14 @@ def test_momentum_fallback_keeps_unowned_variables_in_kfacs_update():
     norm = model.layers[1]
     gamma0 = norm.gamma.numpy().copy()
     grad = _norm_gradient(model, x, y)[0]
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, momentum=0.0, damping=1e-2, fallback="momentum")
+    opt = keras_kfac.KFAC(
+        model=model,
+        layer_collection=_dense_only(model),
+        learning_rate=0.05,
+        momentum=0.0,
+        damping=1e-2,
+        fallback="momentum",
+    )
     model.compile(optimizer=opt, loss=_loss_for("sequential"))
     with pytest.warns(UserWarning, match="gamma") as record:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
@@ -579,11 +600,11 @@ def test_non_finite_gradient_leaves_weights_and_statistics_untouched(bad):
     """A NaN input, or a NaN label (finite activations, non-finite gradient): nothing
     moves, the fallback optimizer's variables and state included."""
     model = _sequential()
-    if bad == "fallback":  # a LayerNormalization: no moving statistics of Keras' own to spoil
+    if bad == "fallback":  # a LayerNormalization left to the fallback: no moving statistics to spoil
         model = keras.Sequential(
             [keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(), keras.layers.Dense(3)]
         )
-    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, damping=1e-2)
+    opt = keras_kfac.KFAC(model=model, layer_collection=_dense_only(model), learning_rate=0.1, damping=1e-2)
     model.compile(optimizer=opt, loss="mse")
     x, _ = _data(n=32)
     y = np.zeros((32, 3), "float32")

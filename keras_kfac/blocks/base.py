@@ -94,6 +94,20 @@ class KroneckerBlock(abc.ABC):
         return int(self.kernel.shape[-1])
 
     @property
+    def fisher_dim(self) -> int:
+        """The size of the block's Fisher matrix: the number of weights it preconditions."""
+        return self.input_dim * self.output_dim
+
+    def trace(self) -> tf.Tensor:
+        """tr(Ā ⊗ G) = tr Ā · tr G, from the factors' floored mean eigenvalues.
+
+        Returns:
+            A float32 scalar, positive even while a factor is all zeros.
+        """
+        means = self.input_factor.mean_eigenvalue() * self.output_factor.mean_eigenvalue()
+        return tf.reduce_sum(means) * float(self.input_dim * self.output_dim)
+
+    @property
     def kernel_matrix_rows(self) -> int:
         """Rows of the kernel seen as a (inputs, outputs) matrix."""
         shape = self.kernel.shape
@@ -113,6 +127,17 @@ class KroneckerBlock(abc.ABC):
         prefix = prefix.lstrip("_.-") or "layer"
         self.input_factor = self.input_factor_type(optimizer, self.input_dim, f"{prefix}_A")
         self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
+
+    def row_source(self, call) -> tf.Tensor:
+        """The tensor of a recorded call that the rows ā are built from: the layer's input.
+
+        Args:
+            call: one recorded call of the layer (a ``capture.LayerCall``).
+
+        Returns:
+            ``call.inputs``.
+        """
+        return call.inputs
 
     @abc.abstractmethod
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
@@ -152,6 +177,18 @@ class KroneckerBlock(abc.ABC):
         if weights is None:
             return curvature.cross_moment(input_rows, input_rows, tf.shape(input_rows)[0])
         return curvature.weighted_cross_moment(input_rows, input_rows, weights)
+
+    def output_second_moment(self, output_rows: tf.Tensor, examples: tf.Tensor) -> tf.Tensor:
+        """The batch estimate of G: Σ ĝ ĝᵀ over the rows, divided by the number of examples [KFAC §3].
+
+        Args:
+            output_rows: rows ĝ from ``output_rows`` (already weighted).
+            examples: B, the number of examples.
+
+        Returns:
+            G of shape (``output_dim``, ``output_dim``).
+        """
+        return curvature.cross_moment(output_rows, output_rows, examples)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
         """Per-location back-propagated vectors ĝ as rows of length ``output_dim``.

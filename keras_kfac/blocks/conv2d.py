@@ -16,6 +16,28 @@ from keras_kfac.blocks.convolution import ConvolutionBlock
 from keras_kfac.blocks.registry import register_block_type
 
 
+def image_patches(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """The kh×kw patches of a 2-D convolution's input at its output locations [KFC §3.1].
+
+    Args:
+        layer: the convolution (its ``kernel_size``, ``strides``, ``dilation_rate`` and ``padding``).
+        inputs: one call's input, shape (batch, height, width, channels).
+
+    Returns:
+        A tensor (batch, output height, output width, kh·kw·channels), each patch in (kh, kw, channels) order.
+    """
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.image.extract_patches(
+        inputs,
+        sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1],
+        rates=[1, dh, dw, 1],
+        padding=layer.padding.upper(),
+    )
+
+
 @register_block_type
 class Conv2DBlock(ConvolutionBlock):
     """Kernel (kh, kw, c_in, c_out) and bias of a ``keras.layers.Conv2D``.
@@ -36,14 +58,4 @@ class Conv2DBlock(ConvolutionBlock):
         Returns:
             A tensor of shape (batch × output locations, kh·kw·c_in).
         """
-        kh, kw = self.layer.kernel_size
-        sh, sw = self.layer.strides
-        dh, dw = self.layer.dilation_rate
-        patches = tf.image.extract_patches(
-            inputs,
-            sizes=[1, kh, kw, 1],
-            strides=[1, sh, sw, 1],
-            rates=[1, dh, dw, 1],
-            padding=self.layer.padding.upper(),
-        )
-        return tf.reshape(patches, [-1, self.kernel_matrix_rows])
+        return tf.reshape(image_patches(self.layer, inputs), [-1, self.kernel_matrix_rows])
