@@ -90,6 +90,15 @@ FAMILIES = {
 KFAC_FAMILIES = ("kfac", "kfac-adaptive", "kfac-fixed")
 
 
+# Which layers K-FAC's automatic registration takes (``OptimizerSpec`` param ``blocks``):
+# the layer kinds of the first releases (the rest left to the fallback), or every
+# served layer including the opt-in normalization layers.
+BLOCK_SETS = {
+    "dense_conv_embedding": (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Embedding),
+    "all": keras_kfac.LayerCollection().auto_register_types + keras_kfac.blocks.ScaleShiftBlock.layer_types,
+}
+
+
 @dataclass
 class OptimizerSpec:
     """One grid point: an optimizer family and its arguments."""
@@ -117,6 +126,12 @@ def make_optimizer(spec: OptimizerSpec, model: keras.Model, l2: float, seed: int
     `regularizers_for`), so their weight decay arguments are zero.
     """
     p = dict(spec.params)
+    blocks = p.pop("blocks", None)
+    if blocks is not None:
+        collection = keras_kfac.LayerCollection()
+        collection.auto_register_types = BLOCK_SETS[blocks]
+        collection.auto_register(model)
+        p["layer_collection"] = collection
     if spec.family == "kfac":
         return keras_kfac.KFAC(model=model, l2_reg=l2, seed=seed, **p)
     if spec.family == "kfac-adaptive":

@@ -6,6 +6,7 @@
     python benchmarks/zoo_race.py --budget smoke --synthetic          # what the tests run
     python benchmarks/zoo_race.py --candidates                         # how the defaults were chosen
     python benchmarks/zoo_race.py --weight-sharing --seeds 3            # K-FAC-expand against K-FAC-reduce
+    python benchmarks/zoo_race.py --blocks --seeds 3                    # the new blocks against the fallback
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -29,6 +30,11 @@ adaptive mode's sensitivity to λ₀.
 `--weight-sharing` races default K-FAC with its convolutions' factors
 K-FAC-expand (a row per location, the default) and K-FAC-reduce (a row per
 example) against Adam-default, on the convnet and the ResNet by default.
+
+`--blocks` races default K-FAC as it was (blocks for Dense, Conv1D, Conv2D
+and Embedding only, a row per position: recurrent layers and attention
+projections on the fallback), as it is now, and with the opt-in normalization
+blocks too, against Adam-default, on the LSTM, transformer and ResNet.
 
 `--candidates` trains the candidate settings of the default step for a fixed
 number of iterations on four of the models (the LSTM's and the ResNet's
@@ -111,6 +117,14 @@ CANDIDATES = [
 ]
 # K-FAC-expand (the default) and K-FAC-reduce for the convolutions (Eschenhagen et al. 2023).
 WEIGHT_SHARING_RACE = [ADAM_DEFAULT, Spec("kfac", {}), Spec("kfac", {"weight_sharing": "reduce"})]
+# Default K-FAC as it was (blocks for Dense, Conv1D/2D and Embedding only, a row
+# per position; the rest on the fallback), as it is, and with the opt-in blocks too.
+BLOCKS_RACE = [
+    ADAM_DEFAULT,
+    Spec("kfac", {"blocks": "dense_conv_embedding", "weight_sharing": "expand"}),
+    Spec("kfac", {}),
+    Spec("kfac", {"blocks": "all"}),
+]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
 
 
@@ -401,6 +415,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="default K-FAC with K-FAC-expand and K-FAC-reduce convolutions, against Adam-default",
     )
+    parser.add_argument(
+        "--blocks",
+        action="store_true",
+        help="default K-FAC with only Dense/Conv/Embedding blocks, as it is, and with the opt-in blocks",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -415,6 +434,10 @@ def main(argv=None) -> None:
         kind, specs = "zoo-weight-sharing", WEIGHT_SHARING_RACE
         if args.models == parser.get_default("models"):
             args.models = "convnet,resnet"
+    if args.blocks:
+        kind, specs = "zoo-blocks", BLOCKS_RACE
+        if args.models == parser.get_default("models"):
+            args.models = "lstm,transformer,resnet"
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):

@@ -32,10 +32,14 @@ class LayerCall:
     Attributes:
         inputs: the first argument the layer was called with (ā's source).
         preactivation: its output s, before the activation.
+        initial_state: the ``initial_state`` argument of a recurrent layer's call, or None.
+        mask: the ``mask`` argument of the call, or None.
     """
 
     inputs: tf.Tensor
     preactivation: tf.Tensor
+    initial_state: Any = None
+    mask: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,9 @@ def hook_layer(layer: keras.layers.Layer, before_call: Callable[[], None] | None
     if getattr(layer, "_kfac_hooked", False):
         return
     original_call = layer.call
-    has_activation = hasattr(layer, "activation")
+    signature = inspect.signature(original_call)
+    # A recurrent layer's ``activation`` is a read-only view of its cell's, applied inside the cell.
+    has_activation = hasattr(layer, "activation") and not isinstance(getattr(type(layer), "activation", None), property)
 
     @functools.wraps(original_call)
     def call(inputs, *args, **kwargs):
@@ -158,7 +164,9 @@ def hook_layer(layer: keras.layers.Layer, before_call: Callable[[], None] | None
                 compat.set_untracked(layer, "activation", activation)
         graph = _graph_of(preactivation)
         if graph is not None:
-            RECORDER.record(layer, graph, LayerCall(inputs, preactivation))
+            arguments = signature.bind_partial(inputs, *args, **kwargs).arguments
+            call_record = LayerCall(inputs, preactivation, arguments.get("initial_state"), arguments.get("mask"))
+            RECORDER.record(layer, graph, call_record)
         return preactivation if activation is None else activation(preactivation)
 
     compat.set_untracked(layer, "call", call)

@@ -46,8 +46,8 @@ class CurvatureEstimator:
         statistics_fraction: τ₁, the fraction of the batch the statistics use.
         patch_fraction: the fraction of a convolution's patches Ā uses.
         inverse_update_period: T₃, steps between inverse refreshes.
-        weight_sharing: a convolution's factors over its locations, one of
-            ``statistics.WEIGHT_SHARING``.
+        weight_sharing: how a weight-shared layer's locations enter its factors,
+            one of ``statistics.WEIGHT_SHARING``, or None for each block's default.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class CurvatureEstimator:
         statistics_fraction: float,
         patch_fraction: float,
         inverse_update_period: int,
-        weight_sharing: str = "expand",
+        weight_sharing: str | None = None,
     ):
         self.blocks = blocks
         self.preconditioner = APPROXIMATIONS[approximation](optimizer, blocks)
@@ -71,7 +71,7 @@ class CurvatureEstimator:
         self.statistics_fraction = statistics_fraction
         self.patch_fraction = patch_fraction
         self.inverse_update_period = inverse_update_period
-        self.reduce_locations = weight_sharing == "reduce"
+        self.reduce_locations = None if weight_sharing is None else weight_sharing == "reduce"
 
     def update(
         self,

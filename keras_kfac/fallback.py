@@ -1,7 +1,7 @@
 """The first-order rule for trainable variables that have no curvature block.
 
 K-FAC preconditions the variables of registered layers. Every other trainable
-variable (recurrent kernels, normalization scales, layers K-FAC does not know)
+variable (normalization scales unless opted in, layers K-FAC does not know)
 has no Fisher block, so a preconditioned step says nothing about its scale. By
 default such variables are trained by Keras' Adam with its own learning rate,
 as Keras' ``Muon`` trains the variables it does not orthogonalise with AdamW.

@@ -38,6 +38,15 @@ DEFAULT_RELATIVE_DAMPING = 3.0
 DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
 
 
+def _layer_calls(blocks: list) -> dict[int, list]:
+    """Each block's recorded calls in the current graph, by ``id(block)`` (blocks of one layer share them)."""
+    by_layer: dict[int, list] = {}
+    for block in blocks:
+        if id(block.layer) not in by_layer:
+            by_layer[id(block.layer)] = capture.RECORDER.pop(block.layer)
+    return {id(b): by_layer[id(b.layer)] for b in blocks}
+
+
 def _check_range(
     name: str,
     value: Any,
@@ -99,7 +108,7 @@ class KFAC(compat.WholeUpdateOptimizer):
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
 
-    Variables of layers with no block (recurrent kernels, normalization, ...)
+    Variables of layers with no block (normalization unless opted in, ...)
     are trained by the ``fallback`` optimizer, Keras' Adam by default.
 
     Every damping is in the units of the compiled loss: M(δ) = ½ δᵀ(F + (λ+η)I)δ
@@ -186,14 +195,16 @@ class KFAC(compat.WholeUpdateOptimizer):
             uniformly at random each step (an unbiased estimate of the KFC
             expectation [KFC §3.1]; G uses every location). Ā's product, the
             bulk of a convolution's statistics, costs this fraction.
-        weight_sharing: how a convolution's |T| locations enter its factors
-            (Eschenhagen et al. 2023): ``"expand"`` (default), a row per
-            location [KFC §3.1]; ``"reduce"``, one row per example, ā the mean
-            of its patches and ĝ the sum of its locations' vectors. Where the
-            loss sees the layer only through the mean over its locations, each
-            example's gradient is then exactly ĝ āᵀ. Its factor products no
-            longer grow with |T| (the patches are still extracted), and
-            ``patch_fraction`` does not apply.
+        weight_sharing: how the |T| locations of a convolution, or the
+            positions of an EinsumDense (an attention projection), enter its
+            factors (Eschenhagen et al. 2023): ``"expand"``, a row per location
+            [KFC §3.1]; ``"reduce"``, one row per example, ā the mean of its
+            patches and ĝ the sum of its locations' vectors. Where the loss
+            sees the layer only through the mean over its locations, each
+            example's gradient is then exactly ĝ āᵀ; the factor products no
+            longer grow with |T|, and ``patch_fraction`` does not apply.
+            None (default): expand for convolutions, reduce for EinsumDense
+            (with expand the zoo's transformer stalls; BENCHMARKS.md).
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
             Fisher products of the quadratic model are computed on.
         seed: seed of the target sampling; random when None.
@@ -224,7 +235,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         statistics_fraction: float = 1.0,
         statistics_update_period: int | None = None,
         patch_fraction: float = 1.0,
-        weight_sharing: str = "expand",
+        weight_sharing: str | None = None,
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         fallback: keras.optimizers.Optimizer | str | dict | None = None,
@@ -295,8 +306,10 @@ class KFAC(compat.WholeUpdateOptimizer):
             raise ValueError(f"`estimation_mode` must be one of {losses.ESTIMATION_MODES}; got {estimation_mode!r}.")
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"`approximation` must be one of {tuple(APPROXIMATIONS)}; got {approximation!r}.")
-        if weight_sharing not in statistics.WEIGHT_SHARING:
-            raise ValueError(f"`weight_sharing` must be one of {statistics.WEIGHT_SHARING}; got {weight_sharing!r}.")
+        if weight_sharing is not None and weight_sharing not in statistics.WEIGHT_SHARING:
+            raise ValueError(
+                f"`weight_sharing` must be None or one of {statistics.WEIGHT_SHARING}; got {weight_sharing!r}."
+            )
         if weight_sharing == "reduce" and patch_fraction < 1.0:
             raise ValueError(
                 "`patch_fraction` subsamples a convolution's patch rows, which weight_sharing='reduce' "
@@ -626,7 +639,7 @@ class KFAC(compat.WholeUpdateOptimizer):
             )
         return Batch(
             loss_call=loss_calls[-1],
-            layer_calls={id(b): capture.RECORDER.pop(b.layer) for b in collection.blocks},
+            layer_calls=_layer_calls(collection.blocks),
             loss=collection.loss(),
         )
 
@@ -688,7 +701,7 @@ class KFAC(compat.WholeUpdateOptimizer):
             advanced = scope.get_current_value(seed_state)
             if advanced is not None:
                 seed_state.assign(advanced)
-        layer_calls = {id(b): capture.RECORDER.pop(b.layer) for b in self.blocks}
+        layer_calls = _layer_calls(self.blocks)
         return y_pred, layer_calls, list(scope.losses)
 
     def _step_rule(self) -> StepRule:

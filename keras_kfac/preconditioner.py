@@ -143,5 +143,7 @@ class BlockDiagonal:
         for block, block_inverses in zip(self.blocks, inverses):
             keys = [var_key(v) for v in block.variables]
             if all(k in grads for k in keys):
-                updates.update(zip(keys, block.precondition([grads[k] for k in keys], block_inverses)))
+                for key, update in zip(keys, block.precondition([grads[k] for k in keys], block_inverses)):
+                    # Blocks sharing a variable (a GRU's bias) each give their rows; the rest are 0.
+                    updates[key] = updates[key] + update if key in updates else update
         return updates

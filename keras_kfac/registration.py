@@ -99,9 +99,10 @@ class LayerCollection:
         raise KeyError(f"Layer '{layer.name}' is not registered.")
 
     def _register(self, block: KroneckerBlock) -> KroneckerBlock:
+        """Adds ``block`` and the blocks of its ``companions`` (the layer's other weights)."""
         if any(b.layer is block.layer for b in self._blocks):
             raise ValueError(f"Layer '{block.layer.name}' is already registered.")
-        self._blocks.append(block)
+        self._blocks += [block] + [companion(block.layer) for companion in block.companions]
         return block
 
     def register(self, layer: keras.layers.Layer, block_type: type[KroneckerBlock] | None = None) -> KroneckerBlock:
@@ -265,11 +266,12 @@ class LayerCollection:
         variables = list(self.model.trainable_variables) if self.model is not None else []
         variables += [v for b in built for v in b.variables if all(v is not w for w in variables)]
         layers_by_path = {getattr(layer, "path", layer.name): layer for layer in self._model_layers()}
-        rows: dict[str, list] = {}
+        # One row per block (a recurrent layer has two), and per layer for the fallback's variables.
+        rows: dict[tuple[str, int], list] = {}
         for variable in variables:
             block = in_blocks.get(id(variable))
             path = block.layer.path if block is not None else variable.path.rpartition("/")[0]
-            rows.setdefault(path, [block, 0])[1] += math.prod(variable.shape)
+            rows.setdefault((path, id(block)), [block, 0])[1] += math.prod(variable.shape)
         widths = [int(line_length * f) for f in (0.36, 0.24, 0.26)]
         widths.append(line_length - sum(widths))
 
@@ -283,7 +285,7 @@ class LayerCollection:
         print_fn(line(["Layer (path)", "Class", "Curvature", "Params"]))
         print_fn("━" * line_length)
         covered = total = 0
-        for path, (block, count) in rows.items():
+        for (path, _), (block, count) in rows.items():
             layer = block.layer if block is not None else layers_by_path.get(path)
             kind = "fallback" if block is None else _curvature_label(block)
             print_fn(line([path, type(layer).__name__ if layer is not None else "?", kind, f"{count:,}"]))
@@ -317,7 +319,11 @@ class LayerCollection:
         config = {}
         # Layers taken by non-default ``auto_register_types`` are saved as if by hand.
         if self._by_hand or (self._auto_register_types is not None and self._blocks):
-            for block in self._blocks:
+            companions = {
+                id(c) for b in self._blocks for c in self._blocks if c.layer is b.layer and type(c) in b.companions
+            }
+            saved = [b for b in self._blocks if id(b) not in companions]
+            for block in saved:
                 if registry.block_type_of_kind(type(block).kind) is not type(block):
                     raise ValueError(
                         f"Layer '{block.name}' has a {type(block).__name__}, which is not the registered block "
@@ -330,7 +336,7 @@ class LayerCollection:
                     "index": layers.index(block.layer) if block.layer in layers else None,
                     "name": block.layer.name,
                 }
-                for block in self._blocks
+                for block in saved
             ]
         if self._loss_config is not None:
             config.update(self._loss_config)

@@ -16,8 +16,24 @@ from keras_kfac.blocks import KroneckerBlock
 from keras_kfac.capture import LayerCall
 
 # How a weight-shared layer's locations enter its factors (Eschenhagen et al. 2023):
-# a row per location (K-FAC-expand, [KFC §3]) or one per example (K-FAC-reduce).
+# a row per location (K-FAC-expand, [KFC §3]) or one per example (K-FAC-reduce);
+# None: each block's own default (``KroneckerBlock.reduces_locations_by_default``).
 WEIGHT_SHARING = ("expand", "reduce")
+
+
+def reduces(block: KroneckerBlock, reduce_locations: bool | None) -> bool:
+    """Whether ``block``'s rows are reduced to one per example (K-FAC-reduce).
+
+    Args:
+        block: a block.
+        reduce_locations: True (reduce), False (expand) or None (the block's default).
+
+    Returns:
+        True when its rows are locations and they are reduced.
+    """
+    if not (block.rows_are_patch_locations or block.rows_are_positions):
+        return False
+    return block.reduces_locations_by_default if reduce_locations is None else reduce_locations
 
 
 def subset_size(batch_size: tf.Tensor, fraction: float) -> tf.Tensor:
@@ -108,7 +124,7 @@ def factor_rows(
     y_true,
     sample_weight,
     seed: tf.Tensor,
-    reduce_locations: bool = False,
+    reduce_locations: bool | None = None,
 ) -> dict[int, tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]]:
     """Each called block's rows (ā rows, back-propagated ĝ rows, ā rows' weights), by ``id(block)``.
 
@@ -130,10 +146,11 @@ def factor_rows(
         y_true: the data's targets (used by ``"empirical"``).
         sample_weight: the weights of z's values, or None.
         seed: a stateless random seed, shape (2,), of the target sampling.
-        reduce_locations: K-FAC-reduce for the convolutions' blocks (those whose
-            rows are patch locations; Eschenhagen et al. 2023, §3.2): one row per
+        reduce_locations: K-FAC-reduce for the blocks whose rows are locations
+            (convolutions, EinsumDense; Eschenhagen et al. 2023, §3.2): one row per
             example, ā the mean of its patches and ĝ the sum of its locations'
-            vectors, instead of a row per location (K-FAC-expand, [KFC §3]).
+            vectors, instead of a row per location (K-FAC-expand, [KFC §3]);
+            None: each block's default (``reduces``).
 
     Returns:
         A dict from ``id(block)`` to (ā rows (N, input_dim), ĝ rows
@@ -173,15 +190,18 @@ def factor_rows(
         gradients = [g for per_vector in backpropagated for g in per_vector[span]]
         weights = None
         if value_weights is not None:
-            weights = [row_weights(c, value_weights, block.row_count(c.preactivation)) for c in block_calls]
-        if reduce_locations and block.rows_are_patch_locations:
+            weights = [row_weights(c, value_weights, block.call_row_count(c)) for c in block_calls]
+        if reduces(block, reduce_locations):
             input_rows = tf.concat([_per_example(block.input_rows(x), x, tf.reduce_mean) for x in inputs], 0)
             output_rows = tf.concat([_per_example(block.output_rows(g), g, tf.reduce_sum) for g in gradients], 0)
             if weights is not None:
                 weights = [_per_example(w[:, None], x, tf.reduce_mean)[:, 0] for w, x in zip(weights, inputs)]
         else:
-            input_rows = block.rows(inputs, block.input_rows)
-            output_rows = block.rows(gradients, block.output_rows)
+            input_rows = tf.concat([block.call_input_rows(c) for c in block_calls], axis=0)
+            # ``gradients`` runs over the vectors, and for each over the calls.
+            output_rows = tf.concat(
+                [block.call_output_rows(c, g) for c, g in zip(block_calls * len(vectors), gradients)], axis=0
+            )
         rows[id(block)] = (input_rows, output_rows, None if weights is None else tf.concat(weights, axis=0))
     return rows
 
@@ -208,7 +228,7 @@ def factor_estimates(
     examples: tf.Tensor,
     seed: tf.Tensor,
     patch_fraction: float = 1.0,
-    reduce_locations: bool = False,
+    reduce_locations: bool | None = None,
 ) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]:
     """Batch estimates ([Ā …], [mass of Ā …], [G …]) of the blocks with rows, in ``blocks`` order [KFAC §5].
 
@@ -245,7 +265,7 @@ def factor_estimates(
             continue
         input_rows, output_rows, input_weights = rows[id(block)]
         input_masses.append(curvature.row_mass(input_rows, input_weights))
-        if block.rows_are_patch_locations and not reduce_locations:
+        if block.rows_are_patch_locations and not reduces(block, reduce_locations):
             # A stream of its own: the target sampling uses ``seed`` itself.
             block_seed = tf.random.experimental.stateless_fold_in(seed, index + 1)
             input_rows, input_weights = subsample_rows(input_rows, input_weights, patch_fraction, block_seed)

@@ -10,14 +10,6 @@ from keras_kfac.blocks import EinsumDenseBlock
 K = 3  # outputs of the linear head
 
 
-def _kfac(model: keras.Model, **kwargs) -> keras_kfac.KFAC:
-    """KFAC with EinsumDense layers auto-registered too (an opt-in)."""
-    collection = keras_kfac.LayerCollection()
-    collection.auto_register_types += (keras.layers.EinsumDense,)
-    collection.auto_register(model)
-    return keras_kfac.KFAC(model=model, layer_collection=collection, **kwargs)
-
-
 def test_factors_match_explicit_rows_for_a_transposed_equation():
     """'abc,dce->aebd': positions (a, b), input feature c, output features (d, e) stored as (e, ·, d).
 
@@ -32,7 +24,7 @@ def test_factors_match_explicit_rows_for_a_transposed_equation():
     head = keras.layers.Dense(K)
     model = keras.Sequential([keras.Input((length, channels)), layer, keras.layers.Flatten(), head])
     assert tuple(layer.bias.shape) == (e, 1, d)
-    opt = _kfac(model, learning_rate=0.0, estimation_mode="exact")
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", weight_sharing="expand")
     model.compile(optimizer=opt, loss="mse")
     model.train_on_batch(x, rng.normal(size=(batch, K)).astype("float32"))
 
@@ -55,8 +47,8 @@ def test_factors_match_explicit_rows_for_a_transposed_equation():
     np.testing.assert_allclose(block.output_factor.cov.numpy(), g, rtol=1e-4, atol=1e-7)
 
 
-def _train_once(model, x, y):
-    opt = _kfac(model, learning_rate=0.5, damping=0.01, momentum=0.0, estimation_mode="exact")
+def _train_once(model, x, y, **kwargs):
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.5, damping=0.01, momentum=0.0, estimation_mode="exact", **kwargs)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = [w.numpy().copy() for w in model.trainable_weights]
     model.train_on_batch(x, y)
@@ -104,8 +96,9 @@ def test_a_plain_matmul_gives_the_dense_update(equation):
         np.testing.assert_allclose(einsum_step, dense_step, rtol=1e-4, atol=1e-6)
 
 
-def test_attention_style_projection_gives_the_dense_update_on_the_sequence():
-    """'abc,cde->abde' (query/key/value) equals Dense(d·e) on the sequence, reshaped."""
+@pytest.mark.parametrize("sharing", ["expand", "reduce"])
+def test_attention_style_projection_gives_the_dense_update_on_the_sequence(sharing):
+    """'abc,cde->abde' (query/key/value) equals Dense(d·e) on the sequence, reshaped, either way."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 5, 4)).astype("float32")
     y = rng.integers(0, 3, size=12).astype("int32")
@@ -130,8 +123,8 @@ def test_attention_style_projection_gives_the_dense_update_on_the_sequence():
         ]
     )
     dense.set_weights([kernel.reshape(4, 6), bias.reshape(6), *head])
-    einsum_opt, einsum_steps = _train_once(einsum, x, y)
-    dense_opt, dense_steps = _train_once(dense, x, y)
+    einsum_opt, einsum_steps = _train_once(einsum, x, y, weight_sharing=sharing)
+    dense_opt, dense_steps = _train_once(dense, x, y, weight_sharing=sharing)
     for einsum_block, dense_block in zip(einsum_opt.blocks, dense_opt.blocks):
         np.testing.assert_allclose(
             einsum_block.input_factor.cov.numpy(), dense_block.input_factor.cov.numpy(), rtol=1e-5, atol=1e-6
@@ -143,16 +136,14 @@ def test_attention_style_projection_gives_the_dense_update_on_the_sequence():
     np.testing.assert_allclose(einsum_steps[1].reshape(6), dense_steps[1], rtol=1e-4, atol=1e-6)
 
 
-def test_multi_head_attention_projections_are_registered_on_request_and_train():
+def test_multi_head_attention_projections_are_registered_and_train():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 8))
     attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
     hidden = attention(inputs, inputs)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden))
     model = keras.Model(inputs, outputs)
-    assert keras.layers.EinsumDense not in keras_kfac.LayerCollection().auto_register_types
-    assert [type(b).__name__ for b in keras_kfac.KFAC(model=model).blocks] == ["DenseBlock"]
-    opt = _kfac(model, seed=0)
+    opt = keras_kfac.KFAC(model=model, seed=0)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     kinds = sorted(type(b).__name__ for b in opt.blocks)
     assert kinds == ["DenseBlock"] + ["EinsumDenseBlock"] * 4
@@ -179,3 +170,34 @@ def test_an_einsum_that_is_not_a_dense_layer_per_position_is_refused(equation, o
     layer.build((None, 3, 5))
     with pytest.raises(ValueError, match=problem):
         keras_kfac.LayerCollection().register_einsum_dense(layer)
+
+
+def test_reduce_is_the_exact_fisher_block_of_a_projection_the_loss_sees_through_its_mean():
+    """'abc,cd->abd' (a projection of a sequence), mean over positions, a linear head, MSE: with
+    weight_sharing="reduce" Ā ⊗ G is the exact Fisher block (ā_n the mean of example n's positions,
+    ĝ_n the sum of its positions' vectors; Eschenhagen et al. 2023, §3.2); with "expand" it is not."""
+    rng = np.random.default_rng(7)
+    batch, length, channels, units = 3, 4, 2, 3
+    x = rng.normal(size=(batch, length, channels)).astype("float32")
+    factors = {}
+    for sharing in ("reduce", "expand"):
+        keras.utils.set_random_seed(0)
+        layer = keras.layers.EinsumDense("abc,cd->abd", (length, units), bias_axes="d")
+        head = keras.layers.Dense(K)
+        model = keras.Sequential([keras.Input((length, channels)), layer, keras.layers.GlobalAveragePooling1D(), head])
+        opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact", weight_sharing=sharing)
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(x, rng.normal(size=(batch, K)).astype("float32"))
+        block = opt.layer_collection.block_for(layer)
+        assert block.rows_are_positions
+        factors[sharing] = np.kron(block.input_factor.cov.numpy(), block.output_factor.cov.numpy())
+
+    # z_n = W_headᵀ mean_t(W̄ᵀ ā_nt) + b: ∂z_nk/∂W̄[i, j] = m_ni W_head[j, k], m_n the mean row of example n.
+    w_head = head.kernel.numpy().astype(np.float64)
+    fisher_block = 0.0
+    for n in range(batch):
+        m = np.append(x[n].astype(np.float64).mean(axis=0), 1.0)
+        jacobian = np.einsum("i,jk->kij", m, w_head).reshape(K, -1)
+        fisher_block = fisher_block + (2.0 / K) * jacobian.T @ jacobian / batch
+    np.testing.assert_allclose(factors["reduce"], fisher_block, rtol=1e-4, atol=1e-7)
+    assert np.abs(factors["expand"] - fisher_block).max() > 0.1 * np.abs(fisher_block).max()

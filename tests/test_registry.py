@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.blocks import DenseBlock, KroneckerBlock, registry
+from keras_kfac.blocks import DenseBlock, KroneckerBlock, RecurrentInputBlock, registry
 
 
 class Affine(keras.layers.Layer):
@@ -83,10 +83,11 @@ def test_the_nearest_layer_class_chooses_the_block(user_blocks):
     assert registry.block_type_for(MyDense(2)) is MyDenseBlock
     assert registry.block_type_for(keras.layers.Dense(2)) is DenseBlock
     assert registry.block_type_for(Affine(2)) is AffineBlock
-    assert registry.block_type_for(keras.layers.SimpleRNN(2)) is None
+    assert registry.block_type_for(keras.layers.SimpleRNN(2)) is RecurrentInputBlock
+    assert registry.block_type_for(keras.layers.UnitNormalization()) is None
     collection = keras_kfac.LayerCollection()
-    assert Affine in collection.auto_register_types
-    assert keras.layers.EinsumDense not in collection.auto_register_types
+    assert Affine in collection.auto_register_types and keras.layers.EinsumDense in collection.auto_register_types
+    assert keras.layers.LayerNormalization not in collection.auto_register_types  # opt-in
 
 
 def test_a_users_block_is_saved_by_kind_and_restored(user_blocks):
@@ -133,8 +134,8 @@ def test_bad_block_types_and_layers_are_named(user_blocks):
         keras_kfac.register_block_type(TakesKind)
     assert registry.block_type_for(keras.layers.Dense(2)) is DenseBlock
     collection = keras_kfac.LayerCollection()
-    with pytest.raises(TypeError, match="No curvature block serves layer 'rnn'"):
-        collection.register(keras.layers.SimpleRNN(2, name="rnn"))
+    with pytest.raises(TypeError, match="No curvature block serves layer 'depthwise'"):
+        collection.register(keras.layers.DepthwiseConv1D(2, name="depthwise"))
     with pytest.raises(TypeError, match="AffineBlock serves Affine"):
         collection.register(keras.layers.Dense(2), AffineBlock)
 
@@ -195,9 +196,13 @@ def test_summary_says_which_layer_has_which_block_and_what_it_covers():
     assert rows["conv"][1:] == ["Conv2D", "conv2d", "Ā", "10", "G", "4", "40"]  # 3·3·1 + bias; 4 filters
     assert rows["norm"][1:] == ["LayerNormalization", "fallback", "8"]
     assert rows["logits"][1:] == ["Dense", "dense", "Ā", "6", "G", "3", "18"]
-    assert any(line.startswith("lstm/") and line.split()[2:] == ["fallback", "200"] for line in lines)
-    covered = 40 + 18
-    assert f" Parameters in K-FAC blocks: {covered} of {model.count_params()} trainable (21.8%)" in lines
+    lstm = [line.split()[1:] for line in lines if line.split()[:1] == ["lstm"]]
+    assert lstm == [  # the input kernel and bias (4 + 1 rows), the recurrent kernel (5 rows); 4 gates × 5 units
+        ["LSTM", "recurrent_input", "Ā", "5", "G", "20", "100"],
+        ["LSTM", "recurrent_kernel", "Ā", "5", "G", "20", "100"],
+    ]
+    covered = 40 + 200 + 18
+    assert f" Parameters in K-FAC blocks: {covered} of {model.count_params()} trainable (97.0%)" in lines
     assert f" Parameters left to the fallback rule: {model.count_params() - covered}" in lines
 
     by_hand = keras_kfac.LayerCollection()

@@ -130,6 +130,20 @@ def test_zoo_race_smoke(tmp_path):
     assert "geometric mean" in (tmp_path / "zoo" / "smoke" / "table.md").read_text()
 
 
+def test_zoo_blocks_race_smoke(tmp_path):
+    """The LSTM with its recurrent layers in blocks, on their fallback, and with the opt-in blocks too."""
+    _zoo_race(tmp_path, "--blocks", "--models", "lstm")
+    results = json.loads((tmp_path / "zoo-blocks" / "smoke" / "results.json").read_text())
+    assert set(results["results"]["lstm"]["0"]["rows"]) == {
+        "adam[learning_rate=0.001]",
+        "kfac[blocks=dense_conv_embedding,weight_sharing=expand]",
+        "kfac",
+        "kfac[blocks=all]",
+    }
+    states = {run["name"]: run["kfac_state"] for run in results["runs"]["lstm"]["0"] if run["family"] == "kfac"}
+    assert all(states.values())
+
+
 def test_step_profile_smoke(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--size", "small", "--synthetic"]

@@ -10,6 +10,7 @@ from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.depthwise_conv2d import DepthwiseConv2DBlock
 from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
 from keras_kfac.blocks.embedding import EmbeddingBlock
+from keras_kfac.blocks.recurrent import RecurrentInputBlock, RecurrentKernelBlock
 from keras_kfac.blocks.registry import block_type_for, block_types, register_block_type
 from keras_kfac.blocks.scale_shift import ScaleShiftBlock
 
@@ -24,6 +25,8 @@ __all__ = [
     "EinsumDenseBlock",
     "EmbeddingBlock",
     "KroneckerBlock",
+    "RecurrentInputBlock",
+    "RecurrentKernelBlock",
     "ScaleShiftBlock",
     "block_type_for",
     "block_types",

@@ -48,6 +48,12 @@ class KroneckerBlock(abc.ABC):
     # (convolutions), which ``patch_fraction`` may subsample for Ā and
     # ``weight_sharing="reduce"`` reduces to one row per example.
     rows_are_patch_locations: bool = False
+    # Whether the rows are an example's positions (a sequence), which
+    # ``weight_sharing="reduce"`` reduces to one row per example too.
+    rows_are_positions: bool = False
+    # Whether such rows (locations or positions) are reduced when
+    # ``weight_sharing`` is left to each block (the default).
+    reduces_locations_by_default: bool = False
     # How Ā is stored: dense, or diagonal where ā is one-hot (embeddings).
     input_factor_type: type[curvature.KroneckerFactor] = curvature.KroneckerFactor
 
@@ -127,6 +133,45 @@ class KroneckerBlock(abc.ABC):
         prefix = prefix.lstrip("_.-") or "layer"
         self.input_factor = self.input_factor_type(optimizer, self.input_dim, f"{prefix}_A")
         self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
+
+    @property
+    def companions(self) -> tuple[type[KroneckerBlock], ...]:
+        """Block types registered for the same layer with this one (its other weights); none by default."""
+        return ()
+
+    def call_input_rows(self, call) -> tf.Tensor:
+        """Rows ā of one recorded call: ``input_rows`` of its ``row_source``.
+
+        Args:
+            call: one recorded call of the layer (a ``capture.LayerCall``).
+
+        Returns:
+            A float32 tensor of rows.
+        """
+        return self.input_rows(self.row_source(call))
+
+    def call_output_rows(self, call, output_gradient: tf.Tensor) -> tf.Tensor:
+        """Rows ĝ of one recorded call: ``output_rows`` of the vector back-propagated to its output.
+
+        Args:
+            call: one recorded call of the layer.
+            output_gradient: a vector back-propagated to the call's output s.
+
+        Returns:
+            A float32 tensor of rows.
+        """
+        return self.output_rows(output_gradient)
+
+    def call_row_count(self, call) -> tf.Tensor:
+        """How many rows one recorded call has: ``row_count`` of its output.
+
+        Args:
+            call: one recorded call of the layer.
+
+        Returns:
+            A scalar int32 tensor.
+        """
+        return self.row_count(call.preactivation)
 
     def row_source(self, call) -> tf.Tensor:
         """The tensor of a recorded call that the rows ā are built from: the layer's input.
@@ -212,19 +257,6 @@ class KroneckerBlock(abc.ABC):
             The number of rows, a scalar int32 tensor.
         """
         return tf.reduce_prod(tf.shape(preactivation)[:-1])
-
-    @staticmethod
-    def rows(tensors: list[tf.Tensor], to_rows) -> tf.Tensor:
-        """The rows of every recorded call, stacked: calls count as more locations.
-
-        Args:
-            tensors: one tensor per recorded call of the layer.
-            to_rows: maps one of them to rows, e.g. ``input_rows`` or ``output_rows``.
-
-        Returns:
-            The calls' rows concatenated along the first axis.
-        """
-        return tf.concat([to_rows(t) for t in tensors], axis=0)
 
     def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
         """∇W̄ of shape (input_dim, output_dim) from the variables' gradients.

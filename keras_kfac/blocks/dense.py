@@ -14,7 +14,8 @@ class DenseBlock(KroneckerBlock):
     """Kernel and bias of a ``keras.layers.Dense`` as one Kronecker block.
 
     Inputs of rank above 2, e.g. (batch, time, features), contribute one row per
-    leading position, like the locations of a convolution.
+    leading position, like the locations of a convolution (K-FAC-expand), or
+    with ``weight_sharing="reduce"`` one row per example (K-FAC-reduce).
 
     Args:
         layer: the Dense layer.
@@ -22,6 +23,8 @@ class DenseBlock(KroneckerBlock):
 
     layer_types = (keras.layers.Dense,)
     kind = "dense"
+    rows_are_positions = True
+    reduces_locations_by_default = False
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         """The input's leading positions as rows.

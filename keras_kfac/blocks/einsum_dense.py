@@ -6,7 +6,9 @@ copied to the output (an output feature), and the other axes of the input are
 all kept in the output (batch, sequence or head positions), s is a Dense layer
 W̄ applied at each position: ā is the input's feature axes flattened at one
 position, ĝ the output's, and the positions count as locations, as for a Dense
-layer on a sequence (the "expand" setting of Eschenhagen et al. 2023).
+layer on a sequence (the "expand" setting of Eschenhagen et al. 2023; with
+``weight_sharing="reduce"`` one row per example instead, ā the mean of its
+positions' rows and ĝ the sum of theirs).
 MultiHeadAttention's query, key, value and output projections are such layers.
 """
 
@@ -35,7 +37,8 @@ def _expand(spec: str, rank: int) -> str:
 class EinsumDenseBlock(KroneckerBlock):
     """Kernel and bias of a ``keras.layers.EinsumDense`` whose kernel maps input features to output features.
 
-    Not taken by automatic registration: with all four attention projections
+    Its positions are reduced to one row per example by default (K-FAC-reduce):
+    with a row per position (K-FAC-expand) and all four attention projections
     in blocks the zoo's transformer stalls at chance level (BENCHMARKS.md).
 
     Args:
@@ -46,7 +49,7 @@ class EinsumDenseBlock(KroneckerBlock):
 
     layer_types = (keras.layers.EinsumDense,)
     kind = "einsum_dense"
-    auto_register = False
+    reduces_locations_by_default = True
 
     def __init__(self, layer: keras.layers.Layer):
         super().__init__(layer)
@@ -68,6 +71,10 @@ class EinsumDenseBlock(KroneckerBlock):
                 )
                 + "."
             )
+        # K-FAC-reduce averages each example's rows: it needs the example axis
+        # to lead both the input's and the output's positions.
+        leading = [spec[0] if not spec.startswith("...") else "..." for spec in (self._inputs, self._outputs)]
+        self.rows_are_positions = leading[0] == leading[1] and leading[0] not in self._kernel_axes
         bias_axes = layer.bias_axes or ""
         if bias_axes and set(bias_axes) != set(self.output_features):
             raise ValueError(
