@@ -30,11 +30,11 @@ class TridiagonalChain:
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, blocks: list[KroneckerBlock]):
-        if len(blocks) < 2 or not all(type(b) is DenseBlock for b in blocks):
+        if len(blocks) < 2 or not all(type(b) is DenseBlock and not b.diagonal for b in blocks):
             raise ValueError(
                 "approximation='block_tridiagonal' needs a chain of at least two "
-                "Dense layers and no other registered layers; got "
-                f"{[type(b).__name__ for b in blocks]}."
+                "Dense layers with Kronecker blocks and no other registered layers; got "
+                f"{[type(b).__name__ + (' (diagonal)' if b.diagonal else '') for b in blocks]}."
             )
         _warn_unless_chained(optimizer.layer_collection.model, blocks)
         self.blocks = blocks

@@ -187,6 +187,19 @@ class KroneckerFactor:
         """
         return tf.matmul(inverse, matrix)
 
+    @staticmethod
+    def right_multiply(matrix: tf.Tensor, inverse: tf.Tensor) -> tf.Tensor:
+        """``matrix @ inverse`` for an inverse of this kind of factor.
+
+        Args:
+            matrix: a matrix with dim columns.
+            inverse: an inverse of this factor's form, (dim, dim).
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
+        return tf.matmul(matrix, inverse)
+
 
 class DiagonalFactor(KroneckerFactor):
     """A Kronecker factor that is diagonal by construction, stored as its diagonal.
@@ -194,7 +207,8 @@ class DiagonalFactor(KroneckerFactor):
     An embedding's input ā is a one-hot row, so ``Ā = E[ā āᵀ]`` is the diagonal
     matrix of the tokens' frequencies [KFAC §3 with one-hot inputs]: its
     (vocabulary)² entries are never formed, and its damped inverse is
-    elementwise.
+    elementwise. A block registered with ``approximation="diagonal"`` keeps
+    only the diagonals of its Ā and G this way.
 
     Args:
         optimizer: the optimizer that creates and saves the variables.
@@ -249,6 +263,19 @@ class DiagonalFactor(KroneckerFactor):
             The product, shaped like ``matrix``.
         """
         return inverse[:, tf.newaxis] * matrix
+
+    @staticmethod
+    def right_multiply(matrix: tf.Tensor, inverse: tf.Tensor) -> tf.Tensor:
+        """``matrix @ diag(inverse)``: each column of ``matrix`` scaled by its entry of ``inverse``.
+
+        Args:
+            matrix: a matrix with dim columns.
+            inverse: the diagonal inverse, a vector of length dim.
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
+        return matrix * inverse
 
 
 class ChannelFactor(KroneckerFactor):

@@ -121,8 +121,8 @@ class KFAC(compat.WholeUpdateOptimizer):
     computes the update of the global batch.
 
     Args:
-        model: the ``keras.Model`` being trained. Its Dense, convolution and
-            Embedding layers are registered automatically, and its compiled
+        model: the ``keras.Model`` being trained. Its Dense, EinsumDense,
+            convolution, recurrent and Embedding layers are registered automatically, and its compiled
             loss defines the Fisher. Without it, KFAC finds the model it is
             compiled with when Keras builds it.
         layer_collection: a hand-made ``LayerCollection`` instead of (or in

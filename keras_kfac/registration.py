@@ -32,10 +32,14 @@ from keras_kfac.blocks import (
 
 def _curvature_label(block: KroneckerBlock) -> str:
     """The summary's name of a block: its kind and factor sizes (per channel for channel-wise blocks)."""
-    sizes = f"Ā {block.input_dim} G {block.output_dim}"
+    sizes = f"{'diagonal ' if block.diagonal else ''}Ā {block.input_dim} G {block.output_dim}"
     if isinstance(block, ChannelwiseBlock):
         return f"{type(block).kind} {block.channels}×({sizes})"
     return f"{type(block).kind} {sizes}"
+
+
+# How a registered layer's Fisher block is approximated (``LayerCollection.register``).
+APPROXIMATIONS = ("kronecker", "diagonal", "fallback")
 
 
 class LayerCollection:
@@ -62,14 +66,17 @@ class LayerCollection:
         # Saved registrations waiting for their model (``from_config``).
         self._pending: dict | None = None
         self._auto_register_types: tuple[type, ...] | None = None
+        # Layers registered with approximation="fallback": no block, and auto_register skips them.
+        self._fallback: list[keras.layers.Layer] = []
 
     @property
     def auto_register_types(self) -> tuple[type, ...]:
         """The layer classes ``auto_register`` takes.
 
         By default those of every registered block type whose ``auto_register``
-        is true (all but EinsumDense); assign a tuple to change it, e.g.
-        ``collection.auto_register_types += (keras.layers.EinsumDense,)``.
+        is true (all but the normalization layers' ``ScaleShiftBlock``); assign
+        a tuple to change it, e.g.
+        ``collection.auto_register_types += keras_kfac.blocks.ScaleShiftBlock.layer_types``.
         """
         if self._auto_register_types is None:
             return tuple(t for b in registry.block_types() if b.auto_register for t in b.layer_types)
@@ -105,18 +112,37 @@ class LayerCollection:
         self._blocks += [block] + [companion(block.layer) for companion in block.companions]
         return block
 
-    def register(self, layer: keras.layers.Layer, block_type: type[KroneckerBlock] | None = None) -> KroneckerBlock:
-        """Registers ``layer`` with a block of ``block_type``.
+    def register(
+        self,
+        layer: keras.layers.Layer,
+        block_type: type[KroneckerBlock] | None = None,
+        approximation: str = "kronecker",
+    ) -> KroneckerBlock | None:
+        """Registers ``layer`` with a block of ``block_type``, or leaves it to the fallback rule.
 
         Args:
             layer: the layer whose weights the block preconditions.
             block_type: a ``KroneckerBlock`` subclass serving the layer; by
                 default the registered one for its class
                 (``keras_kfac.register_block_type``).
+            approximation: ``"kronecker"``, the block ``Ā ⊗ G`` [KFAC §3];
+                ``"diagonal"``, only the diagonals of Ā and G (a diagonal
+                Fisher block, diag Ā ⊗ diag G, at the cost of elementwise
+                products); or ``"fallback"``: no block, the layer's variables
+                trained by the optimizer's fallback rule, and
+                ``auto_register`` passes it over.
 
         Returns:
-            The new block.
+            The new block (the first, for a layer with several); None for ``"fallback"``.
         """
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"`approximation` must be one of {APPROXIMATIONS}; got {approximation!r}.")
+        if approximation == "fallback":
+            if any(b.layer is layer for b in self._blocks):
+                raise ValueError(f"Layer '{layer.name}' is already registered.")
+            self._fallback.append(layer)
+            self._by_hand = True
+            return None
         if block_type is None:
             block_type = registry.block_type_for(layer)
             if block_type is None:
@@ -124,9 +150,16 @@ class LayerCollection:
                     f"No curvature block serves layer '{layer.name}' ({type(layer).__name__}); "
                     "write one and register it with keras_kfac.register_block_type."
                 )
-        self._register(block_type(layer))
+        block = block_type(layer)
+        if approximation == "diagonal":
+            if isinstance(block, ChannelwiseBlock):
+                raise ValueError(f"Layer '{layer.name}' has channel-wise blocks, which have no diagonal approximation.")
+            block.diagonal = True
+        self._register(block)
+        for companion in self._blocks[self._blocks.index(block) + 1 :]:
+            companion.diagonal = block.diagonal
         self._by_hand = True
-        return self._blocks[-1]
+        return block
 
     def register_dense(self, layer: keras.layers.Dense) -> KroneckerBlock:
         """Registers a Dense layer: kernel and bias form one block [KFAC §3].
@@ -218,9 +251,10 @@ class LayerCollection:
     def auto_register(self, model: keras.Model) -> None:
         """Registers ``model`` and every trainable layer of ``auto_register_types`` in it.
 
-        By default Dense, convolution and Embedding layers and those of
-        block types registered by the user; add ``keras.layers.EinsumDense``
-        to the types to take attention projections too.
+        By default Dense, EinsumDense, convolution, recurrent and Embedding
+        layers and those of block types registered by the user; add
+        ``keras_kfac.blocks.ScaleShiftBlock.layer_types`` to the types to take
+        normalization layers too.
 
         Nested models are searched too. Each layer gets the registered block
         type for its class. Layers registered already are kept; layers no block
@@ -234,7 +268,7 @@ class LayerCollection:
         layer_types = self.auto_register_types
         by_default = self._auto_register_types is None
         for layer in compat.nested_layers(model):
-            if not layer.trainable or any(b.layer is layer for b in self._blocks):
+            if not layer.trainable or any(b.layer is layer for b in self._blocks) or layer in self._fallback:
                 continue
             block_type = registry.block_type_for(layer)
             if block_type is None or not isinstance(layer, layer_types):
@@ -310,8 +344,8 @@ class LayerCollection:
         serialization.
 
         Returns:
-            A dict with ``"layers"`` (each a dict of ``kind``, ``index`` and
-            ``name``) when layers were registered by hand, and ``"loss"`` and
+            A dict with ``"layers"`` (each a dict of ``kind``, ``index``,
+            ``name`` and a non-default ``approximation``) when layers were registered by hand, and ``"loss"`` and
             ``"loss_weight"`` when a loss was registered; or None.
         """
         if self._pending is not None:
@@ -335,8 +369,17 @@ class LayerCollection:
                     "kind": type(block).kind,
                     "index": layers.index(block.layer) if block.layer in layers else None,
                     "name": block.layer.name,
+                    **({"approximation": "diagonal"} if block.diagonal else {}),
                 }
                 for block in saved
+            ] + [
+                {
+                    "kind": None,
+                    "index": layers.index(layer) if layer in layers else None,
+                    "name": layer.name,
+                    "approximation": "fallback",
+                }
+                for layer in self._fallback
             ]
         if self._loss_config is not None:
             config.update(self._loss_config)
@@ -378,7 +421,9 @@ class LayerCollection:
                         f"'{self.model.name}' does not have (once)."
                     )
                 layer = matches[0]
-            self.register(layer, registry.block_type_of_kind(entry["kind"]))
+            kind = entry["kind"]
+            block_type = None if kind is None else registry.block_type_of_kind(kind)
+            self.register(layer, block_type, entry.get("approximation", "kronecker"))
 
     def _find_model(self) -> None:
         """Registers the model being trained by a KFAC that holds this collection, once met."""

@@ -6,6 +6,7 @@ shared with the package. With ``ema_decay`` irrelevant on the first step (ε = 0
 the factors after one ``train_on_batch`` are the batch estimates.
 """
 
+import math
 import zlib
 
 import keras
@@ -736,3 +737,17 @@ def test_a_batch_whose_examples_all_weigh_zero_leaves_the_factors_unchanged():
     after = [v.numpy() for v in opt.variables if v.name.endswith("_cov")]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_50000_token_embedding_allocates_no_vocabulary_squared_factor():
+    vocabulary = 50_000
+    inputs = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(vocabulary, 8, name="tokens")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    opt = keras_kfac.KFAC(model=model)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    model.train_on_batch(rng.integers(0, vocabulary, size=(16, 6)), rng.integers(0, 2, size=16))
+    block = opt.layer_collection.block_for(model.get_layer("tokens"))
+    assert tuple(block.input_factor.cov.shape) == tuple(block.input_factor.inverse.shape) == (vocabulary,)
+    assert max(math.prod(v.shape) for v in opt.variables) < vocabulary * 8 * 4  # the table's size, not V²

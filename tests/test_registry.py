@@ -212,3 +212,80 @@ def test_summary_says_which_layer_has_which_block_and_what_it_covers():
     assert any(line.split()[:3] == ["logits", "Dense", "dense"] for line in lines)
     assert not any(line.split()[:1] == ["conv"] for line in lines)
     assert any("the model is not known yet" in line for line in lines)
+
+
+def _three_layers() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(4, activation="tanh", name="a"),
+            keras.layers.Dense(4, activation="tanh", name="b"),
+            keras.layers.Dense(3, name="c"),
+        ]
+    )
+
+
+def test_a_diagonal_block_keeps_the_diagonals_and_preconditions_with_them():
+    """approximation="diagonal": Ā and G are the diagonals of the Kronecker block's, and the step is
+    (diag Ā + πγ)⁻¹ ∇W̄ (diag G + γ/π)⁻¹, the explicit diagonal matrix solved in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 5)).astype("float32")
+    y = rng.normal(size=(16, 3)).astype("float32")
+    blocks = {}
+    for approximation in ("kronecker", "diagonal"):
+        model = _three_layers()
+        collection = keras_kfac.LayerCollection()
+        block = collection.register(model.get_layer("b"), approximation=approximation)
+        collection.auto_register(model)
+        opt = keras_kfac.KFAC(model=model, layer_collection=collection, learning_rate=0.0, estimation_mode="exact")
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(x, y)
+        blocks[approximation] = block
+    full, diagonal = blocks["kronecker"], blocks["diagonal"]
+    a, g = diagonal.input_factor.cov.numpy(), diagonal.output_factor.cov.numpy()
+    np.testing.assert_allclose(a, np.diag(full.input_factor.cov.numpy()), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g, np.diag(full.output_factor.cov.numpy()), rtol=1e-5, atol=1e-9)
+
+    gamma = 0.1
+    gradients = [rng.normal(size=v.shape).astype("float32") for v in diagonal.variables]
+    got = diagonal.precondition([tf.constant(v) for v in gradients], diagonal.damped_inverses(tf.constant(gamma)))
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    pi = np.sqrt(a64.mean() / g64.mean())
+    damped = np.kron(np.diag(a64 + pi * gamma), np.diag(g64 + gamma / pi))
+    w = np.concatenate([gradients[0], gradients[1][None]]).astype(np.float64)
+    expected = np.linalg.solve(damped, w.reshape(-1)).reshape(w.shape)
+    np.testing.assert_allclose(got[0].numpy(), expected[:-1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[1].numpy(), expected[-1], rtol=1e-4, atol=1e-7)
+
+
+def test_per_layer_choices_train_print_and_are_saved(tmp_path):
+    model = _three_layers()
+    collection = keras_kfac.LayerCollection()
+    assert collection.register(model.get_layer("a"), approximation="fallback") is None
+    collection.register(model.get_layer("b"), approximation="diagonal")
+    collection.auto_register(model)
+    assert [(b.name, b.diagonal) for b in collection.blocks] == [("b", True), ("c", False)]
+    with pytest.raises(ValueError, match="`approximation` must be one of"):
+        collection.register(model.get_layer("a"), approximation="block")
+    lines = []
+    collection.summary(print_fn=lines.append)
+    rows = {
+        line.split()[0].rpartition("/")[2]: line.split()[1:]
+        for line in lines
+        if line.split()[:1] in ([f"{model.name}/a"], [f"{model.name}/b"])
+    }
+    assert rows == {"a": ["Dense", "fallback", "24"], "b": ["Dense", "dense", "diagonal", "Ā", "5", "G", "4", "20"]}
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(32, 5)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    model.compile(optimizer=keras_kfac.KFAC(model=model, layer_collection=collection), loss="mse")
+    with pytest.warns(UserWarning, match="no curvature block"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert [(b.name, b.diagonal) for b in loaded.optimizer.blocks] == [("b", True), ("c", False)]
+    for model_ in (model, loaded):
+        model_.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for mine, reference in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)

@@ -66,6 +66,8 @@ class KroneckerBlock(abc.ABC):
                 f"Layer '{layer.name}' has LoRA enabled or is quantized; KFAC's blocks need its plain kernel."
             )
         self.layer = layer
+        # Whether only the diagonals of Ā and G are kept (``approximation="diagonal"``).
+        self.diagonal = False
         self.input_factor: curvature.KroneckerFactor | None = None
         self.output_factor: curvature.KroneckerFactor | None = None
 
@@ -131,8 +133,10 @@ class KroneckerBlock(abc.ABC):
         """
         prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name))
         prefix = prefix.lstrip("_.-") or "layer"
-        self.input_factor = self.input_factor_type(optimizer, self.input_dim, f"{prefix}_A")
-        self.output_factor = curvature.KroneckerFactor(optimizer, self.output_dim, f"{prefix}_G")
+        input_type = curvature.DiagonalFactor if self.diagonal else self.input_factor_type
+        output_type = curvature.DiagonalFactor if self.diagonal else curvature.KroneckerFactor
+        self.input_factor = input_type(optimizer, self.input_dim, f"{prefix}_A")
+        self.output_factor = output_type(optimizer, self.output_dim, f"{prefix}_G")
 
     @property
     def companions(self) -> tuple[type[KroneckerBlock], ...]:
@@ -219,6 +223,11 @@ class KroneckerBlock(abc.ABC):
         Returns:
             Ā of shape (``input_dim``, ``input_dim``); 0 without rows or weight.
         """
+        if self.diagonal:  # the mean of ā², (weighted) like the full moment
+            squares = tf.square(input_rows)
+            if weights is None:
+                return tf.reduce_mean(squares, axis=0)
+            return tf.math.divide_no_nan(tf.reduce_sum(squares * weights[:, tf.newaxis], 0), tf.reduce_sum(weights))
         if weights is None:
             return curvature.cross_moment(input_rows, input_rows, tf.shape(input_rows)[0])
         return curvature.weighted_cross_moment(input_rows, input_rows, weights)
@@ -233,6 +242,8 @@ class KroneckerBlock(abc.ABC):
         Returns:
             G of shape (``output_dim``, ``output_dim``).
         """
+        if self.diagonal:
+            return tf.reduce_sum(tf.square(output_rows), axis=0) / tf.cast(tf.maximum(examples, 1), tf.float32)
         return curvature.cross_moment(output_rows, output_rows, examples)
 
     def output_rows(self, output_gradient: tf.Tensor) -> tf.Tensor:
@@ -325,5 +336,7 @@ class KroneckerBlock(abc.ABC):
         if inverses is None:
             inverses = (self.input_factor.inverse, self.output_factor.inverse)
         inverse_a, inverse_g = inverses
-        update = tf.matmul(self.input_factor.left_multiply(inverse_a, self.gradient_matrix(gradients)), inverse_g)
+        update = self.output_factor.right_multiply(
+            self.input_factor.left_multiply(inverse_a, self.gradient_matrix(gradients)), inverse_g
+        )
         return self.split_matrix(update)

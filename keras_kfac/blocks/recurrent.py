@@ -169,8 +169,9 @@ class _RecurrentBlock(KroneckerBlock):
     """Shared by the two blocks of a recurrent layer: the recurrence, the rows' count, a GRU's bias."""
 
     layer_types = RECURRENT_LAYERS
-    # The row of a GRU's (2, 3H) bias that is this block's homogeneous row (b: 0, b_r: 1).
-    gru_bias_row = 0
+    # Which weights: 0 the input kernel (pre-activation s_t, a GRU's bias row b),
+    # 1 the recurrent kernel (r_t, the row b_r).
+    part = 0
 
     def __init__(self, layer: keras.layers.Layer):
         super().__init__(layer)
@@ -186,7 +187,7 @@ class _RecurrentBlock(KroneckerBlock):
         return len(parts) == 2 and isinstance(self.layer, keras.layers.GRU)
 
     def gradient_matrix(self, gradients: list[tf.Tensor]) -> tf.Tensor:
-        """∇W̄ = [∇kernel; ∇bias], of a GRU's (2, 3H) bias its ``gru_bias_row``.
+        """∇W̄ = [∇kernel; ∇bias], of a GRU's (2, 3H) bias its row ``part``.
 
         Args:
             gradients: the gradients of ``variables``.
@@ -195,7 +196,7 @@ class _RecurrentBlock(KroneckerBlock):
             A float32 matrix (``input_dim``, gates·H).
         """
         if self._is_gru_with_bias(gradients):
-            gradients = [gradients[0], tf.convert_to_tensor(gradients[1])[self.gru_bias_row]]
+            gradients = [gradients[0], tf.convert_to_tensor(gradients[1])[self.part]]
         return super().gradient_matrix(gradients)
 
     def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
@@ -212,9 +213,21 @@ class _RecurrentBlock(KroneckerBlock):
         parts = super().split_matrix(matrix)
         if self._is_gru_with_bias(parts):
             rows = [tf.zeros_like(parts[1]), tf.zeros_like(parts[1])]
-            rows[self.gru_bias_row] = parts[1]
+            rows[self.part] = parts[1]
             parts = [parts[0], tf.stack(rows)]
         return parts
+
+    def call_output_rows(self, call, output_gradient: tf.Tensor) -> tf.Tensor:
+        """ĝ_t: the vector back-propagated to this block's pre-activation (s_t or r_t) at each time step.
+
+        Args:
+            call: one recorded call of the layer.
+            output_gradient: the vector back-propagated to the layer's output.
+
+        Returns:
+            A float32 tensor (T·batch, gates·H), time-major.
+        """
+        return self.recurrence.gate_vectors(call, output_gradient)[self.part]
 
     def call_row_count(self, call) -> tf.Tensor:
         """B·T rows (examples × time steps) per call.
@@ -275,18 +288,6 @@ class RecurrentInputBlock(_RecurrentBlock):
             x = tf.reverse(x, axis=[0])
         return tf.reshape(x, [-1, self.kernel_matrix_rows])
 
-    def call_output_rows(self, call, output_gradient: tf.Tensor) -> tf.Tensor:
-        """ĝ_t: the vector back-propagated to s_t at each time step (time-major).
-
-        Args:
-            call: one recorded call of the layer.
-            output_gradient: the vector back-propagated to the layer's output.
-
-        Returns:
-            A float32 tensor (T·batch, gates·H).
-        """
-        return self.recurrence.gate_vectors(call, output_gradient)[0]
-
 
 class RecurrentKernelBlock(_RecurrentBlock):
     """The recurrent kernel U (H, gates·H) of an LSTM, GRU or SimpleRNN: a Dense layer on h_{t-1}.
@@ -299,7 +300,7 @@ class RecurrentKernelBlock(_RecurrentBlock):
     """
 
     kind = "recurrent_kernel"
-    gru_bias_row = 1
+    part = 1
 
     @property
     def kernel(self) -> keras.Variable:
@@ -334,15 +335,3 @@ class RecurrentKernelBlock(_RecurrentBlock):
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
         """Not used: the rows h_{t-1} come from the recurrence (``call_input_rows``)."""
         raise NotImplementedError
-
-    def call_output_rows(self, call, output_gradient: tf.Tensor) -> tf.Tensor:
-        """ĝ_t: the vector back-propagated to r_t at each time step (time-major).
-
-        Args:
-            call: one recorded call of the layer.
-            output_gradient: the vector back-propagated to the layer's output.
-
-        Returns:
-            A float32 tensor (T·batch, gates·H).
-        """
-        return self.recurrence.gate_vectors(call, output_gradient)[1]
