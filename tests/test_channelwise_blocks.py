@@ -267,3 +267,36 @@ def test_opted_in_blocks_are_saved_and_resume_exactly(tmp_path):
         model_.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     for mine, reference in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_separable_convolution_blocks_match_explicit_patches_and_intermediates():
+    """Depthwise part: Ā_c over channel c's patches, G_c over ĝ Pᵀ; pointwise part: a Dense block on
+    the intermediate u (computed here by loops) with ĝ the output's vectors."""
+    rng = np.random.default_rng(7)
+    batch, side, channels, multiplier, filters, size = 3, 4, 2, 2, 3, 2
+    x = rng.normal(size=(batch, side, side, channels))
+    layer = keras.layers.SeparableConv2D(filters, size, depth_multiplier=multiplier)
+    head = keras.layers.Dense(K)
+    model = keras.Sequential([keras.Input((side, side, channels)), layer, keras.layers.Flatten(), head])
+    opt = _exact_statistics(model, x.astype("float32"))
+    depthwise, pointwise = opt.blocks[:2]
+    assert [type(b).__name__ for b in opt.blocks[:2]] == ["SeparableDepthwiseBlock", "SeparablePointwiseBlock"]
+
+    patches = _patches(x, size)  # (rows, C, size²)
+    a = np.einsum("nci,ncj->cij", patches, patches) / len(patches)
+    np.testing.assert_allclose(depthwise.input_factor.cov.numpy(), a, rtol=1e-4, atol=1e-5)
+    kernel = layer.depthwise_kernel.numpy().astype(np.float64).reshape(size * size, channels, multiplier)
+    u = np.einsum("nck,kcm->ncm", patches, kernel).reshape(len(patches), channels * multiplier)
+    rows = np.concatenate([u, np.ones((len(u), 1))], axis=1)
+    np.testing.assert_allclose(pointwise.input_factor.cov.numpy(), rows.T @ rows / len(rows), rtol=1e-4, atol=1e-5)
+
+    out = side - size + 1
+    vectors = _head_vectors(head, (out * out, filters))  # the same for every example
+    np.testing.assert_allclose(
+        pointwise.output_factor.cov.numpy(), np.einsum("kli,klj->ij", vectors, vectors), rtol=1e-4, atol=1e-7
+    )
+    carried = vectors @ layer.pointwise_kernel.numpy().astype(np.float64).reshape(-1, filters).T
+    carried = carried.reshape(K, out * out, channels, multiplier)
+    np.testing.assert_allclose(
+        depthwise.output_factor.cov.numpy(), np.einsum("klci,klcj->cij", carried, carried), rtol=1e-4, atol=1e-7
+    )

@@ -13,6 +13,7 @@ from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.recurrent import RecurrentInputBlock, RecurrentKernelBlock
 from keras_kfac.blocks.registry import block_type_for, block_types, register_block_type
 from keras_kfac.blocks.scale_shift import ScaleShiftBlock
+from keras_kfac.blocks.separable_conv2d import SeparableDepthwiseBlock, SeparablePointwiseBlock
 
 __all__ = [
     "ChannelwiseBlock",
@@ -28,6 +29,8 @@ __all__ = [
     "RecurrentInputBlock",
     "RecurrentKernelBlock",
     "ScaleShiftBlock",
+    "SeparableDepthwiseBlock",
+    "SeparablePointwiseBlock",
     "block_type_for",
     "block_types",
     "register_block_type",
