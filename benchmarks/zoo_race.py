@@ -27,8 +27,8 @@ seconds (iterations) to the target divided by the run's.
 λ₀ ∈ {1e-4, …, 150} against Adam-default instead, for the table of the
 adaptive mode's sensitivity to λ₀.
 
-`--weight-sharing` races default K-FAC with its convolutions' factors
-K-FAC-expand (a row per location, the default) and K-FAC-reduce (a row per
+`--weight-sharing` races default K-FAC (its convolutions' factors
+K-FAC-expand, a row per location) and K-FAC-reduce everywhere (a row per
 example) against Adam-default, on the convnet and the ResNet by default.
 
 `--blocks` races default K-FAC as it was (blocks for Dense, Conv1D, Conv2D

@@ -196,14 +196,14 @@ class KFAC(compat.WholeUpdateOptimizer):
             expectation [KFC §3.1]; G uses every location). Ā's product, the
             bulk of a convolution's statistics, costs this fraction.
         weight_sharing: how the |T| locations of a convolution, or the
-            positions of an EinsumDense (an attention projection), enter its
-            factors (Eschenhagen et al. 2023): ``"expand"``, a row per location
+            positions of an EinsumDense (an attention projection) or of a
+            Dense layer on a sequence, enter its factors (Eschenhagen et al. 2023): ``"expand"``, a row per location
             [KFC §3.1]; ``"reduce"``, one row per example, ā the mean of its
             patches and ĝ the sum of its locations' vectors. Where the loss
             sees the layer only through the mean over its locations, each
             example's gradient is then exactly ĝ āᵀ; the factor products no
             longer grow with |T|, and ``patch_fraction`` does not apply.
-            None (default): expand for convolutions, reduce for EinsumDense
+            None (default): expand for convolutions and Dense, reduce for EinsumDense
             (with expand the zoo's transformer stalls; BENCHMARKS.md).
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
             Fisher products of the quadratic model are computed on.

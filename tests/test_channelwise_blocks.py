@@ -300,3 +300,23 @@ def test_separable_convolution_blocks_match_explicit_patches_and_intermediates()
     np.testing.assert_allclose(
         depthwise.output_factor.cov.numpy(), np.einsum("klci,klcj->cij", carried, carried), rtol=1e-4, atol=1e-7
     )
+
+
+def test_a_separable_convolution_trains_with_sample_weights():
+    """Its depthwise block's rows are output locations whatever the number of filters (F ≠ C·M here)."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.SeparableConv2D(5, 3, depth_multiplier=2),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.1, momentum=0.0, damping=1e-2)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, sample_weight=rng.uniform(size=16), batch_size=8, epochs=1, verbose=0)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert float(opt.blocks[0].input_factor.trace()) > 0.0

@@ -103,7 +103,7 @@ def test_gru_vectors_give_each_examples_gradient():
         grads = tape.gradient(loss, reference.trainable_variables)  # kernel, recurrent kernel, bias (2, 6)
         for block, variables in ((input_block, [grads[0], grads[2]]), (kernel_block, [grads[1], grads[2]])):
             rows = tf.function(lambda b=block, v=per_example: (b.call_input_rows(call), b.call_output_rows(call, v)))
-            a, g = (r.numpy().reshape(4, 2, -1)[:, n] for r in rows())
+            a, g = (r.numpy().reshape(2, 4, -1)[n] for r in rows())  # example by example
             expected = block.gradient_matrix([tf.constant(v.numpy(), tf.float32) for v in variables]).numpy()
             np.testing.assert_allclose(a.T @ g, expected, rtol=1e-4, atol=1e-6)
 
@@ -195,6 +195,7 @@ def test_a_one_step_rnn_input_kernel_gives_the_dense_update(kind):
         ({"stateful": True}, "stateful"),
         ({"return_state": True}, "return_state"),
         ({"reset_after": False}, "reset_after"),
+        ({"zero_output_for_mask": True}, "zero_output_for_mask"),
     ],
 )
 def test_what_the_blocks_cannot_follow_is_refused_and_left_to_the_fallback(arguments, problem):
@@ -238,3 +239,25 @@ def test_the_zoo_lstm_is_in_blocks_and_trains_and_resumes(tmp_path):
         model_.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     for mine, reference in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_are_weighted_by_their_own_examples_sample_weights():
+    """With per-example sample weights, Ā of x_t rows and of h_{t-1} rows is the weighted mean over
+    examples and steps, each row weighted by its own example's weight (rows run example by example)."""
+    rng = np.random.default_rng(8)
+    batch, steps, features, units = 4, 3, 2, 2
+    x = rng.normal(size=(batch, steps, features)).astype("float32")
+    weights = np.array([0.0, 1.0, 3.0, 0.5], "float32")
+    layer = keras.layers.SimpleRNN(units, return_sequences=True)
+    model = keras.Sequential([keras.Input((steps, features)), layer, keras.layers.Flatten(), keras.layers.Dense(K)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+    model.compile(optimizer=opt, loss="mse")
+    model.train_on_batch(x, np.zeros((batch, K), "float32"), sample_weight=weights)
+    row_weights = np.repeat(weights, steps).astype(np.float64)
+    rows = np.concatenate([x.reshape(-1, features), np.ones((batch * steps, 1))], 1).astype(np.float64)
+    expected = (rows * row_weights[:, None]).T @ rows / row_weights.sum()
+    np.testing.assert_allclose(opt.blocks[0].input_factor.cov.numpy(), expected, rtol=1e-4, atol=1e-6)
+    hidden = _float64_copy(model).layers[0](x.astype(np.float64)).numpy()
+    previous = np.concatenate([np.zeros((batch, 1, units)), hidden[:, :-1]], 1).reshape(-1, units)
+    expected = (previous * row_weights[:, None]).T @ previous / row_weights.sum()
+    np.testing.assert_allclose(opt.blocks[1].input_factor.cov.numpy(), expected, rtol=1e-4, atol=1e-6)

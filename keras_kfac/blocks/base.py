@@ -26,6 +26,12 @@ import tensorflow as tf
 from keras_kfac import curvature
 
 
+def state_prefix(block: KroneckerBlock) -> str:
+    """The prefix of a block's variable names: its layer's path, and its kind for a layer with several blocks."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(block.layer, "path", block.name)).lstrip("_.-") or "layer"
+    return f"{prefix}_{block.kind}" if block.several_per_layer else prefix
+
+
 class KroneckerBlock(abc.ABC):
     """Curvature block ``Ā ⊗ G`` of one layer, with its factors' state.
 
@@ -43,6 +49,8 @@ class KroneckerBlock(abc.ABC):
     kind: str = ""
     # Whether ``LayerCollection.auto_register`` takes these layers by default.
     auto_register: bool = True
+    # Whether the layer has other blocks too (``companions``): their variables' names say the kind.
+    several_per_layer: bool = False
 
     # Whether the rows ā are the patches at the |T| locations of each example
     # (convolutions), which ``patch_fraction`` may subsample for Ā and
@@ -131,8 +139,7 @@ class KroneckerBlock(abc.ABC):
             optimizer: the optimizer whose variables hold Ā and G and their
                 damped inverses (saved with it), named after the layer's path.
         """
-        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name))
-        prefix = prefix.lstrip("_.-") or "layer"
+        prefix = state_prefix(self)
         input_type = curvature.DiagonalFactor if self.diagonal else self.input_factor_type
         output_type = curvature.DiagonalFactor if self.diagonal else curvature.KroneckerFactor
         self.input_factor = input_type(optimizer, self.input_dim, f"{prefix}_A")

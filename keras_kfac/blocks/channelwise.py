@@ -12,13 +12,12 @@ stacked (``curvature.ChannelFactor``) and inverted as one batch.
 from __future__ import annotations
 
 import abc
-import re
 
 import keras
 import tensorflow as tf
 
 from keras_kfac import curvature
-from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.base import KroneckerBlock, state_prefix
 
 
 class ChannelwiseBlock(KroneckerBlock):
@@ -47,7 +46,7 @@ class ChannelwiseBlock(KroneckerBlock):
             optimizer: the optimizer whose variables hold the Ā_c and G_c and
                 their damped inverses, named after the layer's path.
         """
-        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.layer, "path", self.name)).lstrip("_.-") or "layer"
+        prefix = state_prefix(self)
         self.input_factor = curvature.ChannelFactor(optimizer, self.channels, self.input_dim, f"{prefix}_A")
         self.output_factor = curvature.ChannelFactor(optimizer, self.channels, self.output_dim, f"{prefix}_G")
 

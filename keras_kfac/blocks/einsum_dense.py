@@ -5,10 +5,10 @@ each kernel axis is either contracted with the input (an input feature) or
 copied to the output (an output feature), and the other axes of the input are
 all kept in the output (batch, sequence or head positions), s is a Dense layer
 W̄ applied at each position: ā is the input's feature axes flattened at one
-position, ĝ the output's, and the positions count as locations, as for a Dense
-layer on a sequence (the "expand" setting of Eschenhagen et al. 2023; with
-``weight_sharing="reduce"`` one row per example instead, ā the mean of its
-positions' rows and ĝ the sum of theirs).
+position, ĝ the output's. By default each example gives one row, ā the mean
+of its positions' rows and ĝ the sum of theirs (K-FAC-reduce, Eschenhagen et
+al. 2023); with ``weight_sharing="expand"`` the positions count as locations,
+as for a convolution.
 MultiHeadAttention's query, key, value and output projections are such layers.
 """
 

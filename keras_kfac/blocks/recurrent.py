@@ -18,9 +18,11 @@ The vectors at each time step are inside the layer's time loop, which the
 training graph's gradients cannot reach. So the statistics re-run the
 recurrence (``Recurrence``) from the recorded input, in float32, with zero
 tensors added to s_t and r_t, and back-propagate the vector received at the
-layer's output through that copy to them. Dropout, stateful layers and
-``return_state`` are refused; masks, ``go_backwards`` and an ``initial_state``
-are followed as Keras follows them.
+layer's output through that copy to them. Dropout, stateful layers,
+``return_state`` and ``zero_output_for_mask`` are refused; ``go_backwards``,
+an ``initial_state`` and masks are followed as Keras follows them (a masked
+step carries the state on and receives no vector; its input still counts in
+Ā).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def _check(layer: keras.layers.Layer) -> None:
         problems.append("stateful=True")
     if layer.return_state:
         problems.append("return_state=True")
+    if layer.zero_output_for_mask:
+        problems.append("zero_output_for_mask=True (e.g. inside a Bidirectional returning sequences)")
     if isinstance(layer, keras.layers.GRU) and not cell.reset_after:
         problems.append("reset_after=False (its recurrent kernel sees r ⊙ h, not h)")
     if problems:
@@ -141,8 +145,7 @@ class Recurrence:
 
         # Each step's carry: (h_{t-1}, state after t); the scan stacks them over t.
         carries = tf.scan(step, (s_all, probes[1], mask), initializer=[state[0], *state])
-        previous_outputs = tf.concat([state[0][None], carries[1][:-1]], axis=0)
-        outputs = carries[1]
+        previous_outputs, outputs = carries[0], carries[1]
         if self.layer.return_sequences:
             output = tf.transpose(outputs, [1, 0, 2])
         else:
@@ -150,7 +153,7 @@ class Recurrence:
         return output, previous_outputs, probes
 
     def gate_vectors(self, call, output_gradient: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The vectors back-propagated to s_t and to r_t, each (T·B, gates·H) in time-major order.
+        """The vectors back-propagated to s_t and to r_t, each (B·T, gates·H), example by example.
 
         Args:
             call: one recorded call of the layer.
@@ -162,13 +165,17 @@ class Recurrence:
         output, _, probes = self.run(call)
         grads = tf.gradients(output, list(probes), grad_ys=tf.cast(output_gradient, tf.float32))
         width = self.gates * self.units
-        return tuple(tf.reshape(tf.zeros_like(p) if g is None else g, [-1, width]) for g, p in zip(grads, probes))
+        return tuple(
+            tf.reshape(tf.transpose(tf.zeros_like(p) if g is None else g, [1, 0, 2]), [-1, width])
+            for g, p in zip(grads, probes)
+        )
 
 
 class _RecurrentBlock(KroneckerBlock):
     """Shared by the two blocks of a recurrent layer: the recurrence, the rows' count, a GRU's bias."""
 
     layer_types = RECURRENT_LAYERS
+    several_per_layer = True
     # Which weights: 0 the input kernel (pre-activation s_t, a GRU's bias row b),
     # 1 the recurrent kernel (r_t, the row b_r).
     part = 0
@@ -225,7 +232,7 @@ class _RecurrentBlock(KroneckerBlock):
             output_gradient: the vector back-propagated to the layer's output.
 
         Returns:
-            A float32 tensor (T·batch, gates·H), time-major.
+            A float32 tensor (batch·T, gates·H), example by example.
         """
         return self.recurrence.gate_vectors(call, output_gradient)[self.part]
 
@@ -275,18 +282,15 @@ class RecurrentInputBlock(_RecurrentBlock):
         return (RecurrentKernelBlock,)
 
     def input_patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """x_t of every example and time step, in time-major order like the vectors.
+        """x_t of every example and time step, example by example (as the loss's weights run).
 
         Args:
             inputs: one call's input sequence (batch, T, D).
 
         Returns:
-            A tensor (T·batch, D).
+            A tensor (batch·T, D).
         """
-        x = tf.transpose(inputs, [1, 0, 2])
-        if self.layer.go_backwards:
-            x = tf.reverse(x, axis=[0])
-        return tf.reshape(x, [-1, self.kernel_matrix_rows])
+        return tf.reshape(inputs, [-1, self.kernel_matrix_rows])
 
 
 class RecurrentKernelBlock(_RecurrentBlock):
@@ -318,16 +322,16 @@ class RecurrentKernelBlock(_RecurrentBlock):
         return [self.kernel] + ([self.layer.cell.bias] if self.has_bias else [])
 
     def call_input_rows(self, call) -> tf.Tensor:
-        """h_{t-1} of every example and time step (and the homogeneous 1 for b_r), time-major.
+        """h_{t-1} of every example and time step (and the homogeneous 1 for b_r), example by example.
 
         Args:
             call: one recorded call of the layer.
 
         Returns:
-            A float32 tensor (T·batch, ``input_dim``).
+            A float32 tensor (batch·T, ``input_dim``).
         """
         _, previous, _ = self.recurrence.run(call)
-        rows = tf.reshape(previous, [-1, self.recurrence.units])
+        rows = tf.reshape(tf.transpose(previous, [1, 0, 2]), [-1, self.recurrence.units])
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
         return rows

@@ -49,6 +49,18 @@ class SeparableDepthwiseBlock(DepthwiseConv2DBlock):
 
     layer_types = (keras.layers.SeparableConv2D,)
     kind = "separable_depthwise"
+    several_per_layer = True
+
+    def call_row_count(self, call) -> tf.Tensor:
+        """The call's output locations (its rows), whatever the number of filters.
+
+        Args:
+            call: one recorded call of the layer.
+
+        Returns:
+            batch × output locations, a scalar int32 tensor.
+        """
+        return tf.reduce_prod(tf.shape(call.preactivation)[:-1])
 
     @property
     def kernel(self) -> keras.Variable:
@@ -92,6 +104,8 @@ class SeparablePointwiseBlock(KroneckerBlock):
 
     layer_types = (keras.layers.SeparableConv2D,)
     kind = "separable_pointwise"
+    several_per_layer = True
+    rows_are_patch_locations = True
 
     @property
     def kernel(self) -> keras.Variable:
