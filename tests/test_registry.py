@@ -289,3 +289,25 @@ def test_per_layer_choices_train_print_and_are_saved(tmp_path):
         model_.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     for mine, reference in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_diagonal_embedding_keeps_token_frequencies_and_the_diagonal_of_g():
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 7, size=(12, 5))
+    y = rng.normal(size=(12, 3)).astype("float32")
+    factors = {}
+    for approximation in ("kronecker", "diagonal"):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,), dtype="int32")
+        embedding = keras.layers.Embedding(7, 4, name="tokens")
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(embedding(inputs))))
+        collection = keras_kfac.LayerCollection()
+        block = collection.register(embedding, approximation=approximation)
+        collection.auto_register(model)
+        opt = keras_kfac.KFAC(model=model, layer_collection=collection, learning_rate=0.1, estimation_mode="exact")
+        model.compile(optimizer=opt, loss="mse")
+        model.train_on_batch(tokens, y)
+        factors[approximation] = (block.input_factor.cov.numpy(), block.output_factor.cov.numpy())
+        assert all(np.isfinite(w).all() for w in model.get_weights())
+    np.testing.assert_allclose(factors["diagonal"][0], factors["kronecker"][0], rtol=1e-6)  # Ā is diagonal anyway
+    np.testing.assert_allclose(factors["diagonal"][1], np.diag(factors["kronecker"][1]), rtol=1e-5, atol=1e-9)
