@@ -579,7 +579,9 @@ class KFAC(compat.WholeUpdateOptimizer):
             assign=self.assign,
         )
         if self.adapt_gamma:
-            step.adapt_gamma(learning_rate, tf.equal((self._count + 1) % self.gamma_adaptation_period, 0))
+            # On steps that refresh the inverses when T₂ is a multiple of T₃: γ's own are then stored.
+            due = tf.logical_and(self._count > 0, tf.equal(self._count % self.gamma_adaptation_period, 0))
+            step.adapt_gamma(learning_rate, due, self.gamma_adaptation_period % self.inverse_update_period == 0)
         update, coefficients, change = step.update(learning_rate)
         finite = tf.logical_and(grads_finite, curvature.all_finite(update + [coefficients, change]))
         # θ before the update, restored exactly if a check rejects it.

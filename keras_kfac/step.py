@@ -421,17 +421,20 @@ class Step:
             self._assign(velocity, tf.where(reject, tf.zeros_like(velocity), velocity))
         return tf.logical_not(reject)
 
-    def adapt_gamma(self, learning_rate: Any, due: tf.Tensor) -> None:
+    def adapt_gamma(self, learning_rate: Any, due: tf.Tensor, current_stored: bool) -> None:
         """Tries γ, ω₂γ, γ/ω₂ and keeps the one with the lowest M(δ) [KFAC §6.6].
 
         When ``due``, one branch computes each candidate's proposal and exact-Fisher
-        products, and a second one recomputes and stores the chosen γ's inverses:
-        one more inversion every T₂ steps, where carrying the three candidates'
-        inverses out of the first branch would cost a copy of them on every step.
+        products, and a second one, if γ changes, recomputes and stores the chosen
+        γ's inverses: carrying the candidates' inverses out of the first branch
+        would cost a copy of them on every step. When ``current_stored``, the
+        stored inverses are γ's own at this step (refreshed for it): γ's candidate
+        uses them, and keeping γ stores nothing.
 
         Args:
             learning_rate: the current learning rate, for the fixed step's α.
             due: a scalar bool tensor: whether to search γ at this step.
+            current_stored: whether, when ``due``, the stored inverses are fresh for γ.
         """
         gamma = self.state.gamma
         omega = math.sqrt(19.0 / 20.0) ** self.rule.gamma_adaptation_period
@@ -444,7 +447,10 @@ class Step:
             z = self.batch.loss.network_output(y_pred)
             fishers, dots, linears, lengths = [], [], [], []
             for index in range(3):
-                delta = self.proposal(self.preconditioner.inverses(candidates[index]))
+                fresh = index > 0 or not current_stored
+                delta = self.proposal(
+                    self.preconditioner.inverses(candidates[index]) if fresh else self.preconditioner.stored()
+                )
                 fishers.append(self.local_fisher(delta, z, weight))
                 dots.append(quadratic_model.dot_gram([delta, self.previous]))
                 linears.append(self.linear_terms(delta))
@@ -463,11 +469,13 @@ class Step:
                 self.damped_curvature(fishers[index], dots[index]), linears[index], lengths[index]
             )
             values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
-        chosen = tf.gather(candidates, tf.argmin(tf.stack(values)))
+        best = tf.argmin(tf.stack(values))
+        chosen = tf.gather(candidates, best)
 
         def store() -> tf.Tensor:
             self.preconditioner.store(self.preconditioner.inverses(chosen))
             gamma.assign(chosen)
             return tf.constant(True)
 
-        tf.cond(due, store, lambda: tf.constant(False))
+        changed = tf.logical_and(due, best > 0) if current_stored else due
+        tf.cond(changed, store, lambda: tf.constant(False))

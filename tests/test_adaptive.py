@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_kfac
+from keras_kfac.step import Step
 
 
 def _autoencoder():
@@ -459,3 +460,31 @@ def test_a_rejected_step_is_undone():
     assert all(not np.any(opt._velocities[opt._var_key(v)].numpy()) for v in model.trainable_variables)
     model.train_on_batch(x, x)  # not checked (T₁ = 5): kept
     assert any(np.any(a != b) for a, b in zip(model.get_weights(), before))
+
+
+def test_gamma_search_on_a_refresh_step_reuses_the_stored_inverses(monkeypatch):
+    """With T₂ a multiple of T₃, γ's own candidate reads the just-refreshed inverses and keeping γ
+    stores nothing: the same γ and weights as a search that recomputes and stores every candidate."""
+    x = _images(64)
+    search = Step.adapt_gamma
+    results = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(Step, "adapt_gamma", lambda self, lr, due, _: search(self, lr, due, False))
+        keras.utils.set_random_seed(0)
+        model = _autoencoder()
+        opt = keras_kfac.KFAC(
+            model=model, adaptive=True, damping=1e-4, inverse_update_period=4, gamma_adaptation_period=8, seed=0
+        )
+        model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        gammas = []
+        for _ in range(10):
+            model.fit(x, x, batch_size=16, epochs=2, verbose=0, shuffle=False)  # 8 steps: one search
+            gammas.append(float(opt.gamma.numpy()))
+        results.append((gammas, model.get_weights()))
+    (gammas, weights), (reference_gammas, reference_weights) = results
+    moves = np.sign(np.diff(np.log([1e-2] + gammas)).round(6))
+    assert {-1.0, 0.0, 1.0} <= set(moves)  # searches lowered, kept and raised γ
+    np.testing.assert_allclose(gammas, reference_gammas, rtol=1e-6)
+    for mine, reference in zip(weights, reference_weights):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)

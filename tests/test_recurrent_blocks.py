@@ -1,5 +1,7 @@
 """Recurrent blocks (LSTM, GRU, SimpleRNN) against explicit float64 references."""
 
+import collections
+
 import keras
 import numpy as np
 import pytest
@@ -261,3 +263,30 @@ def test_rows_are_weighted_by_their_own_examples_sample_weights():
     previous = np.concatenate([np.zeros((batch, 1, units)), hidden[:, :-1]], 1).reshape(-1, units)
     expected = (previous * row_weights[:, None]).T @ previous / row_weights.sum()
     np.testing.assert_allclose(opt.blocks[1].input_factor.cov.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_both_blocks_read_one_re_run_and_one_backward_pass_per_vector(monkeypatch):
+    """A traced statistics pass re-runs each recurrent layer's recurrence once and back-propagates each vector once."""
+    runs, backward = collections.Counter(), collections.Counter()
+    run, gradients = Recurrence.run, tf.gradients
+
+    def counted_run(self, call, probes=None):
+        runs[id(tf.compat.v1.get_default_graph())] += 1
+        return run(self, call, probes)
+
+    def counted_gradients(ys, xs, **kwargs):
+        if isinstance(xs, list) and len(xs) == 2 and all(x.shape.rank == 3 for x in xs):
+            backward[id(tf.compat.v1.get_default_graph())] += 1
+        return gradients(ys, xs, **kwargs)
+
+    monkeypatch.setattr(Recurrence, "run", counted_run)
+    monkeypatch.setattr(tf, "gradients", counted_gradients)
+    x = np.random.default_rng(9).normal(size=(4, 3, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3, 2)), keras.layers.GRU(3), keras.layers.Dense(K)])
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.0, estimation_mode="exact")
+    model.compile(optimizer=opt, loss="mse")
+    model.train_on_batch(x, np.zeros((4, K), "float32"))
+    assert [type(b) for b in opt.blocks[:2]] == [RecurrentInputBlock, RecurrentKernelBlock]
+    assert runs and set(runs.values()) == {1}
+    # The exact mode's K vectors, each shared by the two blocks.
+    assert backward.keys() == runs.keys() and set(backward.values()) == {K}

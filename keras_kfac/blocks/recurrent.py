@@ -60,9 +60,27 @@ def _check(layer: keras.layers.Layer) -> None:
 class Recurrence:
     """The layer's recurrence re-run in float32, with zero probes on s_t and r_t.
 
+    The two blocks of a layer read one re-run per recorded call and one
+    backward pass per vector: both are kept for the graph being traced.
+
     Args:
         layer: an LSTM, GRU or SimpleRNN layer.
     """
+
+    # (ids of the key objects) ↦ (the key objects, kept alive, value), for ``_graph`` only.
+    _memo: dict = {}
+    _graph = None
+
+    @classmethod
+    def _once(cls, keys: tuple, make):
+        """``make()``, computed once per ``keys`` in the graph being traced."""
+        graph = tf.compat.v1.get_default_graph()
+        if cls._graph is not graph:
+            cls._memo, cls._graph = {}, graph
+        key = tuple(id(k) for k in keys)
+        if key not in cls._memo:
+            cls._memo[key] = (keys, make())
+        return cls._memo[key][1]
 
     def __init__(self, layer: keras.layers.Layer):
         self.layer = layer
@@ -162,13 +180,21 @@ class Recurrence:
         Returns:
             (ĝ rows of s, ĝ rows of r).
         """
-        output, _, probes = self.run(call)
-        grads = tf.gradients(output, list(probes), grad_ys=tf.cast(output_gradient, tf.float32))
-        width = self.gates * self.units
-        return tuple(
-            tf.reshape(tf.transpose(tf.zeros_like(p) if g is None else g, [1, 0, 2]), [-1, width])
-            for g, p in zip(grads, probes)
-        )
+        output, _, probes = self.recorded_run(call)
+
+        def backward() -> tuple[tf.Tensor, tf.Tensor]:
+            grads = tf.gradients(output, list(probes), grad_ys=tf.cast(output_gradient, tf.float32))
+            width = self.gates * self.units
+            return tuple(
+                tf.reshape(tf.transpose(tf.zeros_like(p) if g is None else g, [1, 0, 2]), [-1, width])
+                for g, p in zip(grads, probes)
+            )
+
+        return self._once((call, output_gradient), backward)
+
+    def recorded_run(self, call) -> tuple[tf.Tensor, tf.Tensor, tuple]:
+        """``run(call)``, once per recorded call in the graph being traced."""
+        return self._once((call,), lambda: self.run(call))
 
 
 class _RecurrentBlock(KroneckerBlock):
@@ -330,7 +356,7 @@ class RecurrentKernelBlock(_RecurrentBlock):
         Returns:
             A float32 tensor (batch·T, ``input_dim``).
         """
-        _, previous, _ = self.recurrence.run(call)
+        _, previous, _ = self.recurrence.recorded_run(call)
         rows = tf.reshape(tf.transpose(previous, [1, 0, 2]), [-1, self.recurrence.units])
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
