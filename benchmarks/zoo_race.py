@@ -7,6 +7,7 @@
     python benchmarks/zoo_race.py --candidates                         # how the defaults were chosen
     python benchmarks/zoo_race.py --weight-sharing --seeds 3            # K-FAC-expand against K-FAC-reduce
     python benchmarks/zoo_race.py --blocks --seeds 3                    # the new blocks against the fallback
+    python benchmarks/zoo_race.py --fractions                          # statistics on a fraction of the batch
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -23,9 +24,14 @@ validation loss at the end of the budget ("converged") and at a quarter of it
 to its first crossing of each target, and the speedup: Adam-default's own
 seconds (iterations) to the target divided by the run's.
 
-`--dampings` races adaptive K-FAC from its default initial damping and from
-λ₀ ∈ {1e-4, …, 150} against Adam-default instead, for the table of the
-adaptive mode's sensitivity to λ₀.
+`--dampings` races adaptive K-FAC from its default initial damping, from the
+relative λ₀ = 0.3 and 1 × tr(F̃)/n and from λ₀ ∈ {1e-4, …, 150} against
+Adam-default instead, for the table of the adaptive mode's sensitivity to λ₀.
+
+`--fractions` races default K-FAC with its statistics on the whole batch (the
+default), on 1/4 and on 1/8 of it, and adaptive K-FAC as it is and with the
+paper's fractions (statistics on τ₁ = 1/8, the quadratic model on τ₂ = 1/4,
+inverses every T₃ = 20 steps), against Adam-default.
 
 `--weight-sharing` races default K-FAC (its convolutions' factors
 K-FAC-expand, a row per location) and K-FAC-reduce everywhere (a row per
@@ -125,6 +131,16 @@ BLOCKS_RACE = [
     Spec("kfac", {}),
     Spec("kfac", {"blocks": "all"}),
 ]
+# Statistics on a fraction τ₁ of the batch (default step), and the adaptive mode
+# as it is against the paper's fractions (τ₁ = 1/8, τ₂ = 1/4) and T₃ = 20 [KFAC §8].
+FRACTIONS_RACE = [
+    ADAM_DEFAULT,
+    Spec("kfac", {}),
+    Spec("kfac", {"statistics_fraction": 0.25}),
+    Spec("kfac", {"statistics_fraction": 0.125}),
+    Spec("kfac-adaptive", {}),
+    Spec("kfac-adaptive", {"statistics_fraction": 0.125, "curvature_fraction": 0.25, "inverse_update_period": 20}),
+]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
 
 
@@ -144,8 +160,16 @@ def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
     return bench, initial, H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
 
 
+# Relative λ₀ (multiples of tr(F̃)/n) raced beside the default's.
+RELATIVE_DAMPINGS = [0.3, 1.0]
+
+
 def dampings_race() -> list[Spec]:
-    return [ADAM_DEFAULT, Spec("kfac-adaptive", {})] + [Spec("kfac-adaptive", {"damping": d}) for d in INITIAL_DAMPINGS]
+    return (
+        [ADAM_DEFAULT, Spec("kfac-adaptive", {})]
+        + [Spec("kfac-adaptive", {"relative_damping": c}) for c in RELATIVE_DAMPINGS]
+        + [Spec("kfac-adaptive", {"damping": d}) for d in INITIAL_DAMPINGS]
+    )
 
 
 def evaluator(problem: zoo.ZooProblem):
@@ -303,6 +327,7 @@ def dampings_table(results: dict[str, dict[int, dict]]) -> str:
     """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best given λ₀."""
     default = Spec("kfac-adaptive", {}).name
     given = {Spec("kfac-adaptive", {"damping": d}).name: d for d in INITIAL_DAMPINGS}
+    relative_runs = [Spec("kfac-adaptive", {"relative_damping": c}).name for c in RELATIVE_DAMPINGS]
     rows = []
     for name, analyses in results.items():
         first = next(iter(analyses.values()))
@@ -316,11 +341,13 @@ def dampings_table(results: dict[str, dict[int, dict]]) -> str:
             best = min(seconds, key=seconds.get)
             own = median_seconds(default)
             ratio = own / seconds[best] if math.isfinite(seconds[best]) else math.nan
+            relative = [median_seconds(run) for run in relative_runs]
             rows.append(
                 [
                     name,
                     label,
                     H.fmt(own, ".1f"),
+                    *[H.fmt(v, ".1f") for v in relative],
                     f"{given[best]:g}",
                     H.fmt(seconds[best], ".1f"),
                     H.fmt(ratio, ".2f"),
@@ -328,7 +355,10 @@ def dampings_table(results: dict[str, dict[int, dict]]) -> str:
                 ]
             )
     return H.markdown_table(
-        ["model", "target", "default λ₀: s", "best λ₀", "best λ₀: s", "default ÷ best", "within 10%"], rows
+        ["model", "target", "default λ₀: s"]
+        + [f"{c:g}·tr(F̃)/n: s" for c in RELATIVE_DAMPINGS]
+        + ["best λ₀", "best λ₀: s", "default ÷ best", "within 10%"],
+        rows,
     )
 
 
@@ -420,6 +450,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="default K-FAC with only Dense/Conv/Embedding blocks, as it is, and with the opt-in blocks",
     )
+    parser.add_argument(
+        "--fractions",
+        action="store_true",
+        help="default and adaptive K-FAC with statistics (and quadratic model) on fractions of the batch",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -438,6 +473,8 @@ def main(argv=None) -> None:
         kind, specs = "zoo-blocks", BLOCKS_RACE
         if args.models == parser.get_default("models"):
             args.models = "lstm,transformer,resnet"
+    if args.fractions:
+        kind, specs = "zoo-fractions", FRACTIONS_RACE
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):
