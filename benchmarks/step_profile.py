@@ -42,7 +42,7 @@ them; loop bodies such as an LSTM's recurrence are not counted):
   Σ 2N(a² + g²) for the factor products over N rows (examples × locations,
   or examples for K-FAC-reduce convolutions);
 - inverses: Σ over factors 7n³/3 (a Cholesky factorisation and two triangular
-  solves against the identity);
+  solves against the identity), n³/3 for a factor kept as its Cholesky factor;
 - quadratic model: about 4F, for J·Δ and J·δ₀, each found by differentiating
   the backward pass u ↦ Jᵀu in u, about 2F (the Jᵀu pass itself is not run:
   at u = 0 its value is not used).
@@ -78,7 +78,7 @@ import harness as H  # noqa: E402
 import zoo  # noqa: E402
 
 import keras_kfac  # noqa: E402
-from keras_kfac import compat  # noqa: E402
+from keras_kfac import compat, curvature  # noqa: E402
 from keras_kfac.curvature import DiagonalFactor  # noqa: E402
 from keras_kfac.optimizer import DEFAULT_STEP  # noqa: E402
 
@@ -129,7 +129,7 @@ VARIANTS = [
         _DEFAULT_TURN,
     ),
     Variant("K-FAC default", _kfac(), _DEFAULT_TURN),
-    # Periods 1 (statistics), 10 (inverses), 5 (damping), 20 (γ).
+    # Periods 5 (statistics), 10 (inverses), 5 (damping), 20 (γ).
     Variant("K-FAC adaptive", _kfac(adaptive=True), 20),
 ]
 
@@ -202,7 +202,9 @@ def part_flops(
         diagonal = block.input_factor_type is DiagonalFactor or issubclass(block.input_factor_type, DiagonalFactor)
         preconditioning += 2 * g * g * a + (g * a if diagonal else 2 * g * a * a)
         statistics += 2 * n * ((a if diagonal else a * a) + g * g)
-        inverses += 7 / 3 * (g**3 + (0 if diagonal else a**3))
+        for factor, n in ((block.input_factor, a), (block.output_factor, g)):
+            if not isinstance(factor, DiagonalFactor):
+                inverses += n**3 / 3 if isinstance(factor, curvature.CholeskyFactor) else 7 * n**3 / 3
     return {
         "forward/backward": 3 * forward,
         "preconditioning + bookkeeping": preconditioning,
@@ -342,6 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/step-profile)")
     args = parser.parse_args(argv)
+    # The form of each factor's inverse (explicit, or a Cholesky factor) follows
+    # T₃ (`curvature.inverse_form`); every variant keeps the default step's
+    # forms, so that the parts, differences of variants, compare the same products.
+    inverse_form = curvature.inverse_form
+    curvature.inverse_form = lambda dim, applied_to, _period: inverse_form(
+        dim, applied_to, DEFAULT_STEP["inverse_update_period"]
+    )
     out_dir = Path(args.out_dir) if args.out_dir else HERE / "results" / "step-profile"
     out_dir.mkdir(parents=True, exist_ok=True)
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]

@@ -8,6 +8,7 @@
     python benchmarks/zoo_race.py --weight-sharing --seeds 3            # K-FAC-expand against K-FAC-reduce
     python benchmarks/zoo_race.py --blocks --seeds 3                    # the new blocks against the fallback
     python benchmarks/zoo_race.py --fractions                          # statistics on a fraction of the batch
+    python benchmarks/zoo_race.py --adaptive-periods                   # the adaptive mode's refresh periods
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -32,6 +33,10 @@ Adam-default instead, for the table of the adaptive mode's sensitivity to λ₀.
 default), on 1/4 and on 1/8 of it, and adaptive K-FAC as it is and with the
 paper's fractions (statistics on τ₁ = 1/8, the quadratic model on τ₂ = 1/4,
 inverses every T₃ = 20 steps), against Adam-default.
+
+`--adaptive-periods` races adaptive K-FAC as it is (statistics every step,
+inverses every 10) against statistics every 5th step, and every 5th step
+with inverses every 20 (the γ search's period), against Adam-default.
 
 `--weight-sharing` races default K-FAC (its convolutions' factors
 K-FAC-expand, a row per location) and K-FAC-reduce everywhere (a row per
@@ -140,6 +145,13 @@ FRACTIONS_RACE = [
     Spec("kfac", {"statistics_fraction": 0.125}),
     Spec("kfac-adaptive", {}),
     Spec("kfac-adaptive", {"statistics_fraction": 0.125, "curvature_fraction": 0.25, "inverse_update_period": 20}),
+]
+# The adaptive mode's statistics and inverse periods (T_cov, T₃): (1, 10) as it is, (5, 10), (5, 20).
+ADAPTIVE_PERIODS_RACE = [
+    ADAM_DEFAULT,
+    Spec("kfac-adaptive", {}),
+    Spec("kfac-adaptive", {"statistics_update_period": 5}),
+    Spec("kfac-adaptive", {"statistics_update_period": 5, "inverse_update_period": 20}),
 ]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
 
@@ -455,6 +467,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="default and adaptive K-FAC with statistics (and quadratic model) on fractions of the batch",
     )
+    parser.add_argument(
+        "--adaptive-periods",
+        action="store_true",
+        help="adaptive K-FAC with its statistics every step or every 5th, inverses every 10 or 20",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -475,6 +492,8 @@ def main(argv=None) -> None:
             args.models = "lstm,transformer,resnet"
     if args.fractions:
         kind, specs = "zoo-fractions", FRACTIONS_RACE
+    if args.adaptive_periods:
+        kind, specs = "zoo-adaptive-periods", ADAPTIVE_PERIODS_RACE
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):

@@ -15,6 +15,7 @@ and, unlike them, fast under XLA too.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # Smallest trace-per-dimension used in π, so a factor that is still all zeros (a
@@ -115,8 +116,9 @@ class KroneckerFactor:
     """One Kronecker factor (Ā or G) of a block, stored in optimizer variables.
 
     Holds the moving-average estimate ``cov`` and the damped inverse last
-    computed from it. The variables are created through
-    ``optimizer.add_variable`` so they are saved with the optimizer.
+    computed from it, in the factor's form: here the matrix itself. The
+    variables are created through ``optimizer.add_variable`` so they are saved
+    with the optimizer.
 
     Args:
         optimizer: the optimizer that creates and saves the variables.
@@ -124,11 +126,14 @@ class KroneckerFactor:
         name: prefix of the variables' names (``<name>_cov``, ``<name>_inverse``).
     """
 
+    # Suffix of the inverse's variable name.
+    inverse_name = "inverse"
+
     def __init__(self, optimizer: keras.optimizers.Optimizer, dim: int, name: str):
         self.dim = dim
         self.cov = optimizer.add_variable((dim, dim), initializer="zeros", dtype="float32", name=f"{name}_cov")
         self.inverse = optimizer.add_variable(
-            (dim, dim), initializer="identity", dtype="float32", name=f"{name}_inverse"
+            (dim, dim), initializer="identity", dtype="float32", name=f"{name}_{self.inverse_name}"
         )
 
     def trace(self) -> tf.Tensor:
@@ -199,6 +204,99 @@ class KroneckerFactor:
             The product, shaped like ``matrix``.
         """
         return tf.matmul(matrix, inverse)
+
+
+class CholeskyFactor(KroneckerFactor):
+    """A Kronecker factor whose damped inverse is kept as a Cholesky factor L, LLᵀ = cov + damping·I.
+
+    Applying it takes two triangular solves (``cholesky_solve``) instead of a
+    product with the inverse, about twice the time, but refreshing it costs one
+    factorisation, n³/3 FLOPs, against 7n³/3 for L and the two solves that
+    form the explicit inverse. ``inverse_form`` picks it for a factor much
+    larger than the matrices it is applied to, such as the Ā of a Dense
+    classifier on flattened convolution features (1601 inputs, 10 outputs).
+    The product is exactly that of the inverse [KFAC §6.3], up to rounding.
+
+    Args:
+        optimizer: the optimizer that creates and saves the variables.
+        dim: the factor's dimension; ``cov`` and ``inverse`` (holding L) are (dim, dim).
+        name: prefix of the variables' names (``<name>_cov``, ``<name>_cholesky``).
+    """
+
+    inverse_name = "cholesky"
+
+    def damped_inverse(self, damping: tf.Tensor) -> tf.Tensor:
+        """L with LLᵀ = cov + (damping + jitter)·I, the jitter as in ``KroneckerFactor.damped_inverse``.
+
+        Args:
+            damping: the damping added to the diagonal, e.g. πγ or γ/π.
+
+        Returns:
+            The lower-triangular (dim, dim) float32 L; non-finite if the factorisation failed.
+        """
+        cov = tf.convert_to_tensor(self.cov)
+        jitter = _JITTER * self.mean_eigenvalue()
+        return tf.linalg.cholesky(0.5 * (cov + tf.transpose(cov)) + (damping + jitter) * tf.eye(self.dim))
+
+    def restore_form(self) -> None:
+        """Turns a loaded explicit inverse into L = chol(inverse⁻¹), the same preconditioner.
+
+        Optimizers saved before this factor kept its Cholesky factor (or with
+        a refresh period that chose the explicit inverse) hold a symmetric
+        inverse here; L is lower-triangular, so entries above the diagonal
+        tell them apart.
+        """
+        value = self.inverse.numpy().astype(np.float64)
+        if np.any(np.triu(value, 1)):
+            self.inverse.assign(np.linalg.cholesky(np.linalg.inv(value)).astype(np.float32))
+
+    @staticmethod
+    def left_multiply(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+        """(LLᵀ)⁻¹ ``matrix`` by two triangular solves.
+
+        Args:
+            inverse: L, as ``damped_inverse`` returns it.
+            matrix: a matrix with dim rows.
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
+        return tf.linalg.cholesky_solve(inverse, matrix)
+
+    @staticmethod
+    def right_multiply(matrix: tf.Tensor, inverse: tf.Tensor) -> tf.Tensor:
+        """``matrix`` (LLᵀ)⁻¹, the transpose of the solve against ``matrix``ᵀ (LLᵀ is symmetric).
+
+        Args:
+            matrix: a matrix with dim columns.
+            inverse: L, as ``damped_inverse`` returns it.
+
+        Returns:
+            The product, shaped like ``matrix``.
+        """
+        return tf.transpose(tf.linalg.cholesky_solve(inverse, tf.transpose(matrix)))
+
+
+def inverse_form(dim: int, applied_to: int, refresh_period: int) -> type[KroneckerFactor]:
+    """The form of a dense factor's damped inverse: the matrix, or its Cholesky factor.
+
+    Between two refreshes the inverse of a (dim, dim) factor is applied
+    ``refresh_period`` times to a matrix of ``applied_to`` columns, about
+    2·dim²·applied_to FLOPs each, twice that by triangular solves; one refresh
+    costs 7·dim³/3 for the explicit inverse and dim³/3 for the Cholesky factor
+    alone. The Cholesky factor is the cheaper when dim ≥ refresh_period ·
+    applied_to (measured on 2 CPU cores: 1601² applied to 10 columns, a refresh
+    of 234 ms against 59, a product of 1.9 ms against 3.8).
+
+    Args:
+        dim: the factor's dimension.
+        applied_to: the number of columns (or rows) of the gradient it multiplies.
+        refresh_period: T₃, steps between refreshes of the inverse.
+
+    Returns:
+        ``CholeskyFactor`` or ``KroneckerFactor``.
+    """
+    return CholeskyFactor if dim >= refresh_period * applied_to else KroneckerFactor
 
 
 class DiagonalFactor(KroneckerFactor):

@@ -29,10 +29,13 @@ _EAGER_MESSAGE = (
 DEFAULT_STEP = dict(
     learning_rate=1.0, momentum=0.5, norm_constraint=1e-3, statistics_update_period=5, inverse_update_period=25
 )
-# A step with a learning rate or momentum given, and the quadratic model's.
+# A step with a learning rate or momentum given.
 CLASSIC_STEP = dict(
     learning_rate=0.01, momentum=0.9, norm_constraint=None, statistics_update_period=1, inverse_update_period=10
 )
+# The quadratic model's periods: statistics every 5th step, chosen on the zoo
+# (`benchmarks/zoo_race.py --adaptive-periods`), inverses every 10.
+ADAPTIVE_STEP = dict(statistics_update_period=5, inverse_update_period=10)
 DEFAULT_RELATIVE_DAMPING = 3.0
 # Floor of the adapted λ in units of tr(F̃)/n (see `relative_min_damping`).
 DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
@@ -107,6 +110,9 @@ class KFAC(compat.WholeUpdateOptimizer):
       model of the loss under the exact mini-batch Fisher [KFAC §7], the damping
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
+      With the quadratic model the statistics are estimated every 5th step and
+      the inverses refreshed every 10 (``ADAPTIVE_STEP``; the paper: every
+      step, on an eighth of the batch).
 
     Variables of layers with no block (normalization unless opted in, ...)
     are trained by the ``fallback`` optimizer, Keras' Adam by default.
@@ -143,7 +149,9 @@ class KFAC(compat.WholeUpdateOptimizer):
         ema_decay: ε_max in [0, 1) of the factors' moving averages [KFAC §5].
         inverse_update_period: steps between recomputations of the damped
             inverses T₃ (default 25, 10 outside the drop-in step; also after
-            each of the first 3 statistics updates).
+            each of the first 3 statistics updates). A factor of dimension
+            n ≥ T₃ × the other keeps the Cholesky factor of its damped
+            version instead (``curvature.inverse_form``).
         estimation_mode: ``"sampled"`` (targets drawn from the model: the true
             Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the
             expectation over the predictive distribution, one backward pass per
@@ -185,8 +193,9 @@ class KFAC(compat.WholeUpdateOptimizer):
             forward and backward pass of that fraction alone (where the model
             has BatchNormalization, it normalises with that fraction's
             statistics in this pass).
-        statistics_update_period: T_cov ≥ 1 (default 5, 1 outside the
-            drop-in step): the factor
+        statistics_update_period: T_cov ≥ 1 (default 5, also with the
+            quadratic model; 1 when only ``learning_rate`` or ``momentum`` is
+            given): the factor
             statistics are estimated on every T_cov-th step only (the others
             skip their passes and products); the moving average counts these
             updates.
@@ -264,7 +273,7 @@ class KFAC(compat.WholeUpdateOptimizer):
                     )
         # Without a learning rate, momentum or the quadratic model: the default step.
         default_step = learning_rate is None and momentum is None and not use_quadratic_model
-        defaults = DEFAULT_STEP if default_step else CLASSIC_STEP
+        defaults = DEFAULT_STEP if default_step else ADAPTIVE_STEP if use_quadratic_model else CLASSIC_STEP
         if statistics_update_period is None:
             statistics_update_period = defaults["statistics_update_period"]
         if inverse_update_period is None:
@@ -721,6 +730,19 @@ class KFAC(compat.WholeUpdateOptimizer):
             gamma_adaptation_period=self.gamma_adaptation_period,
             reject_below=self.reject_below,
         )
+
+    def load_own_variables(self, store) -> None:
+        """Keras' loading of the saved variables, then each Cholesky-form factor's ``restore_form``.
+
+        Args:
+            store: the saved variables, by index.
+        """
+        super().load_own_variables(store)
+        if self.built:
+            for block in self.blocks:
+                for factor in (block.input_factor, block.output_factor):
+                    if isinstance(factor, curvature.CholeskyFactor):
+                        factor.restore_form()
 
     def get_config(self) -> dict:
         """The optimizer's configuration, for saving.

@@ -474,7 +474,13 @@ def test_gamma_search_on_a_refresh_step_reuses_the_stored_inverses(monkeypatch):
         keras.utils.set_random_seed(0)
         model = _autoencoder()
         opt = keras_kfac.KFAC(
-            model=model, adaptive=True, damping=1e-4, inverse_update_period=4, gamma_adaptation_period=8, seed=0
+            model=model,
+            adaptive=True,
+            damping=1e-4,
+            statistics_update_period=1,
+            inverse_update_period=4,
+            gamma_adaptation_period=8,
+            seed=0,
         )
         model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
         gammas = []

@@ -117,6 +117,52 @@ def test_momentum_zero_step_is_exactly_minus_lr_times_update():
     np.testing.assert_allclose(layer.bias.numpy(), bias0 - 0.3 * update[-1], rtol=2e-4, atol=2e-6)
 
 
+def test_factors_much_larger_than_their_gradients_keep_a_cholesky_factor_and_give_the_same_step():
+    """With T₃ = 10, Ā of Dense(40 → 2) (41 ≥ 10·2) and G of Dense(2 → 40) (40 ≥ 10·3) are
+    kept as L with LLᵀ the damped factor, the others as inverses; the step is the dense
+    float64 damped Kronecker solve either way."""
+    keras.utils.set_random_seed(3)
+    x, y = _data(n=64, d=40, classes=40, seed=3)
+    model = keras.Sequential([keras.Input((40,)), keras.layers.Dense(2, activation="tanh"), keras.layers.Dense(40)])
+    lr, damping = 0.3, 0.05
+    opt = keras_kfac.KFAC(
+        model=model,
+        learning_rate=lr,
+        damping=damping,
+        momentum=0.0,
+        estimation_mode="empirical",
+        inverse_update_period=10,
+    )
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=opt, loss=loss_fn)
+    before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x))
+    gradients = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_weights)]
+    model.train_on_batch(x, y)
+    first, second = opt.blocks
+    forms = [type(f) for f in (first.input_factor, first.output_factor, second.input_factor, second.output_factor)]
+    cholesky, dense = keras_kfac.curvature.CholeskyFactor, keras_kfac.curvature.KroneckerFactor
+    assert forms == [cholesky, dense, dense, cholesky]
+    gamma = np.sqrt(damping)
+    for i, block in enumerate(opt.blocks):
+        a = block.input_factor.cov.numpy().astype(np.float64)
+        g = block.output_factor.cov.numpy().astype(np.float64)
+        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        kept = block.input_factor if i == 0 else block.output_factor
+        shift = pi * gamma if i == 0 else gamma / pi
+        root = kept.inverse.numpy().astype(np.float64)
+        np.testing.assert_array_equal(root, np.tril(root))
+        factor = a if i == 0 else g
+        np.testing.assert_allclose(root @ root.T, factor + shift * np.eye(len(factor)), rtol=1e-5, atol=1e-6)
+        damped = np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
+        grad = np.concatenate([gradients[2 * i], gradients[2 * i + 1][None]], 0)
+        update = np.linalg.solve(damped, grad.reshape(-1)).reshape(grad.shape)
+        kernel, bias = model.layers[i].kernel.numpy(), model.layers[i].bias.numpy()
+        np.testing.assert_allclose(kernel, before[2 * i] - lr * update[:-1], rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(bias, before[2 * i + 1] - lr * update[-1], rtol=2e-4, atol=2e-6)
+
+
 def _dense_norm_dense():
     keras.utils.set_random_seed(0)
     return keras.Sequential(
@@ -669,5 +715,7 @@ def test_default_step_is_the_trust_region_natural_gradient_step():
     classic = keras_kfac.KFAC(learning_rate=0.1)
     assert (classic.momentum, classic.norm_constraint) == (0.9, None)
     assert (classic.statistics_update_period, classic.inverse_update_period) == (1, 10)
+    adaptive = keras_kfac.KFAC(adaptive=True)
+    assert (adaptive.statistics_update_period, adaptive.inverse_update_period) == (5, 10)
     assert float(keras_kfac.KFAC(momentum=0.5).learning_rate) == pytest.approx(0.01)
     assert keras_kfac.KFAC(norm_constraint=float("inf")).norm_constraint == float("inf")

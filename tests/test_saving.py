@@ -30,15 +30,19 @@ def _token_model():
     )
 
 
-@pytest.mark.parametrize("adaptive, tokens", [(False, False), (True, False), (True, True)])
-def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, tokens):
+@pytest.mark.parametrize(
+    "adaptive, tokens, inverse_update_period",
+    [(False, False, 10), (False, False, 2), (True, False, 10), (True, True, 10)],
+)
+def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, tokens, inverse_update_period):
+    """With T₃ = 2 the output layer's Ā (9 ≥ 2·2) is kept as a Cholesky factor."""
     x, y = _data()
     if tokens:
         x = np.abs(x * 5).astype("int32") % 20
     keras.utils.set_random_seed(0)
     model = _token_model() if tokens else _model()
     kwargs = dict(adaptive=True, damping_adaptation_period=2) if adaptive else dict(learning_rate=0.05, damping=0.01)
-    opt = keras_kfac.KFAC(model=model, seed=7, **kwargs)
+    opt = keras_kfac.KFAC(model=model, seed=7, inverse_update_period=inverse_update_period, **kwargs)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     path = tmp_path / "model.keras"
@@ -55,6 +59,26 @@ def test_load_model_resumes_exactly_where_training_stopped(tmp_path, adaptive, t
     restored.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.weights, restored.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_explicit_inverse_saved_where_a_cholesky_factor_is_kept_loads_as_that_factor():
+    """A save that holds (Ā + πγI)⁻¹ where this KFAC keeps L (LLᵀ = Ā + πγI) loads as L."""
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = _model()
+    opt = keras_kfac.KFAC(model=model, learning_rate=0.05, damping=0.01, inverse_update_period=2)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    factor = opt.blocks[1].input_factor
+    assert isinstance(factor, keras_kfac.curvature.CholeskyFactor)
+    saved = [v.numpy() for v in opt.variables]
+    root = factor.inverse.numpy().astype(np.float64)
+    index = next(i for i, v in enumerate(opt.variables) if v is factor.inverse)
+    old = list(saved)
+    old[index] = np.linalg.inv(root @ root.T).astype(np.float32)
+    opt.load_own_variables({str(i): value for i, value in enumerate(old)})
+    for i, (before, after) in enumerate(zip(saved, opt.variables)):
+        np.testing.assert_allclose(after.numpy(), before, rtol=1e-4, atol=1e-5 if i == index else 0)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac_tests")

@@ -391,7 +391,7 @@ def test_tridiagonal_with_the_adaptive_recipe_and_clear_errors():
     keras.utils.set_random_seed(6)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(64, 3)).astype("float32")
-    y = rng.normal(size=(64, 2)).astype("float32")
+    y = np.tanh(x @ rng.normal(size=(3, 2))).astype("float32")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
     opt = keras_kfac.KFAC(model=model, adaptive=True, approximation="block_tridiagonal", gamma_adaptation_period=2)
     model.compile(optimizer=opt, loss="mse")

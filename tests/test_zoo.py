@@ -175,6 +175,11 @@ def test_step_profile_counts_each_parts_arithmetic():
     assert flops["statistics pass"] == 2 * forward + sum(2 * batch * (a * a + g * g) for a, g in dims)
     assert flops["inverse refresh"] == pytest.approx(sum(7 / 3 * (a**3 + g**3) for a, g in dims))
     assert flops["quadratic model"] == 4 * forward
+    # With T₃ = 1 the first Ā (6 ≥ 1·4) and the second (5 ≥ 1·3) keep Cholesky factors: n³/3 each.
+    model.compile(optimizer=keras_kfac.KFAC(model=model, inverse_update_period=1), loss="mse")
+    model.train_on_batch(x, np.ones((batch, widths[2]), "float32"))
+    flops = step_profile.part_flops(model, model.optimizer.blocks, sizes, forward, batch)
+    assert flops["inverse refresh"] == pytest.approx(sum(a**3 / 3 + 7 / 3 * g**3 for a, g in dims))
 
 
 def test_dampings_table_compares_the_default_initial_damping_with_the_best_given_one():

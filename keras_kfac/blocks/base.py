@@ -140,8 +140,14 @@ class KroneckerBlock(abc.ABC):
                 damped inverses (saved with it), named after the layer's path.
         """
         prefix = state_prefix(self)
-        input_type = curvature.DiagonalFactor if self.diagonal else self.input_factor_type
-        output_type = curvature.DiagonalFactor if self.diagonal else curvature.KroneckerFactor
+        period = optimizer.inverse_update_period
+        if self.diagonal:
+            input_type = output_type = curvature.DiagonalFactor
+        else:
+            input_type = self.input_factor_type
+            if input_type is curvature.KroneckerFactor:
+                input_type = curvature.inverse_form(self.input_dim, self.output_dim, period)
+            output_type = curvature.inverse_form(self.output_dim, self.input_dim, period)
         self.input_factor = input_type(optimizer, self.input_dim, f"{prefix}_A")
         self.output_factor = output_type(optimizer, self.output_dim, f"{prefix}_G")
 
