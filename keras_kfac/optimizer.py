@@ -34,8 +34,9 @@ CLASSIC_STEP = dict(
     learning_rate=0.01, momentum=0.9, norm_constraint=None, statistics_update_period=1, inverse_update_period=10
 )
 # The quadratic model's periods: statistics every 5th step, chosen on the zoo
-# (`benchmarks/zoo_race.py --adaptive-periods`), inverses every 10.
-ADAPTIVE_STEP = dict(statistics_update_period=5, inverse_update_period=10)
+# (`benchmarks/zoo_race.py --adaptive-periods`), inverses every 10; and its
+# trust region α²ΔᵀF̆Δ ≤ C (`--adaptive-bound`).
+ADAPTIVE_STEP = dict(statistics_update_period=5, inverse_update_period=10, norm_constraint=3e-3)
 DEFAULT_RELATIVE_DAMPING = 3.0
 # Floor of the adapted λ in units of tr(F̃)/n (see `relative_min_damping`).
 DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
@@ -111,8 +112,9 @@ class KFAC(compat.WholeUpdateOptimizer):
       λ follows the Levenberg–Marquardt rule [KFAC §6.5] and γ is searched over
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
       With the quadratic model the statistics are estimated every 5th step and
-      the inverses refreshed every 10 (``ADAPTIVE_STEP``; the paper: every
-      step, on an eighth of the batch).
+      the inverses refreshed every 10 (the paper: every step, on an eighth of
+      the batch), and α stays within the trust region α²ΔᵀF̆Δ ≤ 3e-3
+      (``ADAPTIVE_STEP``; the paper has none).
 
     Variables of layers with no block (normalization unless opted in, ...)
     are trained by the ``fallback`` optimizer, Keras' Adam by default.
@@ -158,9 +160,13 @@ class KFAC(compat.WholeUpdateOptimizer):
             output unit).
         l2_reg: coefficient η ≥ 0 of an l2 penalty ½η‖θ‖² added to the
             objective (η·θ in the gradient) and to the damping (λ + η).
-        norm_constraint: C > 0 scales the fixed-learning-rate step so that
-            ``lr² ΔᵀF̆Δ ≤ C`` ("KL clipping", Ba et al. 2017); default 1e-3
-            (none outside the drop-in step), ``math.inf`` turns it off. Not used with the quadratic model.
+        norm_constraint: C > 0 bounds the step length α so that
+            ``α² ΔᵀF̆Δ ≤ C``, a trust region under the factored Fisher ("KL
+            clipping", Ba et al. 2017): the fixed step's learning rate is
+            shortened to it, the quadratic model's α is chosen in
+            [0, sqrt(C / ΔᵀF̆Δ)]. Default 1e-3, 3e-3 with the quadratic
+            model (none when only ``learning_rate`` or ``momentum`` is
+            given); ``math.inf`` turns it off.
         adaptive: turns on ``use_quadratic_model``, ``adapt_damping`` and
             ``adapt_gamma`` together (each can still be set on its own).
         use_quadratic_model: choose α and μ from the exact-Fisher quadratic model.
@@ -261,11 +267,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         adapt_damping = adaptive if adapt_damping is None else bool(adapt_damping)
         adapt_gamma = adaptive if adapt_gamma is None else bool(adapt_gamma)
         if use_quadratic_model:
-            for arg, value in (
-                ("learning_rate", learning_rate),
-                ("momentum", momentum),
-                ("norm_constraint", norm_constraint),
-            ):
+            for arg, value in (("learning_rate", learning_rate), ("momentum", momentum)):
                 if value is not None:
                     raise ValueError(
                         f"`{arg}` is not used when the quadratic model chooses the step "
@@ -278,10 +280,11 @@ class KFAC(compat.WholeUpdateOptimizer):
             statistics_update_period = defaults["statistics_update_period"]
         if inverse_update_period is None:
             inverse_update_period = defaults["inverse_update_period"]
+        if norm_constraint is None:
+            norm_constraint = defaults["norm_constraint"]
         if not use_quadratic_model:
             learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
             momentum = defaults["momentum"] if momentum is None else momentum
-            norm_constraint = defaults["norm_constraint"] if norm_constraint is None else norm_constraint
             if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
                 _check_range("learning_rate", learning_rate, 0.0)
             _check_range("momentum", momentum, 0.0, 1.0)

@@ -100,7 +100,11 @@ def inner(a: list[tf.Tensor], b: list[tf.Tensor]) -> tf.Tensor:
 
 
 def solve_coefficients(
-    curvature: tf.Tensor, linear: tf.Tensor, has_previous: tf.Tensor, max_momentum: float | None = None
+    curvature: tf.Tensor,
+    linear: tf.Tensor,
+    has_previous: tf.Tensor,
+    max_momentum: float | None = None,
+    max_alpha: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Minimiser x = (α, μ) of ``M(x) = ½ xᵀ C x + bᵀ x``, and its value M.
 
@@ -108,16 +112,18 @@ def solve_coefficients(
     and ``linear`` is b = [∇hᵀΔ, ∇hᵀδ₀] [KFAC §7]. Without a previous update
     (first step, or δ₀ = 0), or when Δ and δ₀ are numerically parallel
     (``MIN_RELATIVE_DETERMINANT``), the problem is 1×1 in α and μ = 0.
-    With ``max_momentum`` the minimum is taken over the box α ≥ 0,
-    0 ≤ μ ≤ max_momentum: M is convex, so it is the lowest value among the
-    unconstrained minimiser (when it lies in the box) and the minimisers on the
-    box's three edges.
+    With ``max_momentum`` or ``max_alpha`` the minimum is taken over the box
+    0 ≤ α ≤ max_alpha, 0 ≤ μ ≤ max_momentum (μ free without
+    ``max_momentum``): M is convex, so it is the lowest value among the
+    unconstrained minimiser (when it lies in the box) and the minimisers on
+    the box's edges.
 
     Args:
         curvature: C, a float32 (2, 2) matrix.
         linear: b, a float32 vector of length 2.
         has_previous: a scalar bool tensor, false without a previous update.
-        max_momentum: the upper bound of μ in the box, or None for no box.
+        max_momentum: the upper bound of μ in the box, or None.
+        max_alpha: the upper bound of α in the box (a float32 scalar), or None.
 
     Returns:
         (x, M(x)): the coefficients (α, μ) as a float32 vector of length 2, and
@@ -131,22 +137,35 @@ def solve_coefficients(
     alpha_2 = -(curvature[1, 1] * linear[0] - curvature[0, 1] * linear[1]) / safe_det
     mu_2 = -(curvature[0, 0] * linear[1] - curvature[1, 0] * linear[0]) / safe_det
     coefficients = tf.where(solvable, tf.stack([alpha_2, mu_2]), tf.stack([alpha_only, tf.constant(0.0)]))
+    if max_momentum is None and max_alpha is None:
+        return coefficients, model_value(curvature, linear, coefficients)
+    inf = tf.constant(float("inf"))
+    alpha_top = inf if max_alpha is None else tf.cast(max_alpha, tf.float32)
+    mu_low, mu_top = (-inf, inf) if max_momentum is None else (tf.constant(0.0), tf.constant(max_momentum, tf.float32))
+
+    def best_alpha(mu: tf.Tensor) -> tf.Tensor:  # on the edge μ = mu
+        alpha = -(linear[0] + mu * curvature[0, 1]) / tf.maximum(curvature[0, 0], tiny)
+        return tf.clip_by_value(alpha, 0.0, alpha_top)
+
+    def best_mu(alpha: tf.Tensor) -> tf.Tensor:  # on the edge α = alpha
+        mu = -(linear[1] + alpha * curvature[1, 0]) / tf.maximum(curvature[1, 1], tiny)
+        return tf.clip_by_value(mu, mu_low, mu_top)
+
+    edges = [tf.stack([0.0, best_mu(tf.constant(0.0))])]
     if max_momentum is not None:
-        top = tf.constant(max_momentum, tf.float32)
-        inside = tf.logical_and(tf.logical_and(coefficients[0] >= 0.0, coefficients[1] >= 0.0), coefficients[1] <= top)
-        edges = tf.stack(
-            [
-                tf.stack([tf.maximum(alpha_only, 0.0), 0.0]),
-                tf.stack(
-                    [tf.maximum(-(linear[0] + top * curvature[0, 1]) / tf.maximum(curvature[0, 0], tiny), 0.0), top]
-                ),
-                tf.stack([0.0, tf.clip_by_value(-linear[1] / tf.maximum(curvature[1, 1], tiny), 0.0, top)]),
-            ]
-        )
-        edges = tf.where(has_previous, edges, tf.stack([edges[0], edges[0], edges[0]]))
-        values = tf.stack([model_value(curvature, linear, e) for e in tf.unstack(edges)])
-        best = tf.gather(edges, tf.argmin(tf.where(tf.math.is_finite(values), values, float("inf"))))
-        coefficients = tf.where(inside, coefficients, best)
+        edges += [tf.stack([best_alpha(mu_low), mu_low]), tf.stack([best_alpha(mu_top), mu_top])]
+    if max_alpha is not None:
+        edges.append(tf.stack([alpha_top, best_mu(alpha_top)]))
+    # Without a previous update μ is 0: the only candidate is α on [0, max_alpha].
+    alone = tf.stack([best_alpha(tf.constant(0.0)), 0.0])
+    edges = tf.stack([tf.where(has_previous, e, alone) for e in edges] + [alone])
+    values = tf.stack([model_value(curvature, linear, e) for e in tf.unstack(edges)])
+    best = tf.gather(edges, tf.argmin(tf.where(tf.math.is_finite(values), values, inf)))
+    inside = tf.logical_and(
+        tf.logical_and(coefficients[0] >= 0.0, coefficients[0] <= alpha_top),
+        tf.logical_and(coefficients[1] >= mu_low, coefficients[1] <= mu_top),
+    )
+    coefficients = tf.where(inside, coefficients, best)
     return coefficients, model_value(curvature, linear, coefficients)
 
 

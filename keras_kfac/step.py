@@ -31,7 +31,7 @@ class StepRule:
     Attributes:
         use_quadratic_model: whether α and μ minimise the exact-Fisher quadratic model.
         momentum: the fixed μ (None with the quadratic model).
-        norm_constraint: C of the fixed step's KL bound, or None.
+        norm_constraint: C of the KL bound α²ΔᵀF̆Δ ≤ C, or None.
         max_momentum: the quadratic model's bound on μ, or None.
         l2_reg: η.
         curvature_fraction: τ₂.
@@ -275,7 +275,7 @@ class Step:
     def step_length(self, delta: list[tf.Tensor], learning_rate: Any) -> tf.Tensor:
         """The fixed α: the learning rate, shortened so that α²ΔᵀF̆Δ ≤ C when ``norm_constraint`` C is finite.
 
-        This is "KL clipping" (Ba et al. 2017); ΔᵀF̆Δ = −Δᵀ∇h over the variables in blocks.
+        This is "KL clipping" (Ba et al. 2017).
 
         Args:
             delta: Δ, one tensor per variable.
@@ -285,14 +285,47 @@ class Step:
             α, a float32 scalar.
         """
         lr = tf.cast(learning_rate, tf.float32)
-        bound = self.rule.norm_constraint
-        if bound is None or not math.isfinite(bound):
+        if not self.constrained:
             return lr
-        quadratic = -quadratic_model.inner(
+        quadratic = self.preconditioned_quadratic(delta)
+        return lr * tf.minimum(1.0, tf.sqrt(self.rule.norm_constraint / tf.maximum(lr * lr * quadratic, 1e-30)))
+
+    def longest_step(self, delta: list[tf.Tensor]) -> tf.Tensor | None:
+        """The quadratic model's bound on α: α²ΔᵀF̆Δ ≤ C, or None without a finite ``norm_constraint`` C.
+
+        The exact Fisher of one small batch can be near zero along Δ where the
+        factored Fisher F̆, averaged over many batches, is not: the model's α
+        is then large and its step leaves the region where either is valid.
+
+        Args:
+            delta: Δ, one tensor per variable.
+
+        Returns:
+            The largest α allowed, a float32 scalar, or None.
+        """
+        if not self.constrained:
+            return None
+        return tf.sqrt(self.rule.norm_constraint / tf.maximum(self.preconditioned_quadratic(delta), 1e-30))
+
+    @property
+    def constrained(self) -> bool:
+        """Whether ``norm_constraint`` bounds the step."""
+        bound = self.rule.norm_constraint
+        return bound is not None and math.isfinite(bound)
+
+    def preconditioned_quadratic(self, delta: list[tf.Tensor]) -> tf.Tensor:
+        """ΔᵀF̆Δ = −Δᵀ∇h over the variables in blocks (F̆ the damped factored Fisher).
+
+        Args:
+            delta: Δ, one tensor per variable.
+
+        Returns:
+            A float32 scalar.
+        """
+        return -quadratic_model.inner(
             [d for d, k in zip(delta, self.keys) if k in self.owned],
             [g for g, k in zip(self.grads, self.keys) if k in self.owned],
         )
-        return lr * tf.minimum(1.0, tf.sqrt(bound / tf.maximum(lr * lr * quadratic, 1e-30)))
 
     def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
         """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7]).
@@ -339,14 +372,15 @@ class Step:
         Args:
             curvature_matrix: C, or None when the quadratic model is not evaluated.
             linear: b, or None with ``curvature_matrix``.
-            length: the fixed α (unused with the quadratic model).
+            length: the fixed α, or with the quadratic model the bound on its
+                α (``longest_step``; None for none).
 
         Returns:
             ((α, μ) as a float32 vector, M(δ) − M(0); 0 without ``curvature_matrix``).
         """
         if self.rule.use_quadratic_model:
             return quadratic_model.solve_coefficients(
-                curvature_matrix, linear, self.has_previous, self.rule.max_momentum
+                curvature_matrix, linear, self.has_previous, self.rule.max_momentum, length
             )
         fixed = tf.stack([length, tf.constant(self.rule.momentum, tf.float32)])
         if curvature_matrix is None:
@@ -369,7 +403,7 @@ class Step:
             fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
             curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
             linear = self.linear_terms(delta)
-        length = None if self.rule.use_quadratic_model else self.step_length(delta, learning_rate)
+        length = self.longest_step(delta) if self.rule.use_quadratic_model else self.step_length(delta, learning_rate)
         coefficients, change = self.coefficients(curvature_matrix, linear, length)
         update = [coefficients[0] * d + coefficients[1] * p for d, p in zip(delta, self.previous)]
         return update, coefficients, change
@@ -454,8 +488,12 @@ class Step:
                 fishers.append(self.local_fisher(delta, z, weight))
                 dots.append(quadratic_model.dot_gram([delta, self.previous]))
                 linears.append(self.linear_terms(delta))
-                fixed = not self.rule.use_quadratic_model
-                lengths.append(self.step_length(delta, learning_rate) if fixed else tf.zeros([]))
+                if not self.rule.use_quadratic_model:
+                    lengths.append(self.step_length(delta, learning_rate))
+                elif self.constrained:
+                    lengths.append(self.longest_step(delta))
+                else:
+                    lengths.append(tf.constant(math.inf))
             return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
 
         def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -465,9 +503,8 @@ class Step:
         fishers = replicas.curvature(fishers, self.batch.loss.reduction)
         values = []
         for index in range(3):
-            _, value = self.coefficients(
-                self.damped_curvature(fishers[index], dots[index]), linears[index], lengths[index]
-            )
+            length = lengths[index] if self.constrained or not self.rule.use_quadratic_model else None
+            _, value = self.coefficients(self.damped_curvature(fishers[index], dots[index]), linears[index], length)
             values.append(tf.where(tf.math.is_finite(value), value, float("inf")))
         best = tf.argmin(tf.stack(values))
         chosen = tf.gather(candidates, best)

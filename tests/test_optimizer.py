@@ -1,6 +1,7 @@
 """KFAC as a Keras optimizer: model kinds, jit modes, fit/evaluate/predict, config."""
 
 import copy
+import math
 
 import keras
 import numpy as np
@@ -706,7 +707,8 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
 
 def test_default_step_is_the_trust_region_natural_gradient_step():
     """KFAC(model=model): lr 1, μ 0.5, C = 1e-3, λ = 3·tr(F̃)/n, statistics every 5th step,
-    inverses every 25; a learning rate or momentum given keeps the classic defaults."""
+    inverses every 25; a learning rate or momentum given keeps the classic defaults; the
+    quadratic model has the trust region C = 3e-3 and periods 5 and 10."""
     opt = keras_kfac.KFAC()
     assert (float(opt.learning_rate), opt.momentum, opt.norm_constraint) == (1.0, 0.5, 1e-3)
     assert (opt.statistics_update_period, opt.inverse_update_period) == (5, 25)
@@ -717,5 +719,7 @@ def test_default_step_is_the_trust_region_natural_gradient_step():
     assert (classic.statistics_update_period, classic.inverse_update_period) == (1, 10)
     adaptive = keras_kfac.KFAC(adaptive=True)
     assert (adaptive.statistics_update_period, adaptive.inverse_update_period) == (5, 10)
+    assert adaptive.norm_constraint == 3e-3
+    assert keras_kfac.KFAC(adaptive=True, norm_constraint=math.inf).norm_constraint == math.inf
     assert float(keras_kfac.KFAC(momentum=0.5).learning_rate) == pytest.approx(0.01)
     assert keras_kfac.KFAC(norm_constraint=float("inf")).norm_constraint == float("inf")

@@ -1,5 +1,7 @@
 """The quadratic model's α/μ solve, the LM rule and their float64 references [KFAC §6.5, §7]."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -33,38 +35,47 @@ def test_two_by_two_solve_matches_numpy_and_first_step_is_one_by_one():
     np.testing.assert_allclose(change, -0.5 * b[0] ** 2 / c[0, 0], rtol=1e-5)
 
 
-def _box_minimum_by_active_sets(c, b, top):
-    """min ½xᵀCx + bᵀx over α ≥ 0, 0 ≤ μ ≤ top in float64, by trying every active set."""
+def _box_minimum_by_active_sets(c, b, alpha_top, mu_low, mu_top):
+    """min ½xᵀCx + bᵀx over 0 ≤ α ≤ alpha_top, mu_low ≤ μ ≤ mu_top in float64, by trying every active set."""
+    bounds = [(0.0, alpha_top), (mu_low, mu_top)]
     candidates = [np.linalg.solve(c, -b)]
-    for index, value in ((0, 0.0), (1, 0.0), (1, top)):  # one coordinate held at a bound
-        free = 1 - index
-        x = np.zeros(2)
-        x[index] = value
-        x[free] = -(b[free] + c[free, index] * value) / c[free, free]
-        candidates.append(x)
-    candidates += [np.array([0.0, 0.0]), np.array([0.0, top])]
-    feasible = [x for x in candidates if x[0] >= -1e-12 and -1e-12 <= x[1] <= top + 1e-12]
+    for index in (0, 1):  # one coordinate held at a finite bound, the other free
+        for value in (v for v in bounds[index] if np.isfinite(v)):
+            free = 1 - index
+            x = np.zeros(2)
+            x[index] = value
+            x[free] = -(b[free] + c[free, index] * value) / c[free, free]
+            candidates.append(x)
+    candidates += [np.array([a, m]) for a in bounds[0] for m in bounds[1] if np.isfinite(a) and np.isfinite(m)]
+    feasible = [x for x in candidates if all(lo - 1e-12 <= v <= hi + 1e-12 for v, (lo, hi) in zip(x, bounds))]
     return min(feasible, key=lambda x: 0.5 * x @ c @ x + b @ x)
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_bounded_solve_is_the_box_minimum(seed):
-    """With max_momentum the minimiser is over α ≥ 0, 0 ≤ μ ≤ max_momentum."""
+@pytest.mark.parametrize("max_alpha, max_momentum", [(None, 1.0), (0.3, 1.0), (0.3, None)])
+def test_bounded_solve_is_the_box_minimum(seed, max_alpha, max_momentum):
+    """With max_momentum and/or max_alpha the minimiser is over 0 ≤ α ≤ max_alpha, 0 ≤ μ ≤ max_momentum
+    (μ free without max_momentum)."""
     rng = np.random.default_rng(seed)
     m = rng.normal(size=(2, 2))
     c = m @ m.T + 0.1 * np.eye(2)
     b = 3.0 * rng.normal(size=2)
+    bound = None if max_alpha is None else tf.constant(max_alpha, tf.float32)
+    alpha_top = np.inf if max_alpha is None else max_alpha
+    mu_low, mu_top = (-np.inf, np.inf) if max_momentum is None else (0.0, max_momentum)
     coefficients, change = quadratic_model.solve_coefficients(
-        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(True), 1.0
+        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(True), max_momentum, bound
     )
-    expected = _box_minimum_by_active_sets(c, b, 1.0)
+    expected = _box_minimum_by_active_sets(c, b, alpha_top, mu_low, mu_top)
     np.testing.assert_allclose(coefficients.numpy(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(change), 0.5 * expected @ c @ expected + b @ expected, rtol=1e-4, atol=1e-6)
-    # Without a previous update μ = 0, α = max(−b₀/C₀₀, 0).
+    # Without a previous update μ = 0, α = −b₀/C₀₀ clipped to [0, max_alpha].
     coefficients, _ = quadratic_model.solve_coefficients(
-        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(False), 1.0
+        tf.constant(c, tf.float32), tf.constant(b, tf.float32), tf.constant(False), max_momentum, bound
     )
-    np.testing.assert_allclose(coefficients.numpy(), [max(-b[0] / c[0, 0], 0.0), 0.0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        coefficients.numpy(), [np.clip(-b[0] / c[0, 0], 0.0, alpha_top), 0.0], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_numerically_parallel_directions_fall_back_to_the_one_by_one_solve():
@@ -161,14 +172,20 @@ def _explicit_mlp_fisher_and_gradient(params, x, y):
 
 
 def _block_inverse_step(block, grad_matrix, gamma):
+    return np.linalg.solve(_block_kronecker(block, gamma), grad_matrix.reshape(-1))
+
+
+def _block_kronecker(block, gamma):
+    """The damped block Ā ⊗ G with factored Tikhonov damping, explicitly (float64)."""
     a = block.input_factor.cov.numpy().astype(np.float64)
     g = block.output_factor.cov.numpy().astype(np.float64)
     pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
-    damped = np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
-    return np.linalg.solve(damped, grad_matrix.reshape(-1))
+    return np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
 
 
-def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
+@pytest.mark.parametrize("norm_constraint", [math.inf, 1e-5])
+def test_alpha_mu_match_the_explicit_fisher_quadratic_model(norm_constraint):
+    """(α, μ) minimise the exact-Fisher model; with a trust region C, over 0 ≤ α ≤ sqrt(C / ΔᵀF̆Δ)."""
     import keras
 
     import keras_kfac
@@ -179,7 +196,13 @@ def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
     y = rng.normal(size=(24, 2)).astype("float32")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
     damping = 0.05
-    opt = keras_kfac.KFAC(model=model, use_quadratic_model=True, damping=damping, estimation_mode="exact")
+    opt = keras_kfac.KFAC(
+        model=model,
+        use_quadratic_model=True,
+        damping=damping,
+        estimation_mode="exact",
+        norm_constraint=norm_constraint,
+    )
     model.compile(optimizer=opt, loss="mse")
     weights_0 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
     model.train_on_batch(x, y)
@@ -207,7 +230,13 @@ def test_alpha_mu_match_the_explicit_fisher_quadratic_model():
     directions = [delta, previous]
     c = np.array([[u @ fisher @ v + damping * u @ v for v in directions] for u in directions])
     b = np.array([grad @ d for d in directions])
-    expected = -np.linalg.solve(c, b)
+    parts = np.split(delta, np.cumsum(sizes)[:-1])
+    # ΔᵀF̆Δ with F̆ the block-diagonal of explicit damped Kronecker products (rows of W̄ stacked).
+    quadratic = sum(d @ _block_kronecker(block, gamma) @ d for block, d in zip(opt.blocks, parts))
+    alpha_top = np.sqrt(norm_constraint / quadratic)
+    expected = _box_minimum_by_active_sets(c, b, alpha_top, 0.0, 1.0)
+    if math.isfinite(norm_constraint):  # the bound binds here, so the test sees it
+        assert expected[0] == pytest.approx(alpha_top) and alpha_top < -np.linalg.solve(c, b)[0]
     np.testing.assert_allclose([float(opt.alpha.numpy()), float(opt.mu.numpy())], expected, rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(
         flat(weights_2) - flat(weights_1), expected[0] * delta + expected[1] * previous, rtol=2e-3, atol=1e-6
