@@ -416,6 +416,7 @@ def plot_summary(results: dict[str, dict[int, dict]], path: Path) -> None:
             ("adam[learning_rate=0.003]", "C3"),
         )
     ):
+        labelled = False  # a run not raced (--kfac-only) gets no legend entry
         for index, name in enumerate(names):
             values = [
                 a["rows"][run]["to"]["converged"]["seconds_speedup"] or 0.05
@@ -423,7 +424,8 @@ def plot_summary(results: dict[str, dict[int, dict]], path: Path) -> None:
                 if run in a["rows"]
             ]
             xs = [index + 0.2 * (offset - 1.5)] * len(values)
-            axis.scatter(xs, values, color=color, s=18, label=run if index == 0 else None)
+            axis.scatter(xs, values, color=color, s=18, label=None if labelled or not values else run)
+            labelled = labelled or bool(values)
     axis.axhline(1.0, color="gray", lw=0.8)
     axis.set_yscale("log")
     axis.set_xticks(range(len(names)), names)
