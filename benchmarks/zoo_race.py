@@ -167,6 +167,13 @@ ADAPTIVE_PERIODS_RACE = [
 ADAPTIVE_BOUND_RACE = [ADAM_DEFAULT] + [
     Spec("kfac-adaptive", {"norm_constraint": c}) for c in (math.inf, 1e-3, 3e-3, 1e-2)
 ]
+# The adaptive mode's initial damping (3 or 0.3 · tr(F̃)/n) crossed with its
+# exact-Fisher products on the whole batch or the paper's quarter of it (τ₂).
+ADAPTIVE_CANDIDATES_RACE = [ADAM_DEFAULT] + [
+    Spec("kfac-adaptive", {k: v for k, v in (("relative_damping", c), ("curvature_fraction", f)) if v is not None})
+    for c in (None, 0.3)
+    for f in (None, 0.25)
+]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
 
 
@@ -186,15 +193,16 @@ def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
     return bench, initial, H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
 
 
-# Relative λ₀ (multiples of tr(F̃)/n) raced beside the default's.
-RELATIVE_DAMPINGS = [0.3, 1.0]
+# Relative λ₀ (multiples of tr(F̃)/n) raced beside the default's (0.3): the
+# default step's fixed λ, the adaptive mode's λ₀ before `--adaptive-candidates`.
+RELATIVE_DAMPINGS = [3.0]
 
 
-def dampings_race() -> list[Spec]:
+def dampings_race(grid: list[float]) -> list[Spec]:
     return (
         [ADAM_DEFAULT, Spec("kfac-adaptive", {})]
         + [Spec("kfac-adaptive", {"relative_damping": c}) for c in RELATIVE_DAMPINGS]
-        + [Spec("kfac-adaptive", {"damping": d}) for d in INITIAL_DAMPINGS]
+        + [Spec("kfac-adaptive", {"damping": d}) for d in grid]
     )
 
 
@@ -346,10 +354,10 @@ def summary_table(results: dict[str, dict[int, dict]], label: str) -> tuple[str,
     }
 
 
-def dampings_table(results: dict[str, dict[int, dict]]) -> str:
-    """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best given λ₀."""
+def dampings_table(results: dict[str, dict[int, dict]], grid: list[float]) -> str:
+    """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best λ₀ in ``grid``."""
     default = Spec("kfac-adaptive", {}).name
-    given = {Spec("kfac-adaptive", {"damping": d}).name: d for d in INITIAL_DAMPINGS}
+    given = {Spec("kfac-adaptive", {"damping": d}).name: d for d in grid}
     relative_runs = [Spec("kfac-adaptive", {"relative_damping": c}).name for c in RELATIVE_DAMPINGS]
     rows = []
     for name, analyses in results.items():
@@ -466,6 +474,11 @@ def main(argv=None) -> None:
         help="adaptive K-FAC from its default λ₀ and from λ₀ = 1e-4 … 150, against Adam-default",
     )
     parser.add_argument(
+        "--initial-dampings",
+        default=",".join(f"{d:g}" for d in INITIAL_DAMPINGS),
+        help="the given λ₀ of --dampings, comma-separated",
+    )
+    parser.add_argument(
         "--candidates",
         action="store_true",
         help="the default step's candidate settings, for a fixed number of iterations",
@@ -495,6 +508,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="adaptive K-FAC without and with its trust region α²ΔᵀF̆Δ ≤ C (C = 1e-3, 3e-3, 1e-2)",
     )
+    parser.add_argument(
+        "--adaptive-candidates",
+        action="store_true",
+        help="adaptive K-FAC with λ₀ = 3 or 0.3 · tr(F̃)/n, its quadratic model on the whole batch or a quarter (τ₂)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -503,10 +521,11 @@ def main(argv=None) -> None:
     if args.seconds is not None:
         cfg, folder = dict(cfg, seconds={m: args.seconds for m in zoo.MODELS}), f"{args.budget}-{args.seconds:g}s"
     kind, specs = "zoo", RACE
+    grid = [float(d) for d in args.initial_dampings.split(",")]
     if args.kfac_only:
         specs, folder = KFAC_ONLY_RACE, f"{folder}-kfac-only"
     if args.dampings:
-        kind, specs = "zoo-dampings", dampings_race()
+        kind, specs = "zoo-dampings", dampings_race(grid)
     if args.weight_sharing:
         kind, specs = "zoo-weight-sharing", WEIGHT_SHARING_RACE
         if args.models == parser.get_default("models"):
@@ -521,6 +540,8 @@ def main(argv=None) -> None:
         kind, specs = "zoo-adaptive-periods", ADAPTIVE_PERIODS_RACE
     if args.adaptive_bound:
         kind, specs = "zoo-adaptive-bound", ADAPTIVE_BOUND_RACE
+    if args.adaptive_candidates:
+        kind, specs = "zoo-adaptive-candidates", ADAPTIVE_CANDIDATES_RACE
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):
@@ -556,8 +577,8 @@ def main(argv=None) -> None:
     if kind == "zoo-dampings":
         text.append(
             "Adaptive K-FAC: seconds to Adam-default's validation loss from the default relative λ₀ "
-            f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in INITIAL_DAMPINGS)}}} "
-            f"(median over seeds; — = not reached in every seed).\n\n{dampings_table(results)}\n"
+            f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in grid)}}} "
+            f"(median over seeds; — = not reached in every seed).\n\n{dampings_table(results, grid)}\n"
         )
     text += [model_table(name, analyses) for name, analyses in results.items()]
     table = "\n\n".join(text)

@@ -34,9 +34,10 @@ CLASSIC_STEP = dict(
     learning_rate=0.01, momentum=0.9, norm_constraint=None, statistics_update_period=1, inverse_update_period=10
 )
 # The quadratic model's periods: statistics every 5th step, chosen on the zoo
-# (`benchmarks/zoo_race.py --adaptive-periods`), inverses every 10; and its
-# trust region α²ΔᵀF̆Δ ≤ C (`--adaptive-bound`).
-ADAPTIVE_STEP = dict(statistics_update_period=5, inverse_update_period=10, norm_constraint=3e-3)
+# (`benchmarks/zoo_race.py --adaptive-periods`), inverses every 10; its trust
+# region α²ΔᵀF̆Δ ≤ C (`--adaptive-bound`); its initial damping
+# (`--adaptive-candidates`, `--dampings`).
+ADAPTIVE_STEP = dict(statistics_update_period=5, inverse_update_period=10, norm_constraint=3e-3, relative_damping=0.3)
 DEFAULT_RELATIVE_DAMPING = 3.0
 # Floor of the adapted λ in units of tr(F̃)/n (see `relative_min_damping`).
 DEFAULT_RELATIVE_MIN_DAMPING = 1e-2
@@ -113,8 +114,8 @@ class KFAC(compat.WholeUpdateOptimizer):
       {γ, ω₂γ, γ/ω₂} [KFAC §6.6]. Each of the three can be switched on its own.
       With the quadratic model the statistics are estimated every 5th step and
       the inverses refreshed every 10 (the paper: every step, on an eighth of
-      the batch), and α stays within the trust region α²ΔᵀF̆Δ ≤ 3e-3
-      (``ADAPTIVE_STEP``; the paper has none).
+      the batch), α stays within the trust region α²ΔᵀF̆Δ ≤ 3e-3 (the paper
+      has none) and λ starts at 0.3 · tr(F̃)/n (``ADAPTIVE_STEP``).
 
     Variables of layers with no block (normalization unless opted in, ...)
     are trained by the ``fallback`` optimizer, Keras' Adam by default.
@@ -183,7 +184,8 @@ class KFAC(compat.WholeUpdateOptimizer):
             near 1 (a softmax output layer whose block is the only one), LM
             would otherwise drive λ to ``min_damping`` and the quadratic model
             take unbounded steps along directions of near-zero curvature.
-        relative_damping: c of the default damping λ = c · tr(F̃)/n.
+        relative_damping: c of the default damping λ = c · tr(F̃)/n (default 3;
+            0.3 with the quadratic model, where it is λ's initial value).
         fallback: the optimizer of the variables without a block: None for
             Keras' ``Adam()``, an optimizer, its name or configuration, or
             ``"momentum"`` for K-FAC's own step on their plain gradient.
@@ -221,7 +223,8 @@ class KFAC(compat.WholeUpdateOptimizer):
             None (default): expand for convolutions and Dense, reduce for EinsumDense
             (with expand the zoo's transformer stalls; BENCHMARKS.md).
         curvature_fraction: τ₂ in (0, 1]: the fraction of each batch the exact
-            Fisher products of the quadratic model are computed on.
+            Fisher products of the quadratic model and ρ are computed on, at
+            least 32 examples when below 1 (the paper: 1/4 [KFAC §8]).
         seed: seed of the target sampling; random when None.
         name: the optimizer's name.
         **kwargs: other ``keras.optimizers.Optimizer`` arguments (``clipnorm``, ...).
@@ -254,7 +257,7 @@ class KFAC(compat.WholeUpdateOptimizer):
         curvature_fraction: float = 1.0,
         seed: int | None = None,
         fallback: keras.optimizers.Optimizer | str | dict | None = None,
-        relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+        relative_damping: float | None = None,
         relative_min_damping: float = DEFAULT_RELATIVE_MIN_DAMPING,
         damping_warmup: int = 20,
         max_momentum: float | None = 1.0,
@@ -282,6 +285,8 @@ class KFAC(compat.WholeUpdateOptimizer):
             inverse_update_period = defaults["inverse_update_period"]
         if norm_constraint is None:
             norm_constraint = defaults["norm_constraint"]
+        if relative_damping is None:
+            relative_damping = defaults.get("relative_damping", DEFAULT_RELATIVE_DAMPING)
         if not use_quadratic_model:
             learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
             momentum = defaults["momentum"] if momentum is None else momentum

@@ -23,6 +23,11 @@ import tensorflow as tf
 from keras_kfac import capture, losses, quadratic_model, replicas, statistics
 from keras_kfac.preconditioner import Preconditioner
 
+# The fewest examples the quadratic model's exact-Fisher products and ρ use when
+# τ₂ < 1: on 8 of a batch of 32 the zoo's LSTM trained worse (BENCHMARKS.md,
+# "The adaptive mode's exact-Fisher products on a quarter of the batch").
+MIN_CURVATURE_EXAMPLES = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class StepRule:
@@ -91,7 +96,7 @@ def require_inputs(x: Any) -> Any:
     return x
 
 
-def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str) -> tuple:
+def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str, min_examples: int = 1) -> tuple:
     """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
 
     A ``sum`` loss grows with the number of examples, so the sub-batch's
@@ -103,11 +108,12 @@ def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: st
         batch_size: B.
         fraction: the fraction of examples to keep, in (0, 1].
         reduction: the loss's reduction.
+        min_examples: the fewest examples kept (all B when B is smaller).
 
     Returns:
         (x, y, sample_weight) of the sub-batch.
     """
-    size = statistics.subset_size(batch_size, fraction)
+    size = tf.maximum(statistics.subset_size(batch_size, fraction), tf.minimum(batch_size, min_examples))
     x, y, sample_weight = keras.tree.map_structure(lambda a: None if a is None else a[:size], data)
     if reduction == "sum":
         scale = tf.cast(batch_size, tf.float32) / tf.cast(size, tf.float32)
@@ -215,7 +221,8 @@ class Step:
 
         Returns:
             The tuple (x, y, sample_weight, z, weights of z's values, h(θ)),
-            of the first ⌈τ₂·B⌉ examples when ``curvature_fraction`` τ₂ < 1.
+            of the first max(⌈τ₂·B⌉, min(B, 32)) examples when
+            ``curvature_fraction`` τ₂ < 1.
         """
         batch = self.batch
         call = batch.loss_call
@@ -229,6 +236,7 @@ class Step:
                 tf.shape(batch.z)[0],
                 self.rule.curvature_fraction,
                 batch.loss.reduction,
+                MIN_CURVATURE_EXAMPLES,
             )
             y_pred, loss = self.forward(x, y, sample_weight)
             z = batch.loss.network_output(y_pred)

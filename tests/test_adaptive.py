@@ -5,9 +5,10 @@ import copy
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.step import Step
+from keras_kfac.step import MIN_CURVATURE_EXAMPLES, Step, sub_batch
 
 
 def _autoencoder():
@@ -26,6 +27,12 @@ def _images(n=128):
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(3, 12))
     return (1 / (1 + np.exp(-(rng.normal(size=(n, 3)) @ basis)))).astype("float32")
+
+
+@pytest.fixture
+def any_curvature_sub_batch(monkeypatch):
+    """τ₂'s sub-batch without its minimum of 32 examples, so that the small batches here are split."""
+    monkeypatch.setattr(keras_kfac.step, "MIN_CURVATURE_EXAMPLES", 1)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -74,9 +81,9 @@ def test_one_damping_unit_what_is_passed_is_what_is_used_and_read():
         assert keras_kfac.KFAC.from_config(opt.get_config()).initial_damping == 150.0
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(adaptive=True, damping_warmup=0)])
-def test_default_damping_is_relative_to_the_factored_fishers_mean_eigenvalue(kwargs):
-    """λ = 3 · tr(F̃)/n after the first statistics (Σ tr Ā · tr G / Σ dim Ā · dim G)."""
+@pytest.mark.parametrize("kwargs, relative", [({}, 3.0), (dict(adaptive=True, damping_warmup=0), 0.3)])
+def test_default_damping_is_relative_to_the_factored_fishers_mean_eigenvalue(kwargs, relative):
+    """λ = c · tr(F̃)/n after the first statistics (Σ tr Ā · tr G / Σ dim Ā · dim G): c = 3, λ₀ with c = 0.3."""
     keras.utils.set_random_seed(0)
     x = _images(32)
     model = _autoencoder()
@@ -84,7 +91,7 @@ def test_default_damping_is_relative_to_the_factored_fishers_mean_eigenvalue(kwa
     assert np.isnan(opt.damping) and opt.get_config()["damping"] is None
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     model.train_on_batch(x, x)
-    expected = 3.0 * _mean_eigenvalue(opt)
+    expected = relative * _mean_eigenvalue(opt)
     assert float(opt.damping.numpy()) == pytest.approx(expected, rel=1e-5)
     assert float(opt.gamma.numpy()) == pytest.approx(np.sqrt(expected), rel=1e-5)
     config = opt.get_config()
@@ -217,6 +224,7 @@ def test_extra_forward_passes_leave_batch_normalization_statistics_alone():
 
 
 @pytest.mark.parametrize("curvature_fraction", [1.0, 0.5])
+@pytest.mark.usefixtures("any_curvature_sub_batch")
 def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
     """ρ = (h(θ+δ) − h(θ)) / M(δ) [KFAC §6.5] with h the whole training loss, activity penalty included."""
     keras.utils.set_random_seed(4)
@@ -248,6 +256,7 @@ def test_reduction_ratio_counts_activity_regularization(curvature_fraction):
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.usefixtures("any_curvature_sub_batch")
 def test_sub_batches_estimate_the_whole_batch_for_mean_and_sum_losses(reduction):
     """τ₁ = τ₂ = 1/2 on a batch of two identical halves: the same factors, α, μ, M and ρ as the whole batch.
 
@@ -323,6 +332,7 @@ def test_quadratic_model_inside_a_conditional_update(wrapper):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.usefixtures("any_curvature_sub_batch")
 def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
     """B = 15, τ₁ = τ₂ = 1/2: the 8 examples count 15/8 times each, with int or float weights alike."""
     x = _images(15)
@@ -351,7 +361,52 @@ def test_integer_sample_weights_of_a_sum_loss_sub_batch_are_not_truncated():
         )
 
 
+@pytest.mark.parametrize(
+    "batch, fraction, size", [(1000, 0.25, 250), (128, 0.25, 32), (200, 0.1, 32), (32, 0.25, 32), (20, 0.25, 20)]
+)
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_curvature_sub_batch_keeps_at_least_32_examples(batch, fraction, size, reduction):
+    """τ₂'s sub-batch: the first max(⌈τ₂B⌉, min(B, 32)) examples, each counted B/size times by a sum loss."""
+    x = np.arange(batch, dtype="float32")[:, None]
+    data = (tf.constant(x), tf.constant(x), None)
+    rows, targets, weights = sub_batch(data, tf.constant(batch), fraction, reduction, MIN_CURVATURE_EXAMPLES)
+    np.testing.assert_array_equal(rows.numpy(), x[:size])
+    np.testing.assert_array_equal(targets.numpy(), x[:size])
+    if reduction == "sum":
+        np.testing.assert_allclose(weights.numpy(), np.full(size, batch / size), rtol=1e-6)
+    else:
+        assert weights is None
+
+
+def test_a_quarter_of_a_batch_of_32_is_the_whole_batch():
+    """τ₂ = 1/4 on a batch of 32 takes all 32 examples: the same α, μ, M, ρ and λ as τ₂ = 1."""
+    x = _images(32)
+    runs = []
+    for fraction in (0.25, 1.0):
+        keras.utils.set_random_seed(3)
+        model = _autoencoder()
+        opt = keras_kfac.KFAC(
+            model=model,
+            adaptive=True,
+            damping_adaptation_period=1,
+            estimation_mode="exact",
+            seed=0,
+            curvature_fraction=fraction,
+        )
+        model.compile(optimizer=opt, loss="mse")
+        for _ in range(3):
+            model.train_on_batch(x, x)
+        runs.append(opt)
+    quarter, whole = runs
+    assert float(whole.alpha.numpy()) > 0.0
+    for name in ("alpha", "mu", "quadratic_change", "rho", "damping"):
+        assert float(getattr(quarter, name).numpy()) == pytest.approx(float(getattr(whole, name).numpy()), rel=1e-4), (
+            name
+        )
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.usefixtures("any_curvature_sub_batch")
 def test_masked_sequence_output_weighs_the_curvature_as_the_loss_does(fraction):
     """A Keras mask on the output (mask_zero) is the loss's per-position weight; K-FAC's curvature uses it too.
 

@@ -708,7 +708,7 @@ def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
 def test_default_step_is_the_trust_region_natural_gradient_step():
     """KFAC(model=model): lr 1, μ 0.5, C = 1e-3, λ = 3·tr(F̃)/n, statistics every 5th step,
     inverses every 25; a learning rate or momentum given keeps the classic defaults; the
-    quadratic model has the trust region C = 3e-3 and periods 5 and 10."""
+    quadratic model has the trust region C = 3e-3, periods 5 and 10 and λ₀ = 0.3·tr(F̃)/n."""
     opt = keras_kfac.KFAC()
     assert (float(opt.learning_rate), opt.momentum, opt.norm_constraint) == (1.0, 0.5, 1e-3)
     assert (opt.statistics_update_period, opt.inverse_update_period) == (5, 25)
@@ -717,9 +717,11 @@ def test_default_step_is_the_trust_region_natural_gradient_step():
     classic = keras_kfac.KFAC(learning_rate=0.1)
     assert (classic.momentum, classic.norm_constraint) == (0.9, None)
     assert (classic.statistics_update_period, classic.inverse_update_period) == (1, 10)
+    assert classic.relative_damping == 3.0
     adaptive = keras_kfac.KFAC(adaptive=True)
     assert (adaptive.statistics_update_period, adaptive.inverse_update_period) == (5, 10)
-    assert adaptive.norm_constraint == 3e-3
+    assert (adaptive.norm_constraint, adaptive.relative_damping, adaptive.curvature_fraction) == (3e-3, 0.3, 1.0)
+    assert keras_kfac.KFAC(adaptive=True, relative_damping=3.0).relative_damping == 3.0
     assert keras_kfac.KFAC(adaptive=True, norm_constraint=math.inf).norm_constraint == math.inf
     assert float(keras_kfac.KFAC(momentum=0.5).learning_rate) == pytest.approx(0.01)
     assert keras_kfac.KFAC(norm_constraint=float("inf")).norm_constraint == float("inf")

@@ -191,7 +191,7 @@ def test_dampings_table_compares_the_default_initial_damping_with_the_best_given
     given = {zoo_race.Spec("kfac-adaptive", {"damping": d}).name: 40.0 for d in zoo_race.INITIAL_DAMPINGS}
     given[zoo_race.Spec("kfac-adaptive", {"damping": 1e-3}).name] = 20.0
     given[zoo_race.Spec("kfac-adaptive", {"damping": 150.0}).name] = None
-    relative = {zoo_race.Spec("kfac-adaptive", {"relative_damping": c}).name: 30.0 + c for c in (0.3, 1.0)}
+    relative = {zoo_race.Spec("kfac-adaptive", {"relative_damping": c}).name: 30.0 + c for c in (3.0,)}
     analyses = {
         seed: {
             "targets": {"converged": 0.3},
@@ -199,7 +199,9 @@ def test_dampings_table_compares_the_default_initial_damping_with_the_best_given
         }
         for seed in (0, 1, 2)
     }
-    table = zoo_race.dampings_table({"convnet": analyses}).splitlines()
-    assert zoo_race.RELATIVE_DAMPINGS == [0.3, 1.0]
-    assert table[0].startswith("| model | target | default λ₀: s | 0.3·tr(F̃)/n: s | 1·tr(F̃)/n: s | best λ₀ |")
-    assert table[2] == "| convnet | converged | 22.0 | 30.3 | 31.0 | 0.001 | 20.0 | 1.10 | yes |"
+    table = zoo_race.dampings_table({"convnet": analyses}, zoo_race.INITIAL_DAMPINGS).splitlines()
+    assert zoo_race.RELATIVE_DAMPINGS == [3.0]
+    assert table[0].startswith("| model | target | default λ₀: s | 3·tr(F̃)/n: s | best λ₀ |")
+    assert table[2] == "| convnet | converged | 22.0 | 33.0 | 0.001 | 20.0 | 1.10 | yes |"
+    narrow = zoo_race.dampings_table({"convnet": analyses}, [1e-4, 150.0]).splitlines()
+    assert narrow[2] == "| convnet | converged | 22.0 | 33.0 | 0.0001 | 40.0 | 0.55 | yes |"
