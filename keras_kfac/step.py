@@ -25,7 +25,7 @@ from keras_kfac.preconditioner import Preconditioner
 
 # The fewest examples the quadratic model's exact-Fisher products and ρ use when
 # τ₂ < 1: on 8 of a batch of 32 the zoo's LSTM trained worse (BENCHMARKS.md,
-# "The adaptive mode's exact-Fisher products on a quarter of the batch").
+# "The adaptive mode's λ₀ and the quadratic model on a quarter of the batch").
 MIN_CURVATURE_EXAMPLES = 32
 
 
@@ -97,11 +97,12 @@ def require_inputs(x: Any) -> Any:
 
 
 def sub_batch(data: tuple, batch_size: tf.Tensor, fraction: float, reduction: str, min_examples: int = 1) -> tuple:
-    """(x, y, sample_weight) of the first ⌈fraction·B⌉ examples, the paper's τ subset [KFAC §8].
+    """(x, y, sample_weight) of the first max(⌈fraction·B⌉, min(B, min_examples)) examples [KFAC §8].
 
-    A ``sum`` loss grows with the number of examples, so the sub-batch's
-    examples are weighted by B/⌈fraction·B⌉: its loss and its curvature then
-    estimate the whole batch's, as a mean loss's sub-batch does unweighted.
+    The paper's τ subset. A ``sum`` loss grows with the number of examples, so
+    the sub-batch's examples are weighted by B/(its size): its loss and its
+    curvature then estimate the whole batch's, as a mean loss's sub-batch
+    does unweighted.
 
     Args:
         data: (x, y, sample_weight), each a nested structure or None.
