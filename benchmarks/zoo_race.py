@@ -32,8 +32,10 @@ runs: after a change to K-FAC, the other baselines' runs would repeat the
 earlier race's, at twice the wall time.
 
 `--dampings` races adaptive K-FAC from its default initial damping, from the
-relative λ₀ = 0.3 and 1 × tr(F̃)/n and from λ₀ ∈ {1e-4, …, 150} against
-Adam-default instead, for the table of the adaptive mode's sensitivity to λ₀.
+relative λ₀ of `--relative-dampings` (× tr(F̃)/n; default 3) and from the
+λ₀ of `--initial-dampings` (default 1e-4, …, 150) against Adam-default
+instead, for the table of the adaptive mode's sensitivity to λ₀;
+`--curvature-fraction` gives all its adaptive runs that τ₂.
 
 `--fractions` races default K-FAC with its statistics on the whole batch (the
 default), on 1/4 and on 1/8 of it, and adaptive K-FAC as it is and with the
@@ -193,16 +195,18 @@ def _setup(name: str, cfg: dict, seed: int, synthetic: bool) -> tuple:
     return bench, initial, H.batch_size_schedule(problem.batch_size, len(problem.x_train), None)
 
 
-# Relative λ₀ (multiples of tr(F̃)/n) raced beside the default's (0.3): the
-# default step's fixed λ, the adaptive mode's λ₀ before `--adaptive-candidates`.
+# Relative λ₀ (multiples of tr(F̃)/n) raced beside the default's (0.3) by
+# default: the default step's fixed λ, the adaptive mode's λ₀ before
+# `--adaptive-candidates`.
 RELATIVE_DAMPINGS = [3.0]
 
 
-def dampings_race(grid: list[float]) -> list[Spec]:
+def dampings_race(grid: list[float], relative: list[float], options: dict) -> list[Spec]:
+    """Adam-default and adaptive K-FAC from its default, relative and given λ₀, each with ``options``."""
     return (
-        [ADAM_DEFAULT, Spec("kfac-adaptive", {})]
-        + [Spec("kfac-adaptive", {"relative_damping": c}) for c in RELATIVE_DAMPINGS]
-        + [Spec("kfac-adaptive", {"damping": d}) for d in grid]
+        [ADAM_DEFAULT, Spec("kfac-adaptive", dict(options))]
+        + [Spec("kfac-adaptive", dict(options, relative_damping=c)) for c in relative]
+        + [Spec("kfac-adaptive", dict(options, damping=d)) for d in grid]
     )
 
 
@@ -354,11 +358,11 @@ def summary_table(results: dict[str, dict[int, dict]], label: str) -> tuple[str,
     }
 
 
-def dampings_table(results: dict[str, dict[int, dict]], grid: list[float]) -> str:
+def dampings_table(results: dict[str, dict[int, dict]], grid: list[float], relative: list[float], options: dict) -> str:
     """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best λ₀ in ``grid``."""
-    default = Spec("kfac-adaptive", {}).name
-    given = {Spec("kfac-adaptive", {"damping": d}).name: d for d in grid}
-    relative_runs = [Spec("kfac-adaptive", {"relative_damping": c}).name for c in RELATIVE_DAMPINGS]
+    default = Spec("kfac-adaptive", dict(options)).name
+    given = {Spec("kfac-adaptive", dict(options, damping=d)).name: d for d in grid}
+    relative_runs = [Spec("kfac-adaptive", dict(options, relative_damping=c)).name for c in relative]
     rows = []
     for name, analyses in results.items():
         first = next(iter(analyses.values()))
@@ -372,13 +376,13 @@ def dampings_table(results: dict[str, dict[int, dict]], grid: list[float]) -> st
             best = min(seconds, key=seconds.get)
             own = median_seconds(default)
             ratio = own / seconds[best] if math.isfinite(seconds[best]) else math.nan
-            relative = [median_seconds(run) for run in relative_runs]
+            relative_seconds = [median_seconds(run) for run in relative_runs]
             rows.append(
                 [
                     name,
                     label,
                     H.fmt(own, ".1f"),
-                    *[H.fmt(v, ".1f") for v in relative],
+                    *[H.fmt(v, ".1f") for v in relative_seconds],
                     f"{given[best]:g}",
                     H.fmt(seconds[best], ".1f"),
                     H.fmt(ratio, ".2f"),
@@ -387,7 +391,7 @@ def dampings_table(results: dict[str, dict[int, dict]], grid: list[float]) -> st
             )
     return H.markdown_table(
         ["model", "target", "default λ₀: s"]
-        + [f"{c:g}·tr(F̃)/n: s" for c in RELATIVE_DAMPINGS]
+        + [f"{c:g}·tr(F̃)/n: s" for c in relative]
         + ["best λ₀", "best λ₀: s", "default ÷ best", "within 10%"],
         rows,
     )
@@ -479,6 +483,17 @@ def main(argv=None) -> None:
         help="the given λ₀ of --dampings, comma-separated",
     )
     parser.add_argument(
+        "--relative-dampings",
+        default=",".join(f"{c:g}" for c in RELATIVE_DAMPINGS),
+        help="the relative λ₀ of --dampings (multiples of tr(F̃)/n), comma-separated",
+    )
+    parser.add_argument(
+        "--curvature-fraction",
+        type=float,
+        default=None,
+        help="τ₂ of every adaptive run of --dampings (default: the adaptive mode's)",
+    )
+    parser.add_argument(
         "--candidates",
         action="store_true",
         help="the default step's candidate settings, for a fixed number of iterations",
@@ -522,10 +537,12 @@ def main(argv=None) -> None:
         cfg, folder = dict(cfg, seconds={m: args.seconds for m in zoo.MODELS}), f"{args.budget}-{args.seconds:g}s"
     kind, specs = "zoo", RACE
     grid = [float(d) for d in args.initial_dampings.split(",")]
+    relative = [float(c) for c in args.relative_dampings.split(",")]
+    options = {} if args.curvature_fraction is None else {"curvature_fraction": args.curvature_fraction}
     if args.kfac_only:
         specs, folder = KFAC_ONLY_RACE, f"{folder}-kfac-only"
     if args.dampings:
-        kind, specs = "zoo-dampings", dampings_race(grid)
+        kind, specs = "zoo-dampings", dampings_race(grid, relative, options)
     if args.weight_sharing:
         kind, specs = "zoo-weight-sharing", WEIGHT_SHARING_RACE
         if args.models == parser.get_default("models"):
@@ -575,10 +592,11 @@ def main(argv=None) -> None:
                 f"{verdict['models']} models, geometric mean of the medians {geo}×.\n\n{table}\n"
             )
     if kind == "zoo-dampings":
+        table = dampings_table(results, grid, relative, options)
         text.append(
             "Adaptive K-FAC: seconds to Adam-default's validation loss from the default relative λ₀ "
             f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in grid)}}} "
-            f"(median over seeds; — = not reached in every seed).\n\n{dampings_table(results, grid)}\n"
+            f"(median over seeds; — = not reached in every seed).\n\n{table}\n"
         )
     text += [model_table(name, analyses) for name, analyses in results.items()]
     table = "\n\n".join(text)

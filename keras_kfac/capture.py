@@ -211,7 +211,9 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
     ``train_step`` calls it directly (the pattern of Keras's guide to
     customizing ``fit``). Wrapping it on the instance reaches subclassed
     models that override it too; calls with ``training=False`` (``evaluate``)
-    are not recorded. Hooking a model a second time does nothing.
+    are not recorded. The optimizer is built before the training function is
+    made (``build_optimizer_before_tracing``). Hooking a model a second time
+    does nothing.
 
     Args:
         model: the model to hook.
@@ -221,6 +223,7 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
         return
     original_call = model.call
     original_compute_loss = model.compute_loss
+    original_make_train_function = model.make_train_function
     signature = inspect.signature(original_compute_loss)
     # Keras passes (x, y, y_pred, sample_weight) by position, whatever an
     # override names them.
@@ -243,10 +246,36 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
             RECORDER.record(model, graph, LossCall(x, y, y_pred, sample_weight, loss))
         return loss
 
+    @functools.wraps(original_make_train_function)
+    def make_train_function(*args, **kwargs):
+        build_optimizer_before_tracing(model)
+        return original_make_train_function(*args, **kwargs)
+
     compat.set_untracked(model, "call", call)
     compat.set_untracked(model, "compute_loss", compute_loss)
+    compat.set_untracked(model, "make_train_function", make_train_function)
     compat.set_untracked(model, "_kfac_compute_loss", original_compute_loss)
     compat.set_untracked(model, "_kfac_hooked", True)
+
+
+def build_optimizer_before_tracing(model: keras.Model) -> None:
+    """Builds the compiled optimizer of a built model on its trainable variables, if it is not built.
+
+    Without a distribution strategy Keras builds the optimizer inside the
+    first traced training step; variables created there make ``tf.function``
+    trace the step a second time, and K-FAC's step is a large graph. Built
+    here, before ``fit`` or ``train_on_batch`` makes its training function,
+    the step is traced once. With a strategy Keras builds it first itself.
+
+    Args:
+        model: the model about to make its training function.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built or not model.built:
+        return
+    if tf.distribute.has_strategy() or compat.created_under_strategy(model):
+        return
+    optimizer.build(model.trainable_variables)
 
 
 def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:

@@ -175,6 +175,21 @@ def compiled_loss_weights(model: keras.Model) -> Any:
     return getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
 
 
+def created_under_strategy(model: keras.Model) -> bool:
+    """Whether ``model`` was created under a distribution strategy (Keras's ``_distribute_strategy``).
+
+    Keras's TensorFlow trainer builds such a model's optimizer before tracing
+    its training step, and any other's inside the first traced step.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        True when Keras recorded a strategy for the model.
+    """
+    return getattr(model, "_distribute_strategy", None) is not None
+
+
 def is_symbolic(tensor: Any) -> bool:
     """Whether ``tensor`` is a graph tensor of a trace (not eager, not a Keras tensor).
 

@@ -473,7 +473,9 @@ class KFAC(compat.WholeUpdateOptimizer):
                     "are not among the variables being trained (is it frozen?)."
                 )
             owned.update(keys)
-        if tf.inside_function():  # built by the first training step: its loss must be known
+        # Built for training (inside its first step, or just before it is
+        # traced): the compiled loss must be one K-FAC knows.
+        if tf.inside_function() or getattr(collection.model, "compiled", False):
             collection.loss()
         super().build(variables)
         # Variables in the order saved optimizers hold them: the blocks'

@@ -336,19 +336,21 @@ class Step:
             [g for g, k in zip(self.grads, self.keys) if k in self.owned],
         )
 
-    def local_fisher(self, delta: list[tf.Tensor], z: tf.Tensor, sample_weight) -> tf.Tensor:
-        """[dᵢᵀ F dⱼ] for d = (Δ, δ₀) on this replica's examples (exact Fisher, [KFAC §7]).
+    def local_fisher(self, directions: list[list[tf.Tensor]], z: tf.Tensor, sample_weight) -> tf.Tensor:
+        """[dᵢᵀ F dⱼ] for the ``directions`` d on this replica's examples (exact Fisher, [KFAC §7]).
+
+        One backward pass is shared by every direction's product J d.
 
         Args:
-            delta: Δ, one tensor per variable.
+            directions: the directions d, each one tensor per variable.
             z: the network output, in the current graph.
             sample_weight: the weights of z's values, or None.
 
         Returns:
-            A float32 (2, 2) matrix.
+            A float32 (k, k) matrix for k directions.
         """
         products = quadratic_model.jacobian_vector_products(
-            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], [delta, self.previous]
+            z, [v.value if isinstance(v, keras.Variable) else v for v in self.variables], directions
         )
         return quadratic_model.fisher_gram(self.batch.loss, z, products, sample_weight)
 
@@ -409,7 +411,7 @@ class Step:
         curvature_matrix = linear = None
         if self.needs_model:
             _, _, _, z, weight, _ = self.curvature_data
-            fisher = replicas.curvature(self.local_fisher(delta, z, weight), self.batch.loss.reduction)
+            fisher = replicas.curvature(self.local_fisher([delta, self.previous], z, weight), self.batch.loss.reduction)
             curvature_matrix = self.damped_curvature(fisher, quadratic_model.dot_gram([delta, self.previous]))
             linear = self.linear_terms(delta)
         length = self.longest_step(delta) if self.rule.use_quadratic_model else self.step_length(delta, learning_rate)
@@ -488,13 +490,13 @@ class Step:
             # The branch runs its own forward pass: products need z in this graph.
             y_pred, _ = self.forward(x, y, sample_weight)
             z = self.batch.loss.network_output(y_pred)
-            fishers, dots, linears, lengths = [], [], [], []
+            deltas, dots, linears, lengths = [], [], [], []
             for index in range(3):
                 fresh = index > 0 or not current_stored
                 delta = self.proposal(
                     self.preconditioner.inverses(candidates[index]) if fresh else self.preconditioner.stored()
                 )
-                fishers.append(self.local_fisher(delta, z, weight))
+                deltas.append(delta)
                 dots.append(quadratic_model.dot_gram([delta, self.previous]))
                 linears.append(self.linear_terms(delta))
                 if not self.rule.use_quadratic_model:
@@ -503,6 +505,9 @@ class Step:
                     lengths.append(self.longest_step(delta))
                 else:
                     lengths.append(tf.constant(math.inf))
+            # [Δᵢ, δ₀]ᵀ F [Δᵢ, δ₀] for each candidate i, read off the gram of (Δ₀, Δ₁, Δ₂, δ₀).
+            gram = self.local_fisher([*deltas, self.previous], z, weight)
+            fishers = [tf.gather(tf.gather(gram, [index, 3]), [index, 3], axis=1) for index in range(3)]
             return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
 
         def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:

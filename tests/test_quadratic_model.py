@@ -276,3 +276,68 @@ def test_fisher_products_equal_the_explicit_quadratic_form():
     ]
     expected = np.array([[u @ fisher @ v for v in flat] for u in flat])
     np.testing.assert_allclose(gram().numpy(), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("damping", [0.05, 5.0])
+def test_gamma_search_keeps_the_candidate_with_the_lowest_explicit_model_value(damping):
+    """γ, ω₂γ, γ/ω₂ [KFAC §6.6]: each candidate's (α, μ) minimise the exact-Fisher model of its own Δ;
+    the γ kept is the one whose minimum is lowest, and the step is taken with it."""
+    import keras
+
+    import keras_kfac
+
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(24, 3)).astype("float32")
+    y = rng.normal(size=(24, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    opt = keras_kfac.KFAC(
+        model=model,
+        use_quadratic_model=True,
+        adapt_gamma=True,
+        gamma_adaptation_period=1,
+        inverse_update_period=1,
+        damping=damping,
+        estimation_mode="exact",
+        norm_constraint=math.inf,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    weights_0 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    model.train_on_batch(x, y)
+    weights_1 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    model.train_on_batch(x, y)  # the first search: K-FAC's step count 1 is a multiple of T₂ = 1
+    weights_2 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+
+    def flat(ws):
+        return np.concatenate(
+            [np.concatenate([ws[0], ws[1][None]], 0).ravel(), np.concatenate([ws[2], ws[3][None]], 0).ravel()]
+        )
+
+    previous = flat(weights_1) - flat(weights_0)
+    fisher, grad = _explicit_mlp_fisher_and_gradient(
+        [(weights_1[0], weights_1[1]), (weights_1[2], weights_1[3])], x.astype(np.float64), y.astype(np.float64)
+    )
+    split = np.cumsum([4 * 4, 5 * 2])[:-1]
+    omega = np.sqrt(19 / 20)
+    gamma = np.sqrt(damping)
+    minima = []
+    for candidate in (gamma, gamma * omega, gamma / omega):
+        delta = -np.concatenate(
+            [
+                _block_inverse_step(block, part.reshape(block.input_dim, block.output_dim), candidate)
+                for block, part in zip(opt.blocks, np.split(grad, split))
+            ]
+        )
+        directions = [delta, previous]
+        c = np.array([[u @ fisher @ v + damping * u @ v for v in directions] for u in directions])
+        b = np.array([grad @ d for d in directions])
+        coefficients = _box_minimum_by_active_sets(c, b, np.inf, 0.0, 1.0)
+        minima.append((0.5 * coefficients @ c @ coefficients + b @ coefficients, candidate, coefficients, delta))
+    value, chosen, coefficients, delta = min(minima, key=lambda m: m[0])
+    assert sorted(m[0] for m in minima)[1] - value > 2e-5 * abs(value)  # the choice is not a tie
+    assert float(opt.gamma.numpy()) == pytest.approx(chosen, rel=1e-5)
+    np.testing.assert_allclose([float(opt.alpha.numpy()), float(opt.mu.numpy())], coefficients, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        flat(weights_2) - flat(weights_1), coefficients[0] * delta + coefficients[1] * previous, rtol=2e-3, atol=1e-6
+    )
+    np.testing.assert_allclose(float(opt.quadratic_change.numpy()), value, rtol=2e-3)

@@ -199,9 +199,25 @@ def test_dampings_table_compares_the_default_initial_damping_with_the_best_given
         }
         for seed in (0, 1, 2)
     }
-    table = zoo_race.dampings_table({"convnet": analyses}, zoo_race.INITIAL_DAMPINGS).splitlines()
+    table = zoo_race.dampings_table({"convnet": analyses}, zoo_race.INITIAL_DAMPINGS, [3.0], {}).splitlines()
     assert zoo_race.RELATIVE_DAMPINGS == [3.0]
     assert table[0].startswith("| model | target | default λ₀: s | 3·tr(F̃)/n: s | best λ₀ |")
     assert table[2] == "| convnet | converged | 22.0 | 33.0 | 0.001 | 20.0 | 1.10 | yes |"
-    narrow = zoo_race.dampings_table({"convnet": analyses}, [1e-4, 150.0]).splitlines()
+    narrow = zoo_race.dampings_table({"convnet": analyses}, [1e-4, 150.0], [3.0], {}).splitlines()
     assert narrow[2] == "| convnet | converged | 22.0 | 33.0 | 0.0001 | 40.0 | 0.55 | yes |"
+
+
+def test_dampings_race_gives_every_adaptive_run_the_same_options():
+    import zoo_race
+
+    specs = zoo_race.dampings_race([1e-4], [0.1], {"curvature_fraction": 0.25})
+    assert [s.name for s in specs] == [
+        "adam[learning_rate=0.001]",
+        "kfac-adaptive[curvature_fraction=0.25]",
+        "kfac-adaptive[curvature_fraction=0.25,relative_damping=0.1]",
+        "kfac-adaptive[curvature_fraction=0.25,damping=0.0001]",
+    ]
+    row = {"to": {"short": {"seconds": 5.0}}}
+    analyses = {0: {"targets": {"short": 1.0}, "rows": {s.name: row for s in specs}}}
+    table = zoo_race.dampings_table({"mlp": analyses}, [1e-4], [0.1], {"curvature_fraction": 0.25}).splitlines()
+    assert table[2] == "| mlp | short | 5.0 | 5.0 | 0.0001 | 5.0 | 1.00 | yes |"
