@@ -359,7 +359,11 @@ def summary_table(results: dict[str, dict[int, dict]], label: str) -> tuple[str,
 
 
 def dampings_table(results: dict[str, dict[int, dict]], grid: list[float], relative: list[float], options: dict) -> str:
-    """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best λ₀ in ``grid``."""
+    """Per model and target: adaptive K-FAC's seconds from its default λ₀ against its best λ₀ in ``grid``.
+
+    The runs are those of ``dampings_race(grid, relative, options)``; the
+    relative λ₀ runs get a column each.
+    """
     default = Spec("kfac-adaptive", dict(options)).name
     given = {Spec("kfac-adaptive", dict(options, damping=d)).name: d for d in grid}
     relative_runs = [Spec("kfac-adaptive", dict(options, relative_damping=c)).name for c in relative]
@@ -539,6 +543,8 @@ def main(argv=None) -> None:
     grid = [float(d) for d in args.initial_dampings.split(",")]
     relative = [float(c) for c in args.relative_dampings.split(",")]
     options = {} if args.curvature_fraction is None else {"curvature_fraction": args.curvature_fraction}
+    if args.dampings and options:
+        folder = f"{folder}-tau2-{args.curvature_fraction:g}"
     if args.kfac_only:
         specs, folder = KFAC_ONLY_RACE, f"{folder}-kfac-only"
     if args.dampings:
@@ -594,7 +600,8 @@ def main(argv=None) -> None:
     if kind == "zoo-dampings":
         table = dampings_table(results, grid, relative, options)
         text.append(
-            "Adaptive K-FAC: seconds to Adam-default's validation loss from the default relative λ₀ "
+            f"Adaptive K-FAC{' with τ₂ = ' + format(args.curvature_fraction, 'g') if options else ''}: "
+            "seconds to Adam-default's validation loss from the default relative λ₀ "
             f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in grid)}}} "
             f"(median over seeds; — = not reached in every seed).\n\n{table}\n"
         )

@@ -202,9 +202,10 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
     """Makes ``model`` record its training loss's inputs, and prepare its layers.
 
     ``before_forward`` runs at the start of every call of the model, before its
-    layers run: with no distribution strategy Keras builds the optimizer only
-    inside the first traced step, after the forward pass, which is too late to
-    hook the layers of that step.
+    layers run: an optimizer that meets its model inside the first traced step
+    (a KFAC restored by ``load_model``, a model whose layers are built only by
+    that step) does so after the forward pass, too late to hook the layers of
+    that step.
 
     The loss is recorded where it is computed, ``model.compute_loss``: Keras's
     ``train_step`` reaches it through ``_compute_loss``, and a custom
@@ -259,23 +260,25 @@ def hook_model(model: keras.Model, before_forward: Callable[[], None]) -> None:
 
 
 def build_optimizer_before_tracing(model: keras.Model) -> None:
-    """Builds the compiled optimizer of a built model on its trainable variables, if it is not built.
+    """Builds the model's compiled optimizer on its trainable variables, once every layer is built.
 
     Without a distribution strategy Keras builds the optimizer inside the
     first traced training step; variables created there make ``tf.function``
     trace the step a second time, and K-FAC's step is a large graph. Built
     here, before ``fit`` or ``train_on_batch`` makes its training function,
-    the step is traced once. With a strategy Keras builds it first itself.
+    the step is traced once. This is what Keras does itself under a strategy
+    (``_maybe_symbolic_build``), with the same test of the model's layers;
+    an optimizer built already, or a layer that only the step builds, leaves
+    it to Keras.
 
     Args:
         model: the model about to make its training function.
     """
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or optimizer.built or not model.built:
+    if optimizer is None or optimizer.built or not compat.every_layer_built(model):
         return
-    if tf.distribute.has_strategy() or compat.created_under_strategy(model):
-        return
-    optimizer.build(model.trainable_variables)
+    with model.distribute_strategy.scope():
+        optimizer.build(model.trainable_variables)
 
 
 def training_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:

@@ -175,19 +175,19 @@ def compiled_loss_weights(model: keras.Model) -> Any:
     return getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
 
 
-def created_under_strategy(model: keras.Model) -> bool:
-    """Whether ``model`` was created under a distribution strategy (Keras's ``_distribute_strategy``).
+def every_layer_built(model: keras.Model) -> bool:
+    """Whether ``model`` and every layer in it are built (the test of Keras's ``_symbolic_build``).
 
-    Keras's TensorFlow trainer builds such a model's optimizer before tracing
-    its training step, and any other's inside the first traced step.
+    ``model.built`` alone is not enough: ``build`` on a subclassed model
+    without its own sets it and leaves the layers inside unbuilt.
 
     Args:
         model: a Keras model.
 
     Returns:
-        True when Keras recorded a strategy for the model.
+        True when all of its layers, itself included, have their variables.
     """
-    return getattr(model, "_distribute_strategy", None) is not None
+    return all(layer.built for layer in model._flatten_layers())
 
 
 def is_symbolic(tensor: Any) -> bool:

@@ -453,28 +453,11 @@ class KFAC(compat.WholeUpdateOptimizer):
                 collection.register_model(model)
                 tensorboard.feed_stock_tensorboard(model)
         collection.prepare()
-        trainable = {self.variable_key(v) for v in variables}
-        if (
-            collection.blocks
-            and not any(self.variable_key(v) in trainable for b in collection.blocks for v in b.variables)
-            and any(b.layer.trainable for b in collection.blocks)
-        ):
-            raise ValueError(
-                f"KFAC's registered layers ({', '.join(b.name for b in collection.blocks)}) are "
-                "not among the variables it is asked to train: create one KFAC per model, with "
-                "`KFAC(model=model)` for the model you compile it with."
-            )
-        owned = set()
-        for block in collection.blocks:
-            keys = [self.variable_key(v) for v in block.variables]
-            if not all(k in trainable for k in keys):
-                raise ValueError(
-                    f"Layer '{block.name}' is registered with KFAC but its weights "
-                    "are not among the variables being trained (is it frozen?)."
-                )
-            owned.update(keys)
-        # Built for training (inside its first step, or just before it is
-        # traced): the compiled loss must be one K-FAC knows.
+        self._check_blocks_are_trained(variables)
+        owned = {self.variable_key(v) for block in collection.blocks for v in block.variables}
+        # Built for a compiled model (inside its first step, before it is
+        # traced, or by a call of build after compile): the compiled loss
+        # must be one K-FAC knows, and is checked before any variable exists.
         if tf.inside_function() or getattr(collection.model, "compiled", False):
             collection.loss()
         super().build(variables)
@@ -520,6 +503,31 @@ class KFAC(compat.WholeUpdateOptimizer):
         if self.fallback is not None and unowned:
             self.fallback.build(unowned)
         self._warn_fallback(unowned)
+
+    def _check_blocks_are_trained(self, variables: list) -> None:
+        """ValueError unless every registered layer's weights are among ``variables``.
+
+        Args:
+            variables: the variables being trained.
+        """
+        blocks = self.layer_collection.blocks
+        trainable = {self.variable_key(v) for v in variables}
+        if (
+            blocks
+            and not any(self.variable_key(v) in trainable for b in blocks for v in b.variables)
+            and any(b.layer.trainable for b in blocks)
+        ):
+            raise ValueError(
+                f"KFAC's registered layers ({', '.join(b.name for b in blocks)}) are "
+                "not among the variables it is asked to train: create one KFAC per model, with "
+                "`KFAC(model=model)` for the model you compile it with."
+            )
+        for block in blocks:
+            if not all(self.variable_key(v) in trainable for v in block.variables):
+                raise ValueError(
+                    f"Layer '{block.name}' is registered with KFAC but its weights "
+                    "are not among the variables being trained (is it frozen?)."
+                )
 
     def _warn_fallback(self, unowned: list) -> None:
         """One warning naming the variables the fallback rule trains."""
@@ -569,6 +577,9 @@ class KFAC(compat.WholeUpdateOptimizer):
                 "KFAC has no model: create it with KFAC(model=model) or a LayerCollection that registered the model."
             )
         self._check_replicated_passes()
+        # Built before the step on all the model's trainable variables: a
+        # layer frozen since, or a custom step training only some, is caught here.
+        self._check_blocks_are_trained(trainable_variables)
         if getattr(self, "_unrecorded_step", False):
             self._unrecorded_step = False
             self._start.assign(self.iterations + 1)

@@ -507,7 +507,8 @@ class Step:
                     lengths.append(tf.constant(math.inf))
             # [Δᵢ, δ₀]ᵀ F [Δᵢ, δ₀] for each candidate i, read off the gram of (Δ₀, Δ₁, Δ₂, δ₀).
             gram = self.local_fisher([*deltas, self.previous], z, weight)
-            fishers = [tf.gather(tf.gather(gram, [index, 3]), [index, 3], axis=1) for index in range(3)]
+            pairs = [[index, len(deltas)] for index in range(len(deltas))]
+            fishers = [tf.gather(tf.gather(gram, pair), pair, axis=1) for pair in pairs]
             return tf.stack(fishers), tf.stack(dots), tf.stack(linears), tf.stack(lengths)
 
         def skip() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:

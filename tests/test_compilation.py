@@ -68,28 +68,3 @@ def test_training_step_compiles_once_under_xla(kwargs):
     counts = [int(n) for n in re.findall(r"Compiled __inference_one_step_on_data\S* (\d+) times", result.stderr)]
     assert counts, "TensorFlow logged no XLA compilation of the training step:\n" + result.stderr[-3000:]
     assert max(counts) == 1, f"the training step was compiled {max(counts)} times in 9 steps"
-
-
-@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
-def test_fit_traces_the_kfac_step_once(monkeypatch, policy):
-    """The optimizer is built before fit makes its training function: one trace, not Keras's two."""
-    import keras
-    import numpy as np
-
-    import keras_kfac
-
-    traces = []
-    update_all = keras_kfac.KFAC.update_all
-    monkeypatch.setattr(keras_kfac.KFAC, "update_all", lambda self, *a: traces.append(1) or update_all(self, *a))
-    keras.mixed_precision.set_dtype_policy(policy)
-    try:
-        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
-        opt = keras_kfac.KFAC(model=model, seed=0)
-        model.compile(optimizer=opt, loss="mse")
-        assert not opt.built
-        x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
-        model.fit(x, x[:, :3], batch_size=8, epochs=2, verbose=0)
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
-    assert opt.built and int(opt.iterations.numpy()) == 8
-    assert len(traces) == 1

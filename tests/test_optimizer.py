@@ -68,6 +68,66 @@ def test_fit_reduces_loss_for_each_model_kind(kind, jit_compile):
     np.testing.assert_allclose(a[-1, -1], 1.0, rtol=1e-5)
 
 
+def _count_step_traces(monkeypatch) -> list:
+    """A list that grows by one each time K-FAC's step is traced."""
+    traces = []
+    update_all = keras_kfac.KFAC.update_all
+    monkeypatch.setattr(keras_kfac.KFAC, "update_all", lambda self, *a: traces.append(1) or update_all(self, *a))
+    return traces
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("entry", ["fit", "train_on_batch"])
+def test_the_kfac_step_is_traced_once(monkeypatch, entry, policy):
+    """The optimizer is built before Keras makes the training function: one trace, not Keras's two."""
+    traces = _count_step_traces(monkeypatch)
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=32)
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        model = _sequential()
+        opt = keras_kfac.KFAC(model=model, seed=0)
+        model.compile(optimizer=opt, loss=_loss_for("sequential"))
+        assert not opt.built
+        if entry == "fit":
+            model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        else:
+            for _ in range(3):
+                model.train_on_batch(x, y)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert opt.built and int(opt.iterations.numpy()) > 0
+    assert len(traces) == 1
+
+
+def test_a_model_whose_layers_are_not_built_is_left_to_keras(monkeypatch):
+    """build() on a subclassed model leaves its layers unbuilt: Keras builds the optimizer in the step."""
+    traces = _count_step_traces(monkeypatch)
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=32)
+    model = SubclassedNet()
+    with pytest.warns(UserWarning, match="build"):
+        model.build((None, 6))
+    opt = keras_kfac.KFAC(model=model, seed=0, learning_rate=0.05)
+    model.compile(optimizer=opt, loss=_loss_for("subclassed"))
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert len(opt.blocks) == 2 and len(traces) == 2
+
+
+def test_a_layer_frozen_after_the_optimizer_is_built_is_named():
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=32)
+    model = _sequential()
+    opt = keras_kfac.KFAC(model=model, seed=0)
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.layers[0].trainable = False
+    model.compile(optimizer=opt, loss=_loss_for("sequential"))
+    with pytest.raises(ValueError, match="is it frozen"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
 def test_evaluate_and_predict_leave_statistics_alone():
     x, y = _data()
     model = _sequential()
