@@ -599,8 +599,9 @@ def main(argv=None) -> None:
             )
     if kind == "zoo-dampings":
         table = dampings_table(results, grid, relative, options)
+        tau2 = f" with τ₂ = {args.curvature_fraction:g}" if options else ""
         text.append(
-            f"Adaptive K-FAC{' with τ₂ = ' + format(args.curvature_fraction, 'g') if options else ''}: "
+            f"Adaptive K-FAC{tau2}: "
             "seconds to Adam-default's validation loss from the default relative λ₀ "
             f"and from the best of λ₀ ∈ {{{', '.join(f'{d:g}' for d in grid)}}} "
             f"(median over seeds; — = not reached in every seed).\n\n{table}\n"

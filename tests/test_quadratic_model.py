@@ -183,39 +183,45 @@ def _block_kronecker(block, gamma):
     return np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
 
 
-@pytest.mark.parametrize("norm_constraint", [math.inf, 1e-5])
-def test_alpha_mu_match_the_explicit_fisher_quadratic_model(norm_constraint):
-    """(α, μ) minimise the exact-Fisher model; with a trust region C, over 0 ≤ α ≤ sqrt(C / ΔᵀF̆Δ)."""
+def _flat(ws):
+    """The two Dense layers' weights as one vector, W̄ = [kernel; bias] row-stacked per layer."""
+    return np.concatenate(
+        [np.concatenate([ws[0], ws[1][None]], 0).ravel(), np.concatenate([ws[2], ws[3][None]], 0).ravel()]
+    )
+
+
+def _two_quadratic_model_steps(seed, **kfac_kwargs):
+    """Two steps of K-FAC with the quadratic model on a 3-4-2 tanh MLP under MSE.
+
+    Returns:
+        (the optimizer, x, y, the float64 weights before, between and after the steps).
+    """
     import keras
 
     import keras_kfac
 
-    keras.utils.set_random_seed(3)
-    rng = np.random.default_rng(3)
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(24, 3)).astype("float32")
     y = rng.normal(size=(24, 2)).astype("float32")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
-    damping = 0.05
-    opt = keras_kfac.KFAC(
-        model=model,
-        use_quadratic_model=True,
-        damping=damping,
-        estimation_mode="exact",
-        norm_constraint=norm_constraint,
-    )
+    opt = keras_kfac.KFAC(model=model, use_quadratic_model=True, estimation_mode="exact", **kfac_kwargs)
     model.compile(optimizer=opt, loss="mse")
-    weights_0 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    model.train_on_batch(x, y)
-    weights_1 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    model.train_on_batch(x, y)
-    weights_2 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+    weights = [[w.numpy().astype(np.float64) for w in model.trainable_weights]]
+    for _ in range(2):
+        model.train_on_batch(x, y)
+        weights.append([w.numpy().astype(np.float64) for w in model.trainable_weights])
+    return opt, x, y, *weights
 
-    def flat(ws):
-        return np.concatenate(
-            [np.concatenate([ws[0], ws[1][None]], 0).ravel(), np.concatenate([ws[2], ws[3][None]], 0).ravel()]
-        )
 
-    previous = flat(weights_1) - flat(weights_0)
+@pytest.mark.parametrize("norm_constraint", [math.inf, 1e-5])
+def test_alpha_mu_match_the_explicit_fisher_quadratic_model(norm_constraint):
+    """(α, μ) minimise the exact-Fisher model; with a trust region C, over 0 ≤ α ≤ sqrt(C / ΔᵀF̆Δ)."""
+    damping = 0.05
+    opt, x, y, weights_0, weights_1, weights_2 = _two_quadratic_model_steps(
+        3, damping=damping, norm_constraint=norm_constraint
+    )
+    previous = _flat(weights_1) - _flat(weights_0)
     fisher, grad = _explicit_mlp_fisher_and_gradient(
         [(weights_1[0], weights_1[1]), (weights_1[2], weights_1[3])], x.astype(np.float64), y.astype(np.float64)
     )
@@ -239,7 +245,7 @@ def test_alpha_mu_match_the_explicit_fisher_quadratic_model(norm_constraint):
         assert expected[0] == pytest.approx(alpha_top) and alpha_top < -np.linalg.solve(c, b)[0]
     np.testing.assert_allclose([float(opt.alpha.numpy()), float(opt.mu.numpy())], expected, rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(
-        flat(weights_2) - flat(weights_1), expected[0] * delta + expected[1] * previous, rtol=2e-3, atol=1e-6
+        _flat(weights_2) - _flat(weights_1), expected[0] * delta + expected[1] * previous, rtol=2e-3, atol=1e-6
     )
     np.testing.assert_allclose(
         float(opt.quadratic_change.numpy()), 0.5 * expected @ c @ expected + b @ expected, rtol=2e-3
@@ -282,38 +288,15 @@ def test_fisher_products_equal_the_explicit_quadratic_form():
 def test_gamma_search_keeps_the_candidate_with_the_lowest_explicit_model_value(damping):
     """γ, ω₂γ, γ/ω₂ [KFAC §6.6]: each candidate's (α, μ) minimise the exact-Fisher model of its own Δ;
     the γ kept is the one whose minimum is lowest, and the step is taken with it."""
-    import keras
-
-    import keras_kfac
-
-    keras.utils.set_random_seed(5)
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(24, 3)).astype("float32")
-    y = rng.normal(size=(24, 2)).astype("float32")
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
-    opt = keras_kfac.KFAC(
-        model=model,
-        use_quadratic_model=True,
+    opt, x, y, weights_0, weights_1, weights_2 = _two_quadratic_model_steps(
+        5,
         adapt_gamma=True,
         gamma_adaptation_period=1,
         inverse_update_period=1,
         damping=damping,
-        estimation_mode="exact",
         norm_constraint=math.inf,
-    )
-    model.compile(optimizer=opt, loss="mse")
-    weights_0 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    model.train_on_batch(x, y)
-    weights_1 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-    model.train_on_batch(x, y)  # the first search: K-FAC's step count 1 is a multiple of T₂ = 1
-    weights_2 = [w.numpy().astype(np.float64) for w in model.trainable_weights]
-
-    def flat(ws):
-        return np.concatenate(
-            [np.concatenate([ws[0], ws[1][None]], 0).ravel(), np.concatenate([ws[2], ws[3][None]], 0).ravel()]
-        )
-
-    previous = flat(weights_1) - flat(weights_0)
+    )  # the first search is on the second step: K-FAC's step count 1 is a multiple of T₂ = 1
+    previous = _flat(weights_1) - _flat(weights_0)
     fisher, grad = _explicit_mlp_fisher_and_gradient(
         [(weights_1[0], weights_1[1]), (weights_1[2], weights_1[3])], x.astype(np.float64), y.astype(np.float64)
     )
@@ -338,6 +321,6 @@ def test_gamma_search_keeps_the_candidate_with_the_lowest_explicit_model_value(d
     assert float(opt.gamma.numpy()) == pytest.approx(chosen, rel=1e-5)
     np.testing.assert_allclose([float(opt.alpha.numpy()), float(opt.mu.numpy())], coefficients, rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(
-        flat(weights_2) - flat(weights_1), coefficients[0] * delta + coefficients[1] * previous, rtol=2e-3, atol=1e-6
+        _flat(weights_2) - _flat(weights_1), coefficients[0] * delta + coefficients[1] * previous, rtol=2e-3, atol=1e-6
     )
     np.testing.assert_allclose(float(opt.quadratic_change.numpy()), value, rtol=2e-3)
