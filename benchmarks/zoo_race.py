@@ -11,6 +11,7 @@
     python benchmarks/zoo_race.py --fractions                          # statistics on a fraction of the batch
     python benchmarks/zoo_race.py --adaptive-periods                   # the adaptive mode's refresh periods
     python benchmarks/zoo_race.py --adaptive-bound --models transformer,convnet,autoencoder
+    python benchmarks/zoo_race.py --adaptive-fractions                 # the quadratic model on fractions τ₂
 
 For every model of `zoo.py` and seed, one race (`harness.race`: the runs train
 in turns, each on its own clock, the validation loss evaluated off the clock
@@ -176,6 +177,10 @@ ADAPTIVE_CANDIDATES_RACE = [ADAM_DEFAULT] + [
     for c in (None, 0.3)
     for f in (None, 0.25)
 ]
+# The adaptive mode's exact-Fisher products on a fraction τ₂ of the batch
+# (whole, half, the paper's quarter) [KFAC §8], each sub-batch at least
+# `step.MIN_CURVATURE_EXAMPLES` examples.
+ADAPTIVE_FRACTIONS_RACE = [ADAM_DEFAULT] + [Spec("kfac-adaptive", {"curvature_fraction": f}) for f in (1.0, 0.5, 0.25)]
 CANDIDATE_ITERATIONS = {"mlp": 300, "convnet": 200, "transformer": 300, "autoencoder": 150}
 
 
@@ -532,6 +537,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="adaptive K-FAC with λ₀ = 3 or 0.3 · tr(F̃)/n, its quadratic model on the whole batch or a quarter (τ₂)",
     )
+    parser.add_argument(
+        "--adaptive-fractions",
+        action="store_true",
+        help="adaptive K-FAC with its quadratic model on τ₂ = 1, 1/2 and 1/4 of the batch",
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated images instead of Fashion-MNIST")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--save-figures", action="store_true", help="copy the PNGs to benchmarks/figures/")
@@ -565,6 +575,8 @@ def main(argv=None) -> None:
         kind, specs = "zoo-adaptive-bound", ADAPTIVE_BOUND_RACE
     if args.adaptive_candidates:
         kind, specs = "zoo-adaptive-candidates", ADAPTIVE_CANDIDATES_RACE
+    if args.adaptive_fractions:
+        kind, specs = "zoo-adaptive-fractions", ADAPTIVE_FRACTIONS_RACE
     if args.candidates:
         kind, specs = "zoo-candidates", CANDIDATES
         if args.models == parser.get_default("models"):

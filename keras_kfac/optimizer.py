@@ -616,9 +616,18 @@ class KFAC(compat.WholeUpdateOptimizer):
         finite = tf.logical_and(grads_finite, curvature.all_finite(update + [coefficients, change]))
         # θ before the update, restored exactly if a check rejects it.
         before = [tf.identity(v) for v in variables] if self.adapt_damping and self.reject_below is not None else []
-        for variable, velocity, delta in zip(variables, step.velocities, update):
-            self.assign(velocity, tf.where(finite, delta, tf.cast(velocity, tf.float32)))
-            self.assign_add(variable, tf.where(finite, delta, tf.zeros_like(delta)))
+        # One branch for every variable instead of a select per element: a
+        # non-finite step leaves θ and δ₀ as they were.
+        applied, kept = update, update
+        if update:
+            applied, kept = tf.cond(
+                finite,
+                lambda: (update, update),
+                lambda: ([tf.zeros_like(d) for d in update], step.previous),
+            )
+        for variable, velocity, delta, new_velocity in zip(variables, step.velocities, applied, kept):
+            self.assign(velocity, new_velocity)
+            self.assign_add(variable, delta)
         self._alpha.assign(tf.where(finite, coefficients[0], self._alpha))
         self._mu.assign(tf.where(finite, coefficients[1], self._mu))
         self._quadratic_change.assign(tf.where(finite, change, self._quadratic_change))

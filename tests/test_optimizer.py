@@ -727,6 +727,24 @@ def test_non_finite_gradient_leaves_weights_and_statistics_untouched(bad):
         np.testing.assert_array_equal(old, new.numpy(), err_msg=new.path)
 
 
+def test_a_non_finite_update_from_finite_gradients_moves_no_weight_or_velocity():
+    """An infinite stored inverse makes the preconditioned step non-finite: θ and δ₀ stay."""
+    model = _sequential()
+    opt = keras_kfac.KFAC(model=model, layer_collection=_dense_only(model), learning_rate=0.1, damping=1e-2)
+    model.compile(optimizer=opt, loss="mse")
+    x, _ = _data(n=32)
+    y = np.ones((32, 3), "float32")
+    for _ in range(3):  # the inverses are refreshed after each of the first 3 statistics updates
+        model.train_on_batch(x, y)
+    inverse = opt.blocks[0].input_factor.inverse
+    inverse.assign(np.full(inverse.shape, np.inf, np.float32))
+    kept = [v.numpy().copy() for v in model.trainable_weights + list(opt._velocities.values())]
+    model.train_on_batch(x, y)  # no refresh at this step: the infinite inverse is used
+    for old, new in zip(kept, model.trainable_weights + list(opt._velocities.values())):
+        np.testing.assert_array_equal(old, new.numpy(), err_msg=new.path)
+    assert any(np.any(v != 0) for v in kept[len(model.trainable_weights) :])  # δ₀ was kept, not reset
+
+
 def test_norm_constraint_bounds_the_step_in_the_fisher_metric():
     """lr²·UᵀF̆U ≤ C after scaling, with F̆ the damped Kronecker blocks built explicitly."""
     keras.utils.set_random_seed(4)
