@@ -47,6 +47,10 @@ inverses every T₃ = 20 steps), against Adam-default.
 inverses every 10) against statistics every 5th step, and every 5th step
 with inverses every 20 (the γ search's period), against Adam-default.
 
+`--adaptive-fractions` races adaptive K-FAC with its quadratic model (the
+exact-Fisher products and ρ) on the whole batch, on half and on a quarter
+of it (τ₂), against Adam-default.
+
 `--adaptive-bound` races adaptive K-FAC without its trust region
 α²ΔᵀF̆Δ ≤ C and with C = 1e-3, 3e-3 and 1e-2, against Adam-default.
 

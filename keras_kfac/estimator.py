@@ -180,15 +180,15 @@ class CurvatureEstimator:
             accumulate(combine(estimate(batch.layer_calls, batch.z, batch.y_true, batch.curvature_weight)))
         elif period == 1:
             accumulate(combine(estimate_sub_batch()))
-        elif replicas.count() == 1:  # nothing to all-reduce: the whole update in one branch
-            active = tf.equal(count % period, 0)
-            tf.cond(active, lambda: accumulate(estimate_sub_batch()), lambda: tf.constant(False))
         else:
             active = tf.equal(count % period, 0)
-            # ``combine`` all-reduces, which cannot run inside a branch: the
-            # skipped steps carry zeros of every factor's shape to it.
-            estimates = combine(tf.cond(active, estimate_sub_batch, skip))
-            tf.cond(active, lambda: accumulate(estimates), lambda: tf.constant(False))
+            if replicas.count() == 1:  # nothing to all-reduce: the whole update in one branch
+                tf.cond(active, lambda: accumulate(estimate_sub_batch()), lambda: tf.constant(False))
+            else:
+                # ``combine`` all-reduces, which cannot run inside a branch: the
+                # skipped steps carry zeros of every factor's shape to it.
+                estimates = combine(tf.cond(active, estimate_sub_batch, skip))
+                tf.cond(active, lambda: accumulate(estimates), lambda: tf.constant(False))
 
     def refresh_inverses(self, count: tf.Tensor, gamma: tf.Tensor) -> None:
         """Stores the damped inverses for γ after each of the first 3 statistics updates, then every T₃ steps.

@@ -618,14 +618,14 @@ class KFAC(compat.WholeUpdateOptimizer):
         before = [tf.identity(v) for v in variables] if self.adapt_damping and self.reject_below is not None else []
         # One branch for every variable instead of a select per element: a
         # non-finite step leaves θ and δ₀ as they were.
-        applied, kept = update, update
+        applied, new_velocities = update, update
         if update:
-            applied, kept = tf.cond(
+            applied, new_velocities = tf.cond(
                 finite,
                 lambda: (update, update),
                 lambda: ([tf.zeros_like(d) for d in update], step.previous),
             )
-        for variable, velocity, delta, new_velocity in zip(variables, step.velocities, applied, kept):
+        for variable, velocity, delta, new_velocity in zip(variables, step.velocities, applied, new_velocities):
             self.assign(velocity, new_velocity)
             self.assign_add(variable, delta)
         self._alpha.assign(tf.where(finite, coefficients[0], self._alpha))

@@ -221,12 +221,3 @@ def test_dampings_race_gives_every_adaptive_run_the_same_options():
     analyses = {0: {"targets": {"short": 1.0}, "rows": {s.name: row for s in specs}}}
     table = zoo_race.dampings_table({"mlp": analyses}, [1e-4], [0.1], {"curvature_fraction": 0.25}).splitlines()
     assert table[2] == "| mlp | short | 5.0 | 5.0 | 0.0001 | 5.0 | 1.00 | yes |"
-
-
-def test_adaptive_fractions_race_varies_only_tau2():
-    import zoo_race
-
-    specs = zoo_race.ADAPTIVE_FRACTIONS_RACE
-    assert specs[0] == zoo_race.ADAM_DEFAULT
-    assert [s.family for s in specs[1:]] == ["kfac-adaptive"] * 3
-    assert [s.params for s in specs[1:]] == [{"curvature_fraction": f} for f in (1.0, 0.5, 0.25)]
